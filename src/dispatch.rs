@@ -1,0 +1,688 @@
+//! The one place that decides where a request goes.
+//!
+//! Given a classified request and the session's state, the dispatcher
+//! answers it locally (tierd's own `HELLO`, `CLIENT ID` …), sends it to the
+//! shared pool, or sends it to the client's dedicated connection, and keeps
+//! the mirrored connection state in step. The L1 tier slots in here, between
+//! classification and upstream.
+//!
+//! Two ordering rules make pipelining across connections safe:
+//!
+//! - A session's requests in flight are all on one route. A request for
+//!   another route waits ([`Flow::Stall`]) until they have been answered;
+//!   otherwise `SET k v` on the pool and `GET k` on a pinned connection could
+//!   run in either order.
+//! - Requests that change how later requests are routed (`SELECT`, `AUTH`,
+//!   `HELLO`, `RESET`) wait for everything in flight, then run to completion
+//!   before the next request is looked at.
+//!
+//! This module calls down into `upstream` and `protocol`; it never touches
+//! sockets of its own.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use crate::command::{classify, ClientSub, Kind};
+use crate::protocol::{inspect, reply, Proto, Request};
+use crate::session::{Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
+use crate::upstream::{Conn, Credentials, Identity, ReplyTo, UpstreamError, Upstreamed};
+
+/// What the session does after a request was dispatched.
+pub(crate) enum Flow {
+    /// Go on with the next request.
+    Continue,
+    /// The request cannot be dispatched yet; retry once in-flight requests
+    /// have been answered.
+    Stall(Request),
+    /// Write what is queued, then close the connection.
+    Close,
+}
+
+/// Dispatches one request.
+pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
+    let kind = classify(&req);
+
+    // In pub/sub or MONITOR mode the client talks to its connection as a
+    // stream: everything is passed through, replies arrive as pushes.
+    if s.pinned.as_ref().is_some_and(|p| p.stream) {
+        return match kind {
+            Kind::Quit => quit(s),
+            Kind::Reset => reset(s, req).await,
+            _ => forward_stream(s, req),
+        };
+    }
+
+    // Inside MULTI, Redis queues everything except the transaction's own
+    // commands, so tierd must not answer anything itself.
+    if s.state.multi {
+        return match kind {
+            Kind::Quit => quit(s),
+            Kind::Reset => reset(s, req).await,
+            Kind::Exec | Kind::Discard => {
+                let flow = forward(s, req, Want::Pinned, true).await;
+                s.state.multi = false;
+                s.state.watching = false;
+                if let Some(db) = s.state.queued_db.take() {
+                    // A SELECT inside the transaction switched the
+                    // connection's db at EXEC (if EXEC ran; a failed one
+                    // leaves the db as it was, which keeps us pinned).
+                    if kind == Kind::Exec {
+                        s.state.db = db;
+                    }
+                }
+                flow
+            }
+            Kind::Select => {
+                s.state.queued_db = select_arg(&req);
+                forward(s, req, Want::Pinned, true).await
+            }
+            _ => forward(s, req, Want::Pinned, true).await,
+        };
+    }
+
+    match kind {
+        Kind::Plain => forward(s, req, Want::Any, true).await,
+        Kind::Blocking => forward(s, req, Want::Pinned, false).await,
+        Kind::Multi => {
+            let flow = forward(s, req, Want::Pinned, true).await;
+            s.state.multi = s.pinned.is_some();
+            flow
+        }
+        Kind::Exec | Kind::Discard => {
+            let flow = forward(s, req, Want::Any, true).await;
+            s.state.watching = false;
+            flow
+        }
+        Kind::Watch => {
+            let flow = forward(s, req, Want::Pinned, true).await;
+            s.state.watching = s.pinned.is_some();
+            flow
+        }
+        Kind::Unwatch => {
+            let flow = forward(s, req, Want::Any, true).await;
+            s.state.watching = false;
+            flow
+        }
+        Kind::PubSub | Kind::Monitor => {
+            if must_wait(s, Some(Route::Pinned)) {
+                return Flow::Stall(req);
+            }
+            if let Err(e) = ensure_pinned(s).await {
+                s.local(e.to_resp());
+                return Flow::Continue;
+            }
+            if let Some(p) = s.pinned.as_mut() {
+                p.stream = true;
+                p.conn.set_stream();
+            }
+            forward_stream(s, req)
+        }
+        Kind::ClientPinning => {
+            let flag = client_flag(&req);
+            let flow = forward(s, req, Want::Pinned, true).await;
+            if s.pinned.is_some() {
+                if let Some((which, on)) = flag {
+                    match which {
+                        PinFlag::Tracking => s.state.tracking = on,
+                        PinFlag::NoEvict => s.state.no_evict = on,
+                        PinFlag::NoTouch => s.state.no_touch = on,
+                    }
+                }
+            }
+            flow
+        }
+        Kind::ClientCaching => forward(s, req, Want::Any, true).await,
+        Kind::Client(sub) => client_local(s, sub, req).await,
+        Kind::Select => select(s, req).await,
+        Kind::Auth => auth(s, req).await,
+        Kind::Hello => hello(s, req).await,
+        Kind::Quit => quit(s),
+        Kind::Reset => reset(s, req).await,
+        Kind::Refused(name) => {
+            s.local(error(&format!("ERR {name} is not supported through tierd")));
+            Flow::Continue
+        }
+    }
+}
+
+/// Which connection a request wants.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// The pool, unless the session's state needs its own connection.
+    Any,
+    /// The client's dedicated connection (created if needed).
+    Pinned,
+}
+
+/// Whether the session's mirrored state lives on its dedicated connection.
+fn needs_pin(s: &Session) -> bool {
+    let st = &s.state;
+    st.db != s.ctx.upstream.default_db() || st.multi || st.watching || st.tracking || st.no_evict || st.no_touch
+}
+
+/// Pointer identity of the session's current identity.
+fn identity_key(identity: &Arc<Identity>) -> usize {
+    Arc::as_ptr(identity) as usize
+}
+
+/// The route a request takes, without side effects.
+fn choose(s: &Session, want: Want) -> Route {
+    if want == Want::Pinned || needs_pin(s) {
+        return Route::Pinned;
+    }
+    let identity = identity_key(&s.identity);
+    let proto = s.state.proto;
+    match s.inflight_route {
+        Some(r @ Route::Pool { identity: i, proto: p, .. }) if i == identity && p == proto => r,
+        _ => Route::Pool {
+            identity,
+            proto,
+            idx: s.identity.pool(proto).pick(),
+        },
+    }
+}
+
+/// Stalls the request when requests are in flight on another route (or on
+/// any route, for `route == None`: requests that must run alone).
+fn must_wait(s: &Session, route: Option<Route>) -> bool {
+    if s.inflight == 0 {
+        return false;
+    }
+    !matches!((route, s.inflight_route), (Some(want), Some(current)) if want == current)
+}
+
+/// Makes sure the session has a dedicated connection, reusing its spare
+/// when that still fits.
+async fn ensure_pinned(s: &mut Session) -> Result<(), UpstreamError> {
+    if s.pinned.is_some() {
+        return Ok(());
+    }
+    let identity = identity_key(&s.identity);
+    if let Some(spare) = s.spare.take() {
+        if spare.identity == identity && spare.proto == s.state.proto && spare.conn.is_up() {
+            s.pinned = Some(spare);
+            return Ok(());
+        }
+    }
+    let (tx, rx) = mpsc::channel(PINNED_CHANNEL);
+    let conn = s.identity.dedicated(s.state.proto, tx).await?;
+    if s.state.db != s.ctx.upstream.default_db() {
+        // A reconnect for a client that had selected a db is not possible
+        // (the old connection's state is gone), so this only happens for a
+        // fresh pin; select the client's db on it.
+        let db = s.state.db.to_string();
+        let reply = request_inline(&conn, &reply::encode_command(&[b"SELECT", db.as_bytes()])).await?;
+        if inspect::is_error(&reply) {
+            return Err(UpstreamError::Rejected(reply));
+        }
+    }
+    s.pinned = Some(Pinned {
+        conn,
+        rx,
+        identity,
+        proto: s.state.proto,
+        stream: false,
+    });
+    Ok(())
+}
+
+/// Sends a request upstream on its route; its reply fills a queue slot.
+async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow {
+    let route = choose(s, want);
+    if must_wait(s, Some(route)) {
+        return Flow::Stall(req);
+    }
+    if route != Route::Pinned && s.pinned.is_some() {
+        // Nothing in flight on it and no state needs it any more: keep it
+        // as a spare (unless it streams, which only RESET ends).
+        if let Some(p) = s.pinned.take() {
+            if !p.stream {
+                s.spare = Some(p);
+            }
+        }
+    }
+    let conn = match route {
+        Route::Pinned => {
+            if let Err(e) = ensure_pinned(s).await {
+                s.local(e.to_resp());
+                return Flow::Continue;
+            }
+            match s.pinned.as_ref() {
+                Some(p) => p.conn.clone(),
+                None => return Flow::Continue,
+            }
+        }
+        Route::Pool { proto, idx, .. } => s.identity.pool(proto).conn(idx).clone(),
+    };
+    send(s, &conn, route, &req.raw, timed);
+    Flow::Continue
+}
+
+/// Sends on `conn` and accounts for the reply; a refused send is answered
+/// at once.
+fn send(s: &mut Session, conn: &Conn, route: Route, raw: &[u8], timed: bool) {
+    let seq = s.pending_slot();
+    let to = match route {
+        Route::Pinned => ReplyTo::Owner { seq, timed },
+        Route::Pool { .. } => ReplyTo::Inbox {
+            seq,
+            inbox: &s.inbox,
+            timed,
+        },
+    };
+    match conn.send(raw, to) {
+        Ok(()) => {
+            s.inflight += 1;
+            s.inflight_route = Some(route);
+        }
+        Err(e) => {
+            s.queue.complete(seq, e.to_resp());
+        }
+    }
+}
+
+/// Pub/sub and MONITOR mode: pass through, no reply slot.
+fn forward_stream(s: &mut Session, req: Request) -> Flow {
+    let Some(p) = s.pinned.as_ref() else {
+        return Flow::Continue;
+    };
+    if let Err(e) = p.conn.send(&req.raw, ReplyTo::Nobody) {
+        s.local(e.to_resp());
+        return Flow::Close;
+    }
+    Flow::Continue
+}
+
+/// Sends one request on `conn` and waits for its reply, outside the
+/// session's queue. Used by requests that run alone.
+async fn request_inline(conn: &Conn, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    conn.send(
+        raw,
+        ReplyTo::Inbox {
+            seq: 0,
+            inbox: &tx,
+            timed: true,
+        },
+    )?;
+    match rx.recv().await {
+        Some(Upstreamed::Reply { reply, .. }) => reply,
+        _ => Err(UpstreamError::unavailable("connection lost")),
+    }
+}
+
+fn error(msg: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    reply::error(&mut out, msg.as_bytes());
+    out.freeze()
+}
+
+fn simple(msg: &[u8]) -> Bytes {
+    let mut out = BytesMut::new();
+    reply::simple(&mut out, msg);
+    out.freeze()
+}
+
+const OK: &[u8] = b"+OK\r\n";
+
+fn quit(s: &mut Session) -> Flow {
+    s.local(Bytes::from_static(OK));
+    Flow::Close
+}
+
+/// `RESET`: drop the dedicated connection (Redis discards its MULTI,
+/// subscriptions, tracking and db with it) and start over as a new client.
+async fn reset(s: &mut Session, req: Request) -> Flow {
+    let streaming = s.pinned.as_ref().is_some_and(|p| p.stream);
+    if !streaming && must_wait(s, None) {
+        // A stream-mode connection is dropped without waiting for its
+        // pushes; anything else first gets its in-flight replies.
+        return Flow::Stall(req);
+    }
+    s.reset_state();
+    // RESET's reply is never suppressed: it also turns CLIENT REPLY back on.
+    s.local(simple(b"RESET"));
+    Flow::Continue
+}
+
+fn select_arg(req: &Request) -> Option<u32> {
+    if req.args.len() != 2 {
+        return None;
+    }
+    std::str::from_utf8(req.arg(1)?).ok()?.parse().ok()
+}
+
+/// `SELECT db`: the current db is answered locally; another db needs a
+/// dedicated connection, and a switch back to the default db releases it.
+async fn select(s: &mut Session, req: Request) -> Flow {
+    let Some(db) = select_arg(&req) else {
+        // Malformed: upstream produces the exact error, without side effects.
+        return forward(s, req, Want::Any, true).await;
+    };
+    if db == s.state.db {
+        s.local(Bytes::from_static(OK));
+        return Flow::Continue;
+    }
+    if must_wait(s, None) {
+        return Flow::Stall(req);
+    }
+    if s.pinned.is_none() && db != s.ctx.upstream.default_db() {
+        if let Err(e) = ensure_pinned(s).await {
+            s.local(e.to_resp());
+            return Flow::Continue;
+        }
+    }
+    match s.pinned.as_ref() {
+        Some(p) => {
+            let conn = p.conn.clone();
+            match request_inline(&conn, &req.raw).await {
+                Ok(reply) => {
+                    if !inspect::is_error(&reply) {
+                        s.state.db = db;
+                    }
+                    s.local(reply);
+                }
+                Err(e) => s.local(e.to_resp()),
+            }
+        }
+        // Not pinned and selecting the default db while on another: cannot
+        // happen (another db always pins), answer as Redis would.
+        None => {
+            s.state.db = db;
+            s.local(Bytes::from_static(OK));
+        }
+    }
+    Flow::Continue
+}
+
+/// `AUTH [user] pass`: authenticate the client as itself. On a dedicated
+/// connection the command goes there (it authenticates that connection);
+/// otherwise it is verified on the identity's own pool, and the client's
+/// pooled traffic moves there.
+async fn auth(s: &mut Session, req: Request) -> Flow {
+    let creds = match req.args.len() {
+        2 => req.arg(1).map(|p| Credentials::new(None, p.clone())),
+        3 => match (req.arg(1), req.arg(2)) {
+            (Some(u), Some(p)) => Some(Credentials::new(Some(u.clone()), p.clone())),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some(creds) = creds else {
+        return forward(s, req, Want::Any, true).await;
+    };
+    if must_wait(s, None) {
+        return Flow::Stall(req);
+    }
+    let identity = s.ctx.upstream.identity(creds.clone());
+    match verify(s, &identity, &creds, &req.raw).await {
+        Ok(reply) => {
+            if !inspect::is_error(&reply) {
+                switch_identity(s, identity);
+            }
+            s.local(reply);
+        }
+        Err(e) => s.local(e.to_resp()),
+    }
+    Flow::Continue
+}
+
+/// Runs `AUTH` for `identity`: on the dedicated connection when there is
+/// one, else on the identity's pool. Returns upstream's reply.
+async fn verify(
+    s: &mut Session,
+    identity: &Arc<Identity>,
+    creds: &Credentials,
+    raw_auth: &[u8],
+) -> Result<Bytes, UpstreamError> {
+    if let Some(p) = s.pinned.as_ref() {
+        return request_inline(&p.conn.clone(), raw_auth).await;
+    }
+    let pool = identity.pool(Proto::Resp2);
+    let conn = pool.conn(pool.pick()).clone();
+    match request_inline(&conn, &creds.auth_command()).await {
+        // The identity's connections could not even be set up with these
+        // credentials: that *is* upstream's answer to the AUTH.
+        Err(UpstreamError::Rejected(raw)) => Ok(raw),
+        other => other,
+    }
+}
+
+fn switch_identity(s: &mut Session, identity: Arc<Identity>) {
+    if let Some(p) = s.pinned.as_mut() {
+        p.identity = identity_key(&identity);
+    }
+    s.spare = None;
+    s.identity = identity;
+}
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`, following Redis 7's
+/// `helloCommand` step by step, including its error texts.
+async fn hello(s: &mut Session, req: Request) -> Flow {
+    let mut proto = s.state.proto;
+    if let Some(ver) = req.arg(1) {
+        match std::str::from_utf8(ver).ok().and_then(|v| v.parse::<i64>().ok()) {
+            None => {
+                s.local(error("ERR Protocol version is not an integer or out of range"));
+                return Flow::Continue;
+            }
+            Some(2) => proto = Proto::Resp2,
+            Some(3) => proto = Proto::Resp3,
+            Some(_) => {
+                s.local(error("NOPROTO unsupported protocol version"));
+                return Flow::Continue;
+            }
+        }
+    }
+    let mut creds = None;
+    let mut setname: Option<Bytes> = None;
+    let mut j = 2;
+    while let Some(opt) = req.arg(j) {
+        let more = req.args.len() - 1 - j;
+        if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            if let (Some(u), Some(p)) = (req.arg(j + 1), req.arg(j + 2)) {
+                creds = Some(Credentials::new(Some(u.clone()), p.clone()));
+            }
+            j += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            let name = req.arg(j + 1).cloned().unwrap_or_default();
+            if !valid_client_name(&name) {
+                s.local(error(NAME_ERROR));
+                return Flow::Continue;
+            }
+            setname = Some(name);
+            j += 2;
+        } else {
+            let opt = String::from_utf8_lossy(opt).into_owned();
+            s.local(error(&format!("ERR Syntax error in HELLO option '{opt}'")));
+            return Flow::Continue;
+        }
+    }
+    if must_wait(s, None) {
+        return Flow::Stall(req);
+    }
+
+    if s.pinned.is_some() {
+        // The dedicated connection carries the client's protocol: let Redis
+        // switch it and answer (its reply carries that connection's id).
+        let conn = s.pinned.as_ref().map(|p| p.conn.clone());
+        if let Some(conn) = conn {
+            match request_inline(&conn, &req.raw).await {
+                Ok(reply) => {
+                    if !inspect::is_error(&reply) {
+                        s.state.proto = proto;
+                        if let Some(p) = s.pinned.as_mut() {
+                            p.proto = proto;
+                        }
+                        if let Some(c) = creds {
+                            let identity = s.ctx.upstream.identity(c);
+                            switch_identity(s, identity);
+                        }
+                        if let Some(name) = setname {
+                            s.state.name = (!name.is_empty()).then_some(name);
+                        }
+                    }
+                    s.local(reply);
+                }
+                Err(e) => s.local(e.to_resp()),
+            }
+        }
+        return Flow::Continue;
+    }
+
+    let mut identity = s.identity.clone();
+    if let Some(c) = creds {
+        let candidate = s.ctx.upstream.identity(c.clone());
+        match verify(s, &candidate, &c, &c.auth_command()).await {
+            Ok(reply) if inspect::is_error(&reply) => {
+                s.local(reply);
+                return Flow::Continue;
+            }
+            Ok(_) => identity = candidate,
+            Err(e) => {
+                s.local(e.to_resp());
+                return Flow::Continue;
+            }
+        }
+    }
+
+    // tierd answers with upstream's own HELLO fields, from a connection of
+    // the target pool (waiting for it to connect the first time).
+    let pool = identity.pool(proto);
+    let conn = pool.conn(pool.pick()).clone();
+    let info = match conn.hello() {
+        Some(info) => Some(info),
+        None => match request_inline(&conn, &reply::encode_command(&[b"PING"])).await {
+            Ok(_) => conn.hello(),
+            Err(e) => {
+                s.local(e.to_resp());
+                return Flow::Continue;
+            }
+        },
+    };
+    let Some(info) = info else {
+        // Connected but HELLO was refused: an unauthenticated connection to
+        // a server that requires a password. Redis's answer is the same.
+        s.local(error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+        ));
+        return Flow::Continue;
+    };
+    if !Arc::ptr_eq(&identity, &s.identity) {
+        switch_identity(s, identity);
+    }
+    if let Some(name) = setname {
+        s.state.name = (!name.is_empty()).then_some(name);
+    }
+    s.state.proto = proto;
+    s.local(info.reply(proto, s.id));
+    Flow::Continue
+}
+
+const NAME_ERROR: &str = "ERR Client names cannot contain spaces, newlines or special characters.";
+
+/// Redis's `validateClientName`: printable ASCII without spaces.
+fn valid_client_name(name: &[u8]) -> bool {
+    name.iter().all(|&c| (b'!'..=b'~').contains(&c))
+}
+
+#[derive(Clone, Copy)]
+enum PinFlag {
+    Tracking,
+    NoEvict,
+    NoTouch,
+}
+
+/// `CLIENT TRACKING|NO-EVICT|NO-TOUCH on|off`.
+fn client_flag(req: &Request) -> Option<(PinFlag, bool)> {
+    let sub = req.arg(1)?;
+    let which = if sub.eq_ignore_ascii_case(b"TRACKING") {
+        PinFlag::Tracking
+    } else if sub.eq_ignore_ascii_case(b"NO-EVICT") {
+        PinFlag::NoEvict
+    } else {
+        PinFlag::NoTouch
+    };
+    let v = req.arg(2)?;
+    if v.eq_ignore_ascii_case(b"on") {
+        Some((which, true))
+    } else if v.eq_ignore_ascii_case(b"off") {
+        Some((which, false))
+    } else {
+        None
+    }
+}
+
+/// `CLIENT SETNAME|GETNAME|SETINFO|ID|REPLY`, answered from the session.
+/// Malformed forms go upstream, which answers with its exact error and no
+/// side effect.
+async fn client_local(s: &mut Session, sub: ClientSub, req: Request) -> Flow {
+    let argc = req.args.len();
+    match sub {
+        ClientSub::SetName if argc == 3 => {
+            let name = req.arg(2).cloned().unwrap_or_default();
+            if !valid_client_name(&name) {
+                s.local(error(NAME_ERROR));
+            } else {
+                s.state.name = (!name.is_empty()).then_some(name);
+                s.local(Bytes::from_static(OK));
+            }
+        }
+        ClientSub::GetName if argc == 2 => {
+            let mut out = BytesMut::new();
+            match &s.state.name {
+                Some(name) => reply::bulk(&mut out, name),
+                None => reply::null(&mut out, s.state.proto),
+            }
+            s.local(out.freeze());
+        }
+        ClientSub::Id if argc == 2 => {
+            let mut out = BytesMut::new();
+            reply::integer(&mut out, i64::try_from(s.id).unwrap_or(i64::MAX));
+            s.local(out.freeze());
+        }
+        ClientSub::SetInfo if argc == 4 => {
+            let attr = req.arg(2).cloned().unwrap_or_default();
+            let value = req.arg(3).cloned().unwrap_or_default();
+            if attr.eq_ignore_ascii_case(b"LIB-NAME") || attr.eq_ignore_ascii_case(b"LIB-VER") {
+                if !valid_client_name(&value) && !value.is_empty() {
+                    let what = String::from_utf8_lossy(&attr).to_lowercase();
+                    s.local(error(&format!(
+                        "ERR {what} cannot contain spaces, newlines or special characters."
+                    )));
+                } else {
+                    let slot = if attr.eq_ignore_ascii_case(b"LIB-NAME") {
+                        &mut s.state.lib_name
+                    } else {
+                        &mut s.state.lib_ver
+                    };
+                    *slot = (!value.is_empty()).then_some(value);
+                    s.local(Bytes::from_static(OK));
+                }
+            } else {
+                let attr = String::from_utf8_lossy(&attr).into_owned();
+                s.local(error(&format!("ERR Unrecognized option '{attr}'")));
+            }
+        }
+        ClientSub::Reply if argc == 3 => {
+            let mode = req.arg(2).cloned().unwrap_or_default();
+            if mode.eq_ignore_ascii_case(b"ON") {
+                s.state.reply_mode = ReplyMode::On;
+                s.local(Bytes::from_static(OK));
+            } else if mode.eq_ignore_ascii_case(b"OFF") {
+                s.state.reply_mode = ReplyMode::Off;
+            } else if mode.eq_ignore_ascii_case(b"SKIP") {
+                // SKIP itself gets no reply, nor does the next command.
+                if s.state.reply_mode != ReplyMode::Off {
+                    s.state.reply_mode = ReplyMode::SkipNext;
+                }
+            } else {
+                s.local(error("ERR syntax error"));
+            }
+        }
+        _ => return forward(s, req, Want::Any, true).await,
+    }
+    Flow::Continue
+}

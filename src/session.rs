@@ -1,0 +1,530 @@
+//! One task per client connection.
+//!
+//! The session owns everything about one client: the input buffer and
+//! parser, the ordered reply queue that makes pipelining work, the
+//! connection state Redis would keep for this client (protocol version, db,
+//! name, identity, MULTI/WATCH, subscriptions), and the client's dedicated
+//! upstream connection while that state needs one.
+//!
+//! Replies are written in request order, in batches: the session dispatches
+//! every complete request it has read, then collects every reply that has
+//! arrived, and only then writes. It never flushes per reply.
+//!
+//! Where a request goes is decided in [`crate::dispatch`]; this module is the
+//! I/O loop and the queue. It must not interpret commands beyond what the
+//! dispatcher tells it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::dispatch::Flow;
+use crate::protocol::{reply, ParseLimits, Proto, Request, RequestParser};
+use crate::shutdown::Shutdown;
+use crate::upstream::{Conn, Identity, Inbox, Upstream, Upstreamed};
+
+/// At most this many replies may be outstanding before the session stops
+/// dispatching (and then reading): a client that pipelines without reading
+/// cannot make tierd buffer without bound.
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
+
+/// The session keeps reading while its unparsed input is below this, even
+/// when it cannot dispatch yet, so that it notices a client that hangs up
+/// while blocked. Beyond it, input is read only to complete a request.
+const READ_AHEAD: usize = 4 * 1024 * 1024;
+
+/// Capacity of a dedicated connection's channel. A full channel pushes back
+/// on upstream, so Redis's own output-buffer limits apply to a slow
+/// subscriber.
+pub(crate) const PINNED_CHANNEL: usize = 1024;
+
+/// What every session shares.
+pub struct Ctx {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Upstream pools and identities.
+    pub upstream: Upstream,
+    /// Request parser limits, from the configuration.
+    pub parse_limits: ParseLimits,
+    next_client_id: AtomicU64,
+}
+
+impl Ctx {
+    /// Builds the shared context (and starts the default upstream pool).
+    pub fn new(config: Arc<Config>) -> Ctx {
+        let upstream = Upstream::new(&config);
+        Ctx {
+            parse_limits: config.parse_limits(),
+            config,
+            upstream,
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// One entry of the reply queue, in request order.
+pub(crate) enum Slot {
+    /// Waiting for upstream. `discard` is set under `CLIENT REPLY OFF|SKIP`.
+    Pending { discard: bool },
+    /// Ready to write.
+    Ready(Bytes),
+    /// Nothing to write (the reply was suppressed, or it arrives as a push).
+    Skip,
+}
+
+/// The ordered reply queue: slot `i` holds the reply to request
+/// `base + i`.
+#[derive(Default)]
+pub(crate) struct ReplyQueue {
+    base: u64,
+    slots: VecDeque<Slot>,
+}
+
+impl ReplyQueue {
+    /// The sequence number the next slot gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.base + self.slots.len() as u64
+    }
+
+    pub(crate) fn push(&mut self, slot: Slot) -> u64 {
+        let seq = self.next_seq();
+        self.slots.push_back(slot);
+        seq
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Fills a pending slot. Returns false for an unknown or filled slot.
+    pub(crate) fn complete(&mut self, seq: u64, frame: Bytes) -> bool {
+        let Some(idx) = seq.checked_sub(self.base) else {
+            return false;
+        };
+        let Some(slot) = usize::try_from(idx).ok().and_then(|i| self.slots.get_mut(i)) else {
+            return false;
+        };
+        match slot {
+            Slot::Pending { discard } => {
+                *slot = if *discard { Slot::Skip } else { Slot::Ready(frame) };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves the ready prefix of the queue into `out`.
+    fn drain_ready(&mut self, out: &mut OutBuf) {
+        while let Some(front) = self.slots.front() {
+            match front {
+                Slot::Pending { .. } => break,
+                Slot::Ready(_) | Slot::Skip => {
+                    if let Some(Slot::Ready(bytes)) = self.slots.pop_front() {
+                        out.push(bytes);
+                    }
+                    self.base += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Output waiting to be written to the client: small replies are copied
+/// into one buffer, large ones are written from their own allocation.
+#[derive(Default)]
+pub(crate) struct OutBuf {
+    chunks: Vec<Bytes>,
+    small: BytesMut,
+}
+
+impl OutBuf {
+    const COPY_MAX: usize = 16 * 1024;
+
+    pub(crate) fn push(&mut self, bytes: Bytes) {
+        if bytes.len() <= Self::COPY_MAX {
+            self.small.extend_from_slice(&bytes);
+        } else {
+            self.seal();
+            self.chunks.push(bytes);
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.split().freeze());
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.small.is_empty()
+    }
+
+    async fn write_to(&mut self, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        if self.chunks.is_empty() {
+            // The common case: one buffer of small replies.
+            w.write_all(&self.small).await?;
+            self.small.clear();
+            return Ok(());
+        }
+        self.seal();
+        for chunk in self.chunks.drain(..) {
+            w.write_all(&chunk).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `CLIENT REPLY` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplyMode {
+    On,
+    Off,
+    SkipNext,
+}
+
+/// The client's dedicated upstream connection.
+pub(crate) struct Pinned {
+    pub(crate) conn: Conn,
+    pub(crate) rx: mpsc::Receiver<Upstreamed>,
+    /// Which identity it is authenticated as (pointer identity), and which
+    /// protocol it speaks: a spare is reused only when both still match.
+    pub(crate) identity: usize,
+    pub(crate) proto: Proto,
+    /// In pub/sub or MONITOR mode: every frame is passed through in order
+    /// and no request expects a reply of its own.
+    pub(crate) stream: bool,
+}
+
+/// Where the requests currently in flight went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// A pooled connection: identity pointer, protocol, connection number.
+    Pool { identity: usize, proto: Proto, idx: usize },
+    /// The dedicated connection.
+    Pinned,
+}
+
+/// Connection state Redis keeps per client, mirrored by the session.
+pub(crate) struct ClientState {
+    pub(crate) proto: Proto,
+    pub(crate) db: u32,
+    pub(crate) name: Option<Bytes>,
+    pub(crate) lib_name: Option<Bytes>,
+    pub(crate) lib_ver: Option<Bytes>,
+    pub(crate) multi: bool,
+    pub(crate) watching: bool,
+    pub(crate) tracking: bool,
+    pub(crate) no_evict: bool,
+    pub(crate) no_touch: bool,
+    pub(crate) reply_mode: ReplyMode,
+    /// A `SELECT` queued inside MULTI takes effect at EXEC.
+    pub(crate) queued_db: Option<u32>,
+}
+
+impl ClientState {
+    fn new(default_db: u32) -> ClientState {
+        ClientState {
+            proto: Proto::Resp2,
+            db: default_db,
+            name: None,
+            lib_name: None,
+            lib_ver: None,
+            multi: false,
+            watching: false,
+            tracking: false,
+            no_evict: false,
+            no_touch: false,
+            reply_mode: ReplyMode::On,
+            queued_db: None,
+        }
+    }
+}
+
+/// One client.
+pub struct Session {
+    pub(crate) id: u64,
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) state: ClientState,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) pinned: Option<Pinned>,
+    /// A dedicated connection kept after the state that needed it ended
+    /// (typically after a blocking command), so that a client looping on
+    /// `BLPOP` does not reconnect every time.
+    pub(crate) spare: Option<Pinned>,
+    pub(crate) queue: ReplyQueue,
+    pub(crate) inbox: Inbox,
+    inbox_rx: mpsc::UnboundedReceiver<Upstreamed>,
+    /// Route and count of requests sent upstream whose replies are pending.
+    pub(crate) inflight_route: Option<Route>,
+    pub(crate) inflight: usize,
+    /// A parsed request that cannot be dispatched until in-flight requests
+    /// on another route have been answered.
+    stalled: Option<Request>,
+    /// Close once everything queued so far has been written.
+    closing: bool,
+    out: OutBuf,
+}
+
+impl Session {
+    /// Creates the session for a freshly accepted client.
+    pub fn new(ctx: Arc<Ctx>) -> Session {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = ctx.next_client_id.fetch_add(1, Ordering::Relaxed);
+        Session {
+            id,
+            state: ClientState::new(ctx.upstream.default_db()),
+            identity: ctx.upstream.default_identity(),
+            ctx,
+            pinned: None,
+            spare: None,
+            queue: ReplyQueue::default(),
+            inbox: tx,
+            inbox_rx: rx,
+            inflight_route: None,
+            inflight: 0,
+            stalled: None,
+            closing: false,
+            out: OutBuf::default(),
+        }
+    }
+
+    /// Resets the state Redis's `RESET` resets.
+    pub(crate) fn reset_state(&mut self) {
+        self.state = ClientState::new(self.ctx.upstream.default_db());
+        self.identity = self.ctx.upstream.default_identity();
+        self.pinned = None;
+        self.spare = None;
+    }
+
+    /// Queues a reply tierd produced itself, honouring `CLIENT REPLY`.
+    pub(crate) fn local(&mut self, bytes: Bytes) {
+        let slot = if self.take_discard() {
+            Slot::Skip
+        } else {
+            Slot::Ready(bytes)
+        };
+        self.queue.push(slot);
+    }
+
+    /// Queues a slot for a reply upstream will send, honouring `CLIENT REPLY`.
+    pub(crate) fn pending_slot(&mut self) -> u64 {
+        let discard = self.take_discard();
+        self.queue.push(Slot::Pending { discard })
+    }
+
+    fn take_discard(&mut self) -> bool {
+        match self.state.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::SkipNext => {
+                self.state.reply_mode = ReplyMode::On;
+                true
+            }
+        }
+    }
+
+    /// Serves the client until it disconnects, sends `QUIT`, breaks the
+    /// protocol, idles out, or shutdown is signalled (then in-flight replies
+    /// are still written).
+    pub async fn run(mut self, stream: TcpStream, mut shutdown: Shutdown) {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let mut parser = RequestParser::new(self.ctx.parse_limits.clone());
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let idle_timeout = self.ctx.config.idle_timeout;
+        let query_limit = self.ctx.config.limits.query_buffer_limit;
+        let mut eof = false;
+        let mut idle = Box::pin(tokio::time::sleep_until(idle_deadline(idle_timeout)));
+
+        loop {
+            // Dispatch whatever complete requests we have, as far as the
+            // pipeline rules allow.
+            let mut need_input = false;
+            while !self.closing && self.queue.len() < MAX_PENDING_REPLIES {
+                let req = match self.stalled.take() {
+                    Some(req) => req,
+                    None => match parser.parse(&mut rbuf) {
+                        Ok(Some(req)) => req,
+                        Ok(None) => {
+                            need_input = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(client = self.id, error = %e, "protocol error");
+                            let mut msg = BytesMut::new();
+                            reply::error(&mut msg, format!("ERR {}", e.message()).as_bytes());
+                            self.queue.push(Slot::Ready(msg.freeze()));
+                            self.closing = true;
+                            break;
+                        }
+                    },
+                };
+                match crate::dispatch::dispatch(&mut self, req).await {
+                    Flow::Continue => {}
+                    Flow::Stall(req) => {
+                        self.stalled = Some(req);
+                        break;
+                    }
+                    Flow::Close => self.closing = true,
+                }
+            }
+
+            // Collect every reply that has already arrived, then write once.
+            while let Ok(ev) = self.inbox_rx.try_recv() {
+                self.on_upstream(ev, false);
+            }
+            self.queue.drain_ready(&mut self.out);
+            if !self.out.is_empty() {
+                if let Err(e) = self.out.write_to(&mut wr).await {
+                    tracing::debug!(client = self.id, error = %e, "client write failed");
+                    return;
+                }
+            }
+            if self.closing && (self.queue.len() == 0 || self.abandon_on_close()) {
+                let _ = wr.shutdown().await;
+                return;
+            }
+            if eof {
+                // Answer what the client sent before hanging up, unless it
+                // is waiting on something that may never come.
+                let all_done = need_input && self.stalled.is_none() && self.queue.len() == 0;
+                if all_done || self.abandon_on_close() {
+                    return;
+                }
+            }
+
+            let can_read = !eof
+                && !self.closing
+                && (rbuf.len() < READ_AHEAD || parser.wanted() > 0)
+                && (need_input || self.stalled.is_some() || self.queue.len() >= MAX_PENDING_REPLIES);
+            let idle_armed = !idle_timeout.is_zero() && self.idle_timeout_applies();
+            let pinned_rx = self.pinned.as_mut().map(|p| &mut p.rx);
+            tokio::select! {
+                ev = self.inbox_rx.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_upstream(ev, false);
+                    }
+                }
+                Some(ev) = recv_opt(pinned_rx) => self.on_upstream(ev, true),
+                res = read_more(&mut rd, &mut rbuf, parser.wanted()), if can_read => match res {
+                    Ok(0) => eof = true,
+                    Ok(_) => {
+                        if rbuf.len() > query_limit {
+                            tracing::debug!(client = self.id, "query buffer limit exceeded");
+                            let mut msg = BytesMut::new();
+                            reply::error(&mut msg, b"ERR Protocol error: query buffer limit exceeded");
+                            self.queue.push(Slot::Ready(msg.freeze()));
+                            self.closing = true;
+                            rbuf.clear();
+                        }
+                        if !idle_timeout.is_zero() {
+                            idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = self.id, error = %e, "client read failed");
+                        return;
+                    }
+                },
+                _ = &mut idle, if idle_armed => {
+                    tracing::debug!(client = self.id, "idle timeout");
+                    return;
+                }
+                _ = shutdown.recv(), if !shutdown.is_shutdown() => {
+                    // Stop taking new requests; finish what is in flight.
+                    eof = true;
+                    rbuf.clear();
+                    self.stalled = None;
+                }
+            }
+        }
+    }
+
+    /// Whether pending replies are worth waiting for when the client is
+    /// going away: not for a blocked command or a push stream, which would
+    /// otherwise keep upstream state alive for a client that left.
+    fn abandon_on_close(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.stream) || self.blocking_in_flight()
+    }
+
+    fn blocking_in_flight(&self) -> bool {
+        self.inflight > 0 && self.inflight_route == Some(Route::Pinned) && !self.state.multi
+    }
+
+    /// Redis does not time out subscribers or blocked clients.
+    fn idle_timeout_applies(&self) -> bool {
+        self.inflight == 0 && !self.pinned.as_ref().is_some_and(|p| p.stream)
+    }
+
+    fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
+        match ev {
+            Upstreamed::Reply { seq, reply } => {
+                let frame = reply.unwrap_or_else(|e| e.to_resp());
+                if self.queue.complete(seq, frame) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                    if self.inflight == 0 {
+                        self.inflight_route = None;
+                    }
+                }
+            }
+            Upstreamed::Push(frame) => {
+                // Everything still pending was sent after whatever produced
+                // this push, so the push goes right after the ready prefix.
+                self.queue.drain_ready(&mut self.out);
+                self.out.push(frame);
+            }
+            Upstreamed::Closed(err) if from_pinned => {
+                // The client's upstream state is gone; so is the client's
+                // connection, as it would be talking to Redis directly.
+                tracing::debug!(client = self.id, error = %err, "dedicated upstream connection lost");
+                let resp = err.to_resp();
+                let pending: Vec<u64> = (self.queue.base..self.queue.next_seq()).collect();
+                for seq in pending {
+                    if self.queue.complete(seq, resp.clone()) {
+                        self.inflight = self.inflight.saturating_sub(1);
+                    }
+                }
+                self.inflight = 0;
+                self.inflight_route = None;
+                self.pinned = None;
+                self.closing = true;
+            }
+            Upstreamed::Closed(_) => {}
+        }
+    }
+}
+
+fn idle_deadline(idle: Duration) -> tokio::time::Instant {
+    let far = Duration::from_secs(86_400 * 365);
+    tokio::time::Instant::now() + if idle.is_zero() { far } else { idle }
+}
+
+async fn recv_opt(rx: Option<&mut mpsc::Receiver<Upstreamed>>) -> Option<Upstreamed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_more(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    wanted: usize,
+) -> std::io::Result<usize> {
+    // Reserve for a large bulk in one step (bounded, so a lying length
+    // cannot make us allocate what never arrives).
+    const CHUNK: usize = 16 * 1024;
+    let want = wanted.clamp(CHUNK, 8 * 1024 * 1024);
+    if buf.capacity() - buf.len() < CHUNK {
+        buf.reserve(want);
+    }
+    rd.read_buf(buf).await
+}

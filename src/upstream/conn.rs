@@ -1,0 +1,496 @@
+//! One upstream Redis connection: multiplexed, pipelined, framed.
+//!
+//! Many sessions append raw request bytes to a connection's output buffer and
+//! register a [`Waiter`] in the same critical section, so that the order of
+//! waiters is the order of requests on the wire. One task per connection
+//! writes the buffer out in batches, frames replies (never re-encoding them)
+//! and hands each to the waiter at the front of the queue. A watchdog fails
+//! the connection when a request gets no reply bytes within the command
+//! timeout; since replies are ordered, a stuck request cannot be skipped, so
+//! every request on that connection fails and only those.
+//!
+//! A *pooled* connection is supervised: it reconnects with capped exponential
+//! backoff until its last handle is dropped. A *dedicated* connection belongs
+//! to one session (MULTI, SUBSCRIBE, blocking commands…); it never reconnects,
+//! because the state it carried would be gone, and reports its end to the
+//! session instead.
+//!
+//! This module knows nothing of sessions, commands or the cache.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::{Credentials, HelloInfo, Inbox, ReplyTo, Settings, UpstreamError, Upstreamed};
+use crate::protocol::{inspect, reply, Proto, ReplyFramer};
+
+/// How one request's reply gets back to the session that sent it.
+struct Waiter {
+    seq: u64,
+    /// `None`: the dedicated connection's own channel.
+    inbox: Option<Inbox>,
+    /// False for blocking commands: `BLPOP k 0` may legitimately wait forever.
+    timed: bool,
+}
+
+enum Status {
+    /// A connect attempt is running. When `queue` is set (the first attempt,
+    /// or the first after a working connection was lost), requests wait for
+    /// it; otherwise they fail fast.
+    Connecting { queue: bool },
+    Up,
+    Down(UpstreamError),
+}
+
+struct State {
+    status: Status,
+    /// Request bytes not yet handed to the socket.
+    out: BytesMut,
+    /// One entry per request written (or about to be), in wire order.
+    waiters: VecDeque<Waiter>,
+    /// Last time reply bytes arrived (or the waiter queue became non-empty).
+    last_progress: Instant,
+    /// Dedicated connections only: frames that answer no waiter are pushes
+    /// (pub/sub, MONITOR) rather than a protocol desync.
+    stream: bool,
+    hello: Option<Arc<HelloInfo>>,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    proto: Proto,
+    creds: Option<Credentials>,
+    /// Sync lock, never held across `.await`: sessions append and register
+    /// waiters under it, the connection task pops waiters under it. Holding it
+    /// across the two keeps wire order and waiter order identical.
+    state: Mutex<State>,
+    wake_writer: Notify,
+    /// Where pushes go; `Some` exactly for dedicated connections.
+    pushes: Option<mpsc::Sender<Upstreamed>>,
+}
+
+/// A handle to an upstream connection. Clones share the connection; when the
+/// last handle is dropped the connection task ends and the socket closes.
+#[derive(Clone)]
+pub struct Conn {
+    inner: Arc<Inner>,
+    _alive: Arc<watch::Sender<()>>,
+}
+
+impl Conn {
+    /// Starts a supervised, reconnecting connection for a pool. Requests sent
+    /// before the first connect attempt finishes wait for it.
+    pub(crate) fn pooled(settings: Arc<Settings>, proto: Proto, creds: Option<Credentials>) -> Conn {
+        let (alive_tx, alive_rx) = watch::channel(());
+        let inner = Arc::new(Inner::new(settings, proto, creds, None, Status::Connecting { queue: true }));
+        tokio::spawn(supervise(inner.clone(), alive_rx));
+        Conn {
+            inner,
+            _alive: Arc::new(alive_tx),
+        }
+    }
+
+    /// Opens a dedicated connection for one session. Pushes and the end of
+    /// the connection are delivered on `pushes`.
+    ///
+    /// # Errors
+    ///
+    /// Connect, setup (`HELLO`/`AUTH`/`SELECT`) or timeout failures.
+    pub(crate) async fn dedicated(
+        settings: Arc<Settings>,
+        proto: Proto,
+        creds: Option<Credentials>,
+        pushes: mpsc::Sender<Upstreamed>,
+    ) -> Result<Conn, UpstreamError> {
+        let (stream, hello) = connect_and_setup(&settings, proto, creds.as_ref()).await?;
+        let (alive_tx, mut alive_rx) = watch::channel(());
+        let inner = Arc::new(Inner::new(settings, proto, creds, Some(pushes.clone()), Status::Up));
+        inner.state.lock().hello = hello.map(Arc::new);
+        let task_inner = inner.clone();
+        tokio::spawn(async move {
+            let err = tokio::select! {
+                err = run(&task_inner, stream) => err,
+                _ = alive_rx.changed() => return,
+            };
+            tracing::debug!(error = %err, "dedicated upstream connection ended");
+            task_inner.fail_all(err.clone());
+            let _ = pushes.send(Upstreamed::Closed(err)).await;
+        });
+        Ok(Conn {
+            inner,
+            _alive: Arc::new(alive_tx),
+        })
+    }
+
+    /// Queues `raw` (one complete request) for writing; its reply goes to
+    /// `to`.
+    ///
+    /// # Errors
+    ///
+    /// `UpstreamError::Unavailable` at once when the connection is down; it
+    /// never waits.
+    pub fn send(&self, raw: &[u8], to: ReplyTo<'_>) -> Result<(), UpstreamError> {
+        let was_empty;
+        {
+            let mut st = self.inner.state.lock();
+            match &st.status {
+                Status::Up | Status::Connecting { queue: true } => {}
+                Status::Connecting { queue: false } => {
+                    return Err(UpstreamError::unavailable("reconnecting"));
+                }
+                Status::Down(err) => return Err(err.clone()),
+            }
+            was_empty = st.out.is_empty();
+            st.out.extend_from_slice(raw);
+            let waiter = match to {
+                ReplyTo::Nobody => None,
+                ReplyTo::Inbox { seq, inbox, timed } => Some(Waiter {
+                    seq,
+                    inbox: Some(inbox.clone()),
+                    timed,
+                }),
+                ReplyTo::Owner { seq, timed } => Some(Waiter {
+                    seq,
+                    inbox: None,
+                    timed,
+                }),
+            };
+            if let Some(w) = waiter {
+                if st.waiters.is_empty() {
+                    st.last_progress = Instant::now();
+                }
+                st.waiters.push_back(w);
+            }
+        }
+        // The writer takes the whole buffer each time it runs, so only the
+        // request that makes the buffer non-empty needs to wake it.
+        if was_empty {
+            self.inner.wake_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// From now on, frames that answer no waiter are pushes (dedicated
+    /// connections in pub/sub or MONITOR mode).
+    pub fn set_stream(&self) {
+        self.inner.state.lock().stream = true;
+    }
+
+    /// Whether the connection is currently established.
+    pub fn is_up(&self) -> bool {
+        matches!(self.inner.state.lock().status, Status::Up)
+    }
+
+    /// The `HELLO` reply of the current connection, once established.
+    pub fn hello(&self) -> Option<Arc<HelloInfo>> {
+        self.inner.state.lock().hello.clone()
+    }
+
+    /// The protocol this connection speaks.
+    pub fn proto(&self) -> Proto {
+        self.inner.proto
+    }
+}
+
+impl Inner {
+    fn new(
+        settings: Arc<Settings>,
+        proto: Proto,
+        creds: Option<Credentials>,
+        pushes: Option<mpsc::Sender<Upstreamed>>,
+        status: Status,
+    ) -> Inner {
+        Inner {
+            settings,
+            proto,
+            creds,
+            state: Mutex::new(State {
+                status,
+                out: BytesMut::new(),
+                waiters: VecDeque::new(),
+                last_progress: Instant::now(),
+                stream: false,
+                hello: None,
+            }),
+            wake_writer: Notify::new(),
+            pushes,
+        }
+    }
+
+    /// Marks the connection down and fails every request that was on it,
+    /// and only those.
+    fn fail_all(&self, err: UpstreamError) {
+        let waiters = {
+            let mut st = self.state.lock();
+            st.status = Status::Down(err.clone());
+            st.out.clear();
+            st.hello = None;
+            std::mem::take(&mut st.waiters)
+        };
+        // Waiters on the owner's channel learn from `Closed`, which the
+        // dedicated connection's task sends next.
+        for w in waiters {
+            if let Some(inbox) = w.inbox {
+                let _ = inbox.send(Upstreamed::Reply {
+                    seq: w.seq,
+                    reply: Err(err.clone()),
+                });
+            }
+        }
+    }
+}
+
+/// Keeps a pooled connection alive: connect, serve until it breaks, back
+/// off, repeat; until the last handle is dropped.
+async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
+    let settings = inner.settings.clone();
+    let mut backoff = settings.backoff_min;
+    let mut queue = true;
+    let mut failures: u32 = 0;
+    loop {
+        inner.state.lock().status = Status::Connecting { queue };
+        let attempt = tokio::select! {
+            res = connect_and_setup(&settings, inner.proto, inner.creds.as_ref()) => res,
+            _ = alive.changed() => return,
+        };
+        match attempt {
+            Ok((stream, hello)) => {
+                {
+                    let mut st = inner.state.lock();
+                    st.status = Status::Up;
+                    st.hello = hello.map(Arc::new);
+                    st.last_progress = Instant::now();
+                }
+                tracing::info!(upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
+                backoff = settings.backoff_min;
+                failures = 0;
+                let err = tokio::select! {
+                    err = run(&inner, stream) => err,
+                    _ = alive.changed() => return,
+                };
+                tracing::warn!(upstream = %settings.addr, error = %err, "upstream connection lost");
+                inner.fail_all(err);
+                // The next attempt is the first after a working connection:
+                // requests may wait for it (a restart is usually quick).
+                queue = true;
+                continue;
+            }
+            Err(err) => {
+                failures += 1;
+                if failures == 1 {
+                    tracing::warn!(upstream = %settings.addr, error = %err, "upstream unavailable");
+                } else {
+                    tracing::debug!(upstream = %settings.addr, error = %err, failures, "upstream still unavailable");
+                }
+                inner.fail_all(err);
+                queue = false;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = alive.changed() => return,
+        }
+        backoff = (backoff * 2).min(settings.backoff_max);
+    }
+}
+
+/// Connects and runs the setup handshake: `HELLO proto [AUTH user pass]`,
+/// then `SELECT db` when the URL names one.
+async fn connect_and_setup(
+    settings: &Settings,
+    proto: Proto,
+    creds: Option<&Credentials>,
+) -> Result<(TcpStream, Option<HelloInfo>), UpstreamError> {
+    let work = async {
+        let mut stream = TcpStream::connect(settings.addr.as_str())
+            .await
+            .map_err(|e| UpstreamError::unavailable(format!("connect to {}: {e}", settings.addr)))?;
+        let _ = stream.set_nodelay(true);
+
+        let proto_arg = [b'0' + proto.as_u8()];
+        let mut hello: Vec<&[u8]> = vec![b"HELLO", &proto_arg];
+        if let Some(c) = creds {
+            hello.extend_from_slice(&[b"AUTH", c.user_or_default(), &c.pass]);
+        }
+        let mut req = BytesMut::new();
+        req.extend_from_slice(&reply::encode_command(&hello));
+        let db = settings.db.to_string();
+        if settings.db != 0 {
+            req.extend_from_slice(&reply::encode_command(&[b"SELECT", db.as_bytes()]));
+        }
+        stream.write_all(&req).await.map_err(io_lost)?;
+
+        let mut buf = BytesMut::with_capacity(4096);
+        let hello_reply = read_frame(&mut stream, &mut buf, settings.max_depth).await?;
+        let mut info = None;
+        if inspect::is_error(&hello_reply) {
+            // Without credentials against a server that wants them, Redis
+            // answers every command with -NOAUTH. A RESP2 connection stays
+            // usable so that unauthenticated clients get exactly that error.
+            let noauth = hello_reply.starts_with(b"-NOAUTH");
+            if !(noauth && creds.is_none() && proto == Proto::Resp2) {
+                return Err(UpstreamError::Rejected(hello_reply));
+            }
+        } else {
+            info = Some(HelloInfo::parse(&hello_reply, proto, settings.max_depth)?);
+        }
+        if settings.db != 0 {
+            let select_reply = read_frame(&mut stream, &mut buf, settings.max_depth).await?;
+            if inspect::is_error(&select_reply) && info.is_some() {
+                return Err(UpstreamError::Rejected(select_reply));
+            }
+        }
+        if !buf.is_empty() {
+            return Err(UpstreamError::unavailable("unexpected data after connection setup"));
+        }
+        Ok((stream, info))
+    };
+    match tokio::time::timeout(settings.connect_timeout, work).await {
+        Ok(res) => res,
+        Err(_) => Err(UpstreamError::unavailable(format!(
+            "connect to {} timed out after {:?}",
+            settings.addr, settings.connect_timeout
+        ))),
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max_depth: usize) -> Result<Bytes, UpstreamError> {
+    let mut framer = ReplyFramer::new(max_depth);
+    loop {
+        match framer.frame(buf) {
+            Ok(Some(len)) => return Ok(buf.split_to(len).freeze()),
+            Ok(None) => {}
+            Err(e) => return Err(UpstreamError::unavailable(format!("bad reply from upstream: {e}"))),
+        }
+        if stream.read_buf(buf).await.map_err(io_lost)? == 0 {
+            return Err(UpstreamError::unavailable("connection closed by upstream"));
+        }
+    }
+}
+
+fn io_lost(e: std::io::Error) -> UpstreamError {
+    UpstreamError::unavailable(format!("connection lost: {e}"))
+}
+
+/// Serves an established connection until it breaks; returns why.
+async fn run(inner: &Inner, stream: TcpStream) -> UpstreamError {
+    let (r, w) = stream.into_split();
+    tokio::select! {
+        err = read_loop(inner, r) => err,
+        err = write_loop(inner, w) => err,
+        err = watchdog(inner) => err,
+    }
+}
+
+async fn write_loop(inner: &Inner, mut w: OwnedWriteHalf) -> UpstreamError {
+    loop {
+        let chunk = {
+            let mut st = inner.state.lock();
+            if st.out.is_empty() {
+                None
+            } else {
+                Some(st.out.split().freeze())
+            }
+        };
+        match chunk {
+            Some(chunk) => {
+                if let Err(e) = w.write_all(&chunk).await {
+                    return io_lost(e);
+                }
+            }
+            None => inner.wake_writer.notified().await,
+        }
+    }
+}
+
+async fn read_loop(inner: &Inner, mut r: OwnedReadHalf) -> UpstreamError {
+    const READ_CHUNK: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut framer = ReplyFramer::new(inner.settings.max_depth);
+    loop {
+        loop {
+            match framer.frame(&buf) {
+                Ok(Some(len)) => {
+                    let frame = buf.split_to(len).freeze();
+                    if let Err(err) = deliver(inner, frame).await {
+                        return err;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return UpstreamError::unavailable(format!("bad reply from upstream: {e}")),
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) => return UpstreamError::unavailable("connection closed by upstream"),
+            Ok(_) => inner.state.lock().last_progress = Instant::now(),
+            Err(e) => return io_lost(e),
+        }
+    }
+}
+
+/// Hands one reply frame to whoever is waiting for it.
+async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
+    let push = reply::is_push(&frame);
+    let waiter = {
+        let mut st = inner.state.lock();
+        if push {
+            None
+        } else {
+            match st.waiters.pop_front() {
+                Some(w) => Some(w),
+                None if st.stream => None,
+                None => {
+                    return Err(UpstreamError::unavailable(
+                        "protocol desync: a reply arrived that no request was waiting for",
+                    ))
+                }
+            }
+        }
+    };
+    match (waiter, &inner.pushes) {
+        (Some(Waiter { seq, inbox: Some(inbox), .. }), _) => {
+            let _ = inbox.send(Upstreamed::Reply { seq, reply: Ok(frame) });
+        }
+        (Some(Waiter { seq, inbox: None, .. }), Some(own)) => {
+            let _ = own.send(Upstreamed::Reply { seq, reply: Ok(frame) }).await;
+        }
+        (Some(Waiter { inbox: None, .. }), None) => {}
+        // A session that is gone no longer needs its pushes, and the
+        // connection ends with the session's handle anyway.
+        (None, Some(pushes)) => {
+            let _ = pushes.send(Upstreamed::Push(frame)).await;
+        }
+        // Pushes on a shared connection (none are expected: tracking and
+        // pub/sub always pin) have no one to go to.
+        (None, None) => {}
+    }
+    Ok(())
+}
+
+/// Fails the connection when the oldest timed request has seen no reply
+/// bytes for the command timeout.
+async fn watchdog(inner: &Inner) -> UpstreamError {
+    let timeout = inner.settings.command_timeout;
+    let period = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let st = inner.state.lock();
+        if let Some(front) = st.waiters.front() {
+            if front.timed && st.last_progress.elapsed() > timeout {
+                return UpstreamError::unavailable(format!("command timed out after {timeout:?}"));
+            }
+        }
+    }
+}

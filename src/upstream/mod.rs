@@ -1,0 +1,299 @@
+//! Connections to upstream Redis: raw request bytes out, raw reply bytes back.
+//!
+//! Stateless commands share a small pool of multiplexed, pipelined
+//! connections, one pool per protocol version (RESP2 and RESP3 replies differ
+//! on the wire) and per *identity*: every client is authenticated as itself,
+//! so a client that ran `AUTH alice …` is served by connections authenticated
+//! as alice, never by tierd's own. Clients whose state needs a connection of
+//! their own (MULTI, SUBSCRIBE, blocking commands, a non-default db) get a
+//! dedicated one.
+//!
+//! This module knows nothing of sessions, commands or the cache: it moves
+//! frames and reports failures.
+
+mod conn;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+pub use conn::Conn;
+pub use pool::Pool;
+
+use crate::config::Config;
+use crate::protocol::{inspect, reply, Proto};
+
+/// What a connection tells a session.
+#[derive(Debug)]
+pub enum Upstreamed {
+    /// The reply to the session's request number `seq`.
+    Reply {
+        /// The session's sequence number for the request.
+        seq: u64,
+        /// The raw reply frame, or why there is none.
+        reply: Result<Bytes, UpstreamError>,
+    },
+    /// A frame that answers no request: a RESP3 push, a pub/sub message or a
+    /// MONITOR line (dedicated connections only).
+    Push(Bytes),
+    /// The session's dedicated connection ended.
+    Closed(UpstreamError),
+}
+
+/// Where a pooled connection delivers a session's replies. Unbounded: a
+/// pooled connection must never wait on one slow client (that would stall
+/// every client sharing it), and the session bounds what it has in flight.
+/// Dedicated connections deliver on their own bounded channel instead, so a
+/// slow subscriber pushes back on Redis, whose output-buffer limits then
+/// apply as they would to a direct client.
+pub type Inbox = mpsc::UnboundedSender<Upstreamed>;
+
+/// Who gets the reply to a request sent with [`Conn::send`].
+#[derive(Debug, Clone, Copy)]
+pub enum ReplyTo<'a> {
+    /// No reply is expected (pub/sub and MONITOR stream mode).
+    Nobody,
+    /// Reply number `seq`, delivered to `inbox`.
+    Inbox {
+        /// The session's sequence number for the request.
+        seq: u64,
+        /// Where to deliver it.
+        inbox: &'a Inbox,
+        /// False for blocking commands, which may legitimately wait forever.
+        timed: bool,
+    },
+    /// Reply number `seq` on a dedicated connection's own channel, in order
+    /// with its pushes.
+    Owner {
+        /// The session's sequence number for the request.
+        seq: u64,
+        /// False for blocking commands.
+        timed: bool,
+    },
+}
+
+/// Why upstream could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// Unreachable, lost, timed out or misbehaving.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(Arc<str>),
+    /// Upstream refused tierd's connection setup (`HELLO`/`AUTH`/`SELECT`)
+    /// with this raw error reply, e.g. `-WRONGPASS …`.
+    #[error("upstream rejected the connection: {}", String::from_utf8_lossy(.0).trim_end())]
+    Rejected(Bytes),
+}
+
+impl UpstreamError {
+    pub(crate) fn unavailable(reason: impl Into<String>) -> UpstreamError {
+        UpstreamError::Unavailable(Arc::from(reason.into()))
+    }
+
+    /// The RESP error reply a client gets for this failure.
+    pub fn to_resp(&self) -> Bytes {
+        let msg = match self {
+            UpstreamError::Unavailable(reason) => format!("ERR upstream unavailable: {reason}"),
+            UpstreamError::Rejected(raw) => {
+                let text = String::from_utf8_lossy(raw.get(1..).unwrap_or_default());
+                format!("ERR upstream unavailable: connection setup rejected: {}", text.trim_end())
+            }
+        };
+        let mut out = BytesMut::new();
+        // Reply text must stay on one line.
+        reply::error(&mut out, msg.replace(['\r', '\n'], " ").as_bytes());
+        out.freeze()
+    }
+}
+
+/// Credentials a client authenticated with (`AUTH [user] pass`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    /// `None` is Redis's `default` user.
+    pub user: Option<Bytes>,
+    /// The password.
+    pub pass: Bytes,
+}
+
+impl Credentials {
+    /// Normalised so that `AUTH pass` and `AUTH default pass` are one identity.
+    pub fn new(user: Option<Bytes>, pass: Bytes) -> Credentials {
+        let user = user.filter(|u| u.as_ref() != b"default");
+        Credentials { user, pass }
+    }
+
+    fn user_or_default(&self) -> &[u8] {
+        self.user.as_deref().unwrap_or(b"default")
+    }
+
+    /// The `AUTH` command for these credentials.
+    pub fn auth_command(&self) -> Bytes {
+        reply::encode_command(&[b"AUTH", self.user_or_default(), &self.pass])
+    }
+}
+
+/// Upstream's `HELLO` reply, kept as raw key/value frames so that tierd can
+/// answer a client's `HELLO` byte-for-byte like Redis (with its own client id).
+#[derive(Debug, Clone)]
+pub struct HelloInfo {
+    /// Raw (key, value) element frames, in upstream's order.
+    pub pairs: Vec<(Bytes, Bytes)>,
+}
+
+impl HelloInfo {
+    fn parse(frame: &[u8], proto: Proto, max_depth: usize) -> Result<HelloInfo, UpstreamError> {
+        let bad = || UpstreamError::unavailable("unexpected HELLO reply from upstream");
+        let els = inspect::elements(frame, max_depth).ok_or_else(bad)?;
+        let expected = if proto == Proto::Resp3 { b'%' } else { b'*' };
+        if frame.first() != Some(&expected) || els.len() % 2 != 0 {
+            return Err(bad());
+        }
+        let pairs = els
+            .chunks_exact(2)
+            .map(|kv| (Bytes::copy_from_slice(kv[0]), Bytes::copy_from_slice(kv[1])))
+            .collect();
+        Ok(HelloInfo { pairs })
+    }
+
+    /// Encodes the `HELLO` reply a client with this protocol and id gets.
+    pub fn reply(&self, proto: Proto, client_id: u64) -> Bytes {
+        let mut out = BytesMut::new();
+        reply::map_header(&mut out, self.pairs.len(), proto);
+        for (k, v) in &self.pairs {
+            out.extend_from_slice(k);
+            match inspect::string_payload(k) {
+                Some(b"proto") => reply::integer(&mut out, i64::from(proto.as_u8())),
+                Some(b"id") => reply::integer(&mut out, i64::try_from(client_id).unwrap_or(i64::MAX)),
+                _ => out.extend_from_slice(v),
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// Connection settings shared by every upstream connection.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub addr: String,
+    pub db: u32,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub max_depth: usize,
+}
+
+/// The pools and dedicated connections of one identity.
+pub struct Identity {
+    settings: Arc<Settings>,
+    creds: Option<Credentials>,
+    pools: [OnceLock<Pool>; 2],
+}
+
+impl Identity {
+    /// The shared pool for `proto`, started on first use.
+    pub fn pool(&self, proto: Proto) -> &Pool {
+        self.pools[proto.index()].get_or_init(|| Pool::new(self.settings.clone(), proto, self.creds.clone()))
+    }
+
+    /// Opens a connection for one session's exclusive use.
+    ///
+    /// # Errors
+    ///
+    /// When upstream cannot be reached or refuses the setup.
+    pub async fn dedicated(&self, proto: Proto, pushes: mpsc::Sender<Upstreamed>) -> Result<Conn, UpstreamError> {
+        Conn::dedicated(self.settings.clone(), proto, self.creds.clone(), pushes).await
+    }
+
+    /// The credentials this identity authenticates with (`None`: the
+    /// connection is not authenticated at all).
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.creds.as_ref()
+    }
+}
+
+/// Everything upstream: the default identity (from the URL) and the
+/// identities clients authenticated as.
+pub struct Upstream {
+    settings: Arc<Settings>,
+    default: Arc<Identity>,
+    /// Identities in use by some session; an entry dies with its last user.
+    /// Sync lock, held only to look up or insert.
+    others: Mutex<HashMap<Credentials, Weak<Identity>>>,
+}
+
+impl Upstream {
+    /// Builds the upstream side from the configuration and starts the
+    /// default RESP2 pool, so that tierd connects (and logs) at start.
+    pub fn new(config: &Config) -> Upstream {
+        let url = &config.upstream.url;
+        let host = if url.host.contains(':') && !url.host.starts_with('[') {
+            format!("[{}]", url.host)
+        } else {
+            url.host.clone()
+        };
+        let settings = Arc::new(Settings {
+            addr: format!("{host}:{}", url.port),
+            db: url.db,
+            pool_size: config.upstream.pool_size,
+            connect_timeout: config.upstream.connect_timeout,
+            command_timeout: config.upstream.command_timeout,
+            backoff_min: config.upstream.backoff_min,
+            backoff_max: config.upstream.backoff_max,
+            max_depth: config.limits.max_reply_depth,
+        });
+        let creds = url.password.as_ref().map(|pass| {
+            Credentials::new(
+                url.username.as_ref().map(|u| Bytes::from(u.clone().into_bytes())),
+                Bytes::from(pass.clone().into_bytes()),
+            )
+        });
+        let default = Arc::new(Identity {
+            settings: settings.clone(),
+            creds,
+            pools: [OnceLock::new(), OnceLock::new()],
+        });
+        default.pool(Proto::Resp2);
+        Upstream {
+            settings,
+            default,
+            others: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The identity from the upstream URL, used by clients that never
+    /// authenticate.
+    pub fn default_identity(&self) -> Arc<Identity> {
+        self.default.clone()
+    }
+
+    /// The identity for these credentials, shared by every session
+    /// authenticated the same way.
+    pub fn identity(&self, creds: Credentials) -> Arc<Identity> {
+        if self.default.creds.as_ref() == Some(&creds) {
+            return self.default.clone();
+        }
+        let mut others = self.others.lock();
+        if let Some(id) = others.get(&creds).and_then(Weak::upgrade) {
+            return id;
+        }
+        others.retain(|_, w| w.strong_count() > 0);
+        let id = Arc::new(Identity {
+            settings: self.settings.clone(),
+            creds: Some(creds.clone()),
+            pools: [OnceLock::new(), OnceLock::new()],
+        });
+        others.insert(creds, Arc::downgrade(&id));
+        id
+    }
+
+    /// The db number clients start in (the URL's path).
+    pub fn default_db(&self) -> u32 {
+        self.settings.db
+    }
+}
