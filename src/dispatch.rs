@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::command::{classify, ClientSub, Kind};
+use crate::command::{classify, redis_int, ClientSub, Kind};
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
 use crate::upstream::{Conn, Credentials, Identity, ReplyTo, UpstreamError, Upstreamed};
@@ -60,36 +60,25 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
         return match kind {
             Kind::Quit => quit(s),
             Kind::Reset => reset(s, req).await,
-            Kind::Exec | Kind::Discard => {
-                let flow = forward(s, req, Want::Pinned, true).await;
-                s.state.multi = false;
-                s.state.watching = false;
-                if let Some(db) = s.state.queued_db.take() {
-                    // A SELECT inside the transaction switched the
-                    // connection's db at EXEC (if EXEC ran; a failed one
-                    // leaves the db as it was, which keeps us pinned).
-                    if kind == Kind::Exec {
-                        s.state.db = db;
+            Kind::Exec | Kind::Discard => end_transaction(s, req, kind).await,
+            // Executed at once, not queued (and not counted).
+            Kind::Multi | Kind::Watch => forward(s, req, Want::Pinned, true).await,
+            _ => {
+                if kind == Kind::Select {
+                    if let Some(db) = select_arg(&req) {
+                        s.state.queued_select = Some((s.state.queued, db));
                     }
                 }
-                flow
-            }
-            Kind::Select => {
-                s.state.queued_db = select_arg(&req);
+                s.state.queued += 1;
                 forward(s, req, Want::Pinned, true).await
             }
-            _ => forward(s, req, Want::Pinned, true).await,
         };
     }
 
     match kind {
         Kind::Plain => forward(s, req, Want::Any, true).await,
         Kind::Blocking => forward(s, req, Want::Pinned, false).await,
-        Kind::Multi => {
-            let flow = forward(s, req, Want::Pinned, true).await;
-            s.state.multi = s.pinned.is_some();
-            flow
-        }
+        Kind::Multi => multi(s, req).await,
         Kind::Exec | Kind::Discard => {
             let flow = forward(s, req, Want::Any, true).await;
             s.state.watching = false;
@@ -159,7 +148,12 @@ enum Want {
 /// Whether the session's mirrored state lives on its dedicated connection.
 fn needs_pin(s: &Session) -> bool {
     let st = &s.state;
-    st.db != s.ctx.upstream.default_db() || st.multi || st.watching || st.tracking || st.no_evict || st.no_touch
+    st.db != s.ctx.upstream.default_db()
+        || st.multi
+        || st.watching
+        || st.tracking
+        || st.no_evict
+        || st.no_touch
 }
 
 /// Pointer identity of the session's current identity.
@@ -175,7 +169,13 @@ fn choose(s: &Session, want: Want) -> Route {
     let identity = identity_key(&s.identity);
     let proto = s.state.proto;
     match s.inflight_route {
-        Some(r @ Route::Pool { identity: i, proto: p, .. }) if i == identity && p == proto => r,
+        Some(
+            r @ Route::Pool {
+                identity: i,
+                proto: p,
+                ..
+            },
+        ) if i == identity && p == proto => r,
         _ => Route::Pool {
             identity,
             proto,
@@ -213,7 +213,8 @@ async fn ensure_pinned(s: &mut Session) -> Result<(), UpstreamError> {
         // (the old connection's state is gone), so this only happens for a
         // fresh pin; select the client's db on it.
         let db = s.state.db.to_string();
-        let reply = request_inline(&conn, &reply::encode_command(&[b"SELECT", db.as_bytes()])).await?;
+        let reply =
+            request_inline(&conn, &reply::encode_command(&[b"SELECT", db.as_bytes()])).await?;
         if inspect::is_error(&reply) {
             return Err(UpstreamError::Rejected(reply));
         }
@@ -347,11 +348,74 @@ async fn reset(s: &mut Session, req: Request) -> Flow {
     Flow::Continue
 }
 
+/// `MULTI` runs alone on the dedicated connection, so that the session
+/// knows whether a transaction really started (`MULTI extra` or a -NOAUTH
+/// does not start one) before it routes the next request.
+async fn multi(s: &mut Session, req: Request) -> Flow {
+    if must_wait(s, None) {
+        return Flow::Stall(req);
+    }
+    if let Err(e) = ensure_pinned(s).await {
+        s.local(e.to_resp());
+        return Flow::Continue;
+    }
+    let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
+        return Flow::Continue;
+    };
+    match request_inline(&conn, &req.raw).await {
+        Ok(reply) => {
+            if inspect::is_ok(&reply) {
+                s.state.multi = true;
+                s.state.queued = 0;
+                s.state.queued_select = None;
+            }
+            s.local(reply);
+        }
+        Err(e) => s.local(e.to_resp()),
+    }
+    Flow::Continue
+}
+
+/// `EXEC` or `DISCARD` inside a transaction. When a `SELECT` was queued,
+/// EXEC runs alone so that its reply tells whether the SELECT ran.
+async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
+    let Some((index, db)) = s.state.queued_select.filter(|_| kind == Kind::Exec) else {
+        let flow = forward(s, req, Want::Pinned, true).await;
+        s.state.multi = false;
+        s.state.watching = false;
+        return flow;
+    };
+    if must_wait(s, None) {
+        return Flow::Stall(req);
+    }
+    let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
+        return Flow::Continue;
+    };
+    match request_inline(&conn, &req.raw).await {
+        Ok(reply) => {
+            let selected = inspect::elements(&reply, s.ctx.config.limits.max_reply_depth)
+                .filter(|_| reply.first() == Some(&b'*'))
+                .and_then(|els| els.get(index).map(|el| inspect::is_ok(el)))
+                .unwrap_or(false);
+            if selected {
+                s.state.db = db;
+            }
+            s.local(reply);
+        }
+        Err(e) => s.local(e.to_resp()),
+    }
+    s.state.multi = false;
+    s.state.watching = false;
+    s.state.queued_select = None;
+    Flow::Continue
+}
+
+/// The db of a well-formed `SELECT db`, parsed as strictly as Redis does.
 fn select_arg(req: &Request) -> Option<u32> {
     if req.args.len() != 2 {
         return None;
     }
-    std::str::from_utf8(req.arg(1)?).ok()?.parse().ok()
+    redis_int(req.arg(1)?).and_then(|db| u32::try_from(db).ok())
 }
 
 /// `SELECT db`: the current db is answered locally; another db needs a
@@ -463,9 +527,11 @@ fn switch_identity(s: &mut Session, identity: Arc<Identity>) {
 async fn hello(s: &mut Session, req: Request) -> Flow {
     let mut proto = s.state.proto;
     if let Some(ver) = req.arg(1) {
-        match std::str::from_utf8(ver).ok().and_then(|v| v.parse::<i64>().ok()) {
+        match redis_int(ver) {
             None => {
-                s.local(error("ERR Protocol version is not an integer or out of range"));
+                s.local(error(
+                    "ERR Protocol version is not an integer or out of range",
+                ));
                 return Flow::Continue;
             }
             Some(2) => proto = Proto::Resp2,
@@ -548,25 +614,30 @@ async fn hello(s: &mut Session, req: Request) -> Flow {
         }
     }
 
+    // An identity without credentials against a server that requires a
+    // password: Redis answers HELLO with -NOAUTH, and so does tierd, with
+    // upstream's own words from the RESP2 connection's handshake.
+    let base = identity.pool(Proto::Resp2);
+    let base_conn = base.conn(base.pick()).clone();
+    if let Err(e) = handshake_done(&base_conn).await {
+        s.local(e.to_resp());
+        return Flow::Continue;
+    }
+    if let Some(noauth) = base_conn.noauth() {
+        s.local(noauth);
+        return Flow::Continue;
+    }
     // tierd answers with upstream's own HELLO fields, from a connection of
     // the target pool (waiting for it to connect the first time).
     let pool = identity.pool(proto);
     let conn = pool.conn(pool.pick()).clone();
-    let info = match conn.hello() {
-        Some(info) => Some(info),
-        None => match request_inline(&conn, &reply::encode_command(&[b"PING"])).await {
-            Ok(_) => conn.hello(),
-            Err(e) => {
-                s.local(e.to_resp());
-                return Flow::Continue;
-            }
-        },
-    };
-    let Some(info) = info else {
-        // Connected but HELLO was refused: an unauthenticated connection to
-        // a server that requires a password. Redis's answer is the same.
+    if let Err(e) = handshake_done(&conn).await {
+        s.local(e.to_resp());
+        return Flow::Continue;
+    }
+    let Some(info) = conn.hello() else {
         s.local(error(
-            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+            "ERR upstream unavailable: no HELLO reply from upstream",
         ));
         return Flow::Continue;
     };
@@ -579,6 +650,17 @@ async fn hello(s: &mut Session, req: Request) -> Flow {
     s.state.proto = proto;
     s.local(info.reply(proto, s.id));
     Flow::Continue
+}
+
+/// Waits until `conn` has completed its setup handshake at least once, by
+/// sending a PING through it when it has not.
+async fn handshake_done(conn: &Conn) -> Result<(), UpstreamError> {
+    if conn.hello().is_some() || conn.noauth().is_some() {
+        return Ok(());
+    }
+    request_inline(conn, &reply::encode_command(&[b"PING"]))
+        .await
+        .map(|_| ())
 }
 
 const NAME_ERROR: &str = "ERR Client names cannot contain spaces, newlines or special characters.";

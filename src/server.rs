@@ -44,7 +44,13 @@ pub async fn run(
     let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(config.max_clients));
 
-    let accepting = accept_loop(&listener, &ctx, &limit, &notify_shutdown, &shutdown_complete_tx);
+    let accepting = accept_loop(
+        &listener,
+        &ctx,
+        &limit,
+        &notify_shutdown,
+        &shutdown_complete_tx,
+    );
     let result = tokio::select! {
         res = accepting => res,
         _ = shutdown => Ok(()),

@@ -109,12 +109,19 @@ impl ReplyQueue {
         let Some(idx) = seq.checked_sub(self.base) else {
             return false;
         };
-        let Some(slot) = usize::try_from(idx).ok().and_then(|i| self.slots.get_mut(i)) else {
+        let Some(slot) = usize::try_from(idx)
+            .ok()
+            .and_then(|i| self.slots.get_mut(i))
+        else {
             return false;
         };
         match slot {
             Slot::Pending { discard } => {
-                *slot = if *discard { Slot::Skip } else { Slot::Ready(frame) };
+                *slot = if *discard {
+                    Slot::Skip
+                } else {
+                    Slot::Ready(frame)
+                };
                 true
             }
             _ => false,
@@ -207,7 +214,11 @@ pub(crate) struct Pinned {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     /// A pooled connection: identity pointer, protocol, connection number.
-    Pool { identity: usize, proto: Proto, idx: usize },
+    Pool {
+        identity: usize,
+        proto: Proto,
+        idx: usize,
+    },
     /// The dedicated connection.
     Pinned,
 }
@@ -225,8 +236,11 @@ pub(crate) struct ClientState {
     pub(crate) no_evict: bool,
     pub(crate) no_touch: bool,
     pub(crate) reply_mode: ReplyMode,
-    /// A `SELECT` queued inside MULTI takes effect at EXEC.
-    pub(crate) queued_db: Option<u32>,
+    /// Commands queued since MULTI (those Redis answers `+QUEUED`).
+    pub(crate) queued: usize,
+    /// A `SELECT` queued inside MULTI (its position, its db) takes effect
+    /// only if EXEC runs it successfully.
+    pub(crate) queued_select: Option<(usize, u32)>,
 }
 
 impl ClientState {
@@ -243,7 +257,8 @@ impl ClientState {
             no_evict: false,
             no_touch: false,
             reply_mode: ReplyMode::On,
-            queued_db: None,
+            queued: 0,
+            queued_select: None,
         }
     }
 }
@@ -341,7 +356,12 @@ impl Session {
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
         let idle_timeout = self.ctx.config.idle_timeout;
         let query_limit = self.ctx.config.limits.query_buffer_limit;
+        // The client hung up (eof) or tierd is shutting down (draining):
+        // either way no new requests are read. A client that hung up is not
+        // waited for when it is blocked; a shutdown waits, up to the
+        // server's shutdown timeout.
         let mut eof = false;
+        let mut draining = false;
         let mut idle = Box::pin(tokio::time::sleep_until(idle_deadline(idle_timeout)));
 
         loop {
@@ -387,24 +407,34 @@ impl Session {
                     tracing::debug!(client = self.id, error = %e, "client write failed");
                     return;
                 }
+                // Like Redis, replies count as activity for the idle timeout.
+                if !idle_timeout.is_zero() {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + idle_timeout);
+                }
             }
             if self.closing && (self.queue.len() == 0 || self.abandon_on_close()) {
                 let _ = wr.shutdown().await;
                 return;
             }
-            if eof {
-                // Answer what the client sent before hanging up, unless it
-                // is waiting on something that may never come.
-                let all_done = need_input && self.stalled.is_none() && self.queue.len() == 0;
-                if all_done || self.abandon_on_close() {
-                    return;
-                }
+            let all_done = self.stalled.is_none() && self.queue.len() == 0;
+            if draining && all_done {
+                let _ = wr.shutdown().await;
+                return;
+            }
+            // Answer what the client sent before hanging up, unless it is
+            // waiting on something that may never come.
+            if eof && ((all_done && need_input) || self.abandon_on_close()) {
+                return;
             }
 
             let can_read = !eof
+                && !draining
                 && !self.closing
                 && (rbuf.len() < READ_AHEAD || parser.wanted() > 0)
-                && (need_input || self.stalled.is_some() || self.queue.len() >= MAX_PENDING_REPLIES);
+                && (need_input
+                    || self.stalled.is_some()
+                    || self.queue.len() >= MAX_PENDING_REPLIES);
             let idle_armed = !idle_timeout.is_zero() && self.idle_timeout_applies();
             let pinned_rx = self.pinned.as_mut().map(|p| &mut p.rx);
             tokio::select! {
@@ -440,7 +470,7 @@ impl Session {
                 }
                 _ = shutdown.recv(), if !shutdown.is_shutdown() => {
                     // Stop taking new requests; finish what is in flight.
-                    eof = true;
+                    draining = true;
                     rbuf.clear();
                     self.stalled = None;
                 }

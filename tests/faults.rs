@@ -288,12 +288,13 @@ async fn clients_recover_after_redis_kills_every_pooled_connection() {
     assert_frame(&reply(&mut b, &["INCR", "kb"]).await, b":2\r\n");
 }
 
-/// The id (on Redis) of the connection currently running `cmd`.
+/// The id (on Redis) of the one connection blocked (or paused) in `cmd`.
 async fn upstream_id_running(direct: &mut Raw, cmd: &str) -> String {
     let clients = client_list(direct).await;
     let mut ids = clients
         .iter()
         .filter(|l| client_field(l, "cmd") == Some(cmd))
+        .filter(|l| client_field(l, "flags").is_some_and(|f| f.contains('b')))
         .filter_map(|l| client_field(l, "id"));
     let id = ids
         .next()
@@ -347,10 +348,7 @@ async fn dropped_pool_connections_do_not_disturb_a_blocked_client() {
     let redis = RedisServer::start();
     let tierd = Tierd::start(&redis.url()).await;
     let mut direct = direct_raw(&redis, None).await;
-    let own_id = String::from_utf8_lossy(&direct.cmd(&["CLIENT", "ID"]).await)
-        .trim_start_matches(':')
-        .trim_end()
-        .to_owned();
+    let own_id = client_id(&mut direct).await;
     let mut a = tierd.raw().await;
     let mut b = tierd.raw().await;
     assert_frame(&reply(&mut b, &["PING"]).await, b"+PONG\r\n");
@@ -377,6 +375,79 @@ async fn dropped_pool_connections_do_not_disturb_a_blocked_client() {
     assert_frame(&reply(&mut b, &["LPUSH", "q", "v"]).await, b":1\r\n");
     let popped = a.try_frame(2 * SECOND).await.expect("BLPOP answered");
     assert_frame(&popped, b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pool_connection_fails_only_the_request_on_it() {
+    let redis = RedisServer::start();
+    let mut cfg = config_for(&redis.url());
+    cfg.upstream.pool_size = 2;
+    let tierd = Tierd::start_with(cfg).await;
+    let mut direct = direct_raw(&redis, None).await;
+    let own_id = client_id(&mut direct).await;
+    let mut x = tierd.raw().await;
+    let mut y = tierd.raw().await;
+    assert_frame(&reply(&mut x, &["PING"]).await, b"+PONG\r\n");
+    let deadline = Deadline::new(5 * SECOND, "both pooled connections up");
+    while client_list(&mut direct).await.len() != 3 {
+        deadline.tick().await;
+    }
+
+    // With writes paused, X's SET stays in flight on one pooled connection.
+    // Dropping the *other* one must not fail it.
+    assert_frame(
+        &direct.cmd(&["CLIENT", "PAUSE", "10000", "WRITE"]).await,
+        b"+OK\r\n",
+    );
+    send(&mut x, &["SET", "kx", "1"]).await;
+    wait_blocked_clients(&mut direct, 1, 5 * SECOND).await;
+    let x_conn = upstream_id_running(&mut direct, "set").await;
+    let others: Vec<String> = client_list(&mut direct)
+        .await
+        .iter()
+        .filter_map(|l| client_field(l, "id"))
+        .filter(|id| *id != own_id && *id != x_conn)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert_frame(
+        &direct.cmd(&["CLIENT", "KILL", "ID", &others[0]]).await,
+        b":1\r\n",
+    );
+    assert_frame(&direct.cmd(&["CLIENT", "UNPAUSE"]).await, b"+OK\r\n");
+    assert_frame(
+        &x.try_frame(2 * SECOND).await.expect("X's SET answered"),
+        b"+OK\r\n",
+    );
+
+    // Dropping the connection X's request is on fails that request, at once.
+    assert_frame(
+        &direct.cmd(&["CLIENT", "PAUSE", "10000", "WRITE"]).await,
+        b"+OK\r\n",
+    );
+    send(&mut x, &["SET", "kx", "2"]).await;
+    wait_blocked_clients(&mut direct, 1, 5 * SECOND).await;
+    let x_conn = upstream_id_running(&mut direct, "set").await;
+    assert_frame(
+        &direct.cmd(&["CLIENT", "KILL", "ID", &x_conn]).await,
+        b":1\r\n",
+    );
+    let failed = x
+        .try_frame(2 * SECOND)
+        .await
+        .expect("X's SET failed, not hung");
+    assert_unavailable(&failed);
+    assert_frame(&direct.cmd(&["CLIENT", "UNPAUSE"]).await, b"+OK\r\n");
+    assert_frame(&direct.cmd(&["GET", "kx"]).await, b"$1\r\n1\r\n");
+
+    // Both clients carry on.
+    until_reply(&mut x, &["GET", "kx"], b"$1\r\n1\r\n", 10 * SECOND).await;
+    until_reply(&mut y, &["GET", "kx"], b"$1\r\n1\r\n", 10 * SECOND).await;
+}
+
+async fn client_id(direct: &mut Raw) -> String {
+    let id = direct.cmd(&["CLIENT", "ID"]).await;
+    text(&id).trim_start_matches(':').trim_end().to_owned()
 }
 
 /// A Lua script that keeps Redis busy for about 300 ms and returns "done".

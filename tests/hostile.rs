@@ -152,7 +152,11 @@ impl Bystander {
     async fn connect(addr: SocketAddr, tag: &'static str) -> Bystander {
         let mut wire = Wire::connect(addr).await;
         wire.expect(b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n").await;
-        Bystander { wire, tag, round: 0 }
+        Bystander {
+            wire,
+            tag,
+            round: 0,
+        }
     }
 
     async fn check(&mut self) {
@@ -160,10 +164,14 @@ impl Bystander {
         let key = format!("bystander:{}", self.tag);
         let value = format!("round-{}", self.round);
         let w = &mut self.wire;
-        w.expect(&resp(&[b"SET", key.as_bytes(), value.as_bytes()]), b"+OK\r\n")
-            .await;
+        w.expect(
+            &resp(&[b"SET", key.as_bytes(), value.as_bytes()]),
+            b"+OK\r\n",
+        )
+        .await;
         let want = format!("${}\r\n{value}\r\n", value.len());
-        w.expect(&resp(&[b"GET", key.as_bytes()]), want.as_bytes()).await;
+        w.expect(&resp(&[b"GET", key.as_bytes()]), want.as_bytes())
+            .await;
         w.expect(b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n").await;
     }
 }
@@ -239,7 +247,10 @@ async fn negative_and_empty_multibulk_counts_are_skipped() {
         (&b"*-5\r\n*1\r\n$4\r\nPING\r\n"[..], &b"+PONG\r\n"[..]),
         (b"*-5\r\nPING\r\n", b"+PONG\r\n"),
         (b"*0\r\n*-1\r\nPING\r\n", b"+PONG\r\n"),
-        (b"*-1\r\n*0\r\n*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n", b"$2\r\nhi\r\n"),
+        (
+            b"*-1\r\n*0\r\n*2\r\n$4\r\nECHO\r\n$2\r\nhi\r\n",
+            b"$2\r\nhi\r\n",
+        ),
     ] {
         for addr in [redis.addr(), t.addr] {
             let mut w = Wire::connect(addr).await;
@@ -342,7 +353,11 @@ async fn other_framing_errors_match_redis() {
     let mut mismatches = Vec::new();
     for case in cases {
         let reference = attack(redis.addr(), case.clone(), false, CLOSE_LIMIT).await;
-        assert!(reference.closed, "reference for {:?}", lossy(&case[..case.len().min(30)]));
+        assert!(
+            reference.closed,
+            "reference for {:?}",
+            lossy(&case[..case.len().min(30)])
+        );
         let got = attack(t.addr, case.clone(), false, CLOSE_LIMIT).await;
         if got.got != reference.got || !got.closed {
             mismatches.push(format!(
@@ -378,7 +393,11 @@ fn assert_error_stream(got: &[u8], what: &str) {
     if got.is_empty() {
         return;
     }
-    assert!(got.ends_with(b"\r\n"), "{what}: stream ends mid-line: {:?}", lossy(got));
+    assert!(
+        got.ends_with(b"\r\n"),
+        "{what}: stream ends mid-line: {:?}",
+        lossy(got)
+    );
     let body = &got[..got.len() - 2];
     let lines: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
     for (i, line) in lines.iter().enumerate() {
@@ -400,25 +419,41 @@ async fn binary_garbage_hurts_no_one() {
     let t = Tierd::start(&redis.url()).await;
     let mut by = Bystander::connect(t.addr, "by").await;
     let blob = garbage(0x9E37_79B9_7F4A_7C15, 64 * 1024);
-    let mut cases: Vec<(String, Vec<u8>)> = vec![("64 KB of garbage".into(), blob.clone())];
-    for (name, prefix) in [
-        ("multibulk then garbage", &b"*3\r\n"[..]),
-        ("bulk header then garbage", b"*2\r\n$4\r\nECHO\r\n$"),
-        ("inline then garbage", b"PING\r\nECHO "),
+    // (name, payload, the replies due before the garbage starts)
+    let mut cases: Vec<(String, Vec<u8>, &[u8])> =
+        vec![("64 KB of garbage".into(), blob.clone(), b"")];
+    for (name, prefix, due) in [
+        ("multibulk then garbage", &b"*3\r\n"[..], &b""[..]),
+        ("bulk header then garbage", b"*2\r\n$4\r\nECHO\r\n$", b""),
+        ("inline then garbage", b"PING\r\nECHO ", b"+PONG\r\n"),
     ] {
         let mut payload = prefix.to_vec();
         payload.extend_from_slice(&blob);
-        cases.push((name.into(), payload));
+        cases.push((name.into(), payload, due));
     }
     for seed in 1..=4u64 {
-        cases.push((format!("seed {seed}"), garbage(seed.wrapping_mul(0x2545_F491_4F6C_DD1D), 64 * 1024)));
+        cases.push((
+            format!("seed {seed}"),
+            garbage(seed.wrapping_mul(0x2545_F491_4F6C_DD1D), 64 * 1024),
+            b"",
+        ));
     }
-    for (name, payload) in cases {
+    for (name, payload, due) in cases {
         // Half-close after the garbage: whatever tierd makes of it, it must
         // answer and close, not wait forever.
         let out = under_attack(t.addr, &mut by, attack(t.addr, payload, true, CLOSE_LIMIT)).await;
-        assert!(out.closed, "{name}: connection not closed after EOF; got {:?}", lossy(&out.got));
-        assert_error_stream(&out.got, &name);
+        assert!(
+            out.closed,
+            "{name}: connection not closed after EOF; got {:?}",
+            lossy(&out.got)
+        );
+        assert!(
+            out.got.starts_with(due),
+            "{name}: expected {:?} first, got {:?}",
+            lossy(due),
+            lossy(&out.got)
+        );
+        assert_error_stream(&out.got[due.len()..], &name);
     }
     // tierd is alive and in step for everyone.
     let mut w = Wire::connect(t.addr).await;
@@ -491,28 +526,35 @@ async fn max_clients_rejects_the_extra_client_until_one_leaves() {
     // Once a client leaves, a new one gets in (when tierd notices).
     drop(first);
     let admitted = std::sync::Arc::new(tokio::sync::Mutex::new(None));
-    eventually(Duration::from_secs(5), "a new client to be admitted", || {
-        let admitted = admitted.clone();
-        async move {
-            match try_admitted(t.addr).await {
-                Ok(w) => {
-                    *admitted.lock().await = Some(w);
-                    true
-                }
-                Err(got) => {
-                    assert_eq!(lossy(&got), lossy(MAX_CLIENTS), "a refused client's answer");
-                    false
+    eventually(
+        Duration::from_secs(5),
+        "a new client to be admitted",
+        || {
+            let admitted = admitted.clone();
+            async move {
+                match try_admitted(t.addr).await {
+                    Ok(w) => {
+                        *admitted.lock().await = Some(w);
+                        true
+                    }
+                    Err(got) => {
+                        assert_eq!(lossy(&got), lossy(MAX_CLIENTS), "a refused client's answer");
+                        false
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await;
     let mut fourth = admitted.lock().await.take().unwrap();
     fourth.expect(b"SET k v\r\n", b"+OK\r\n").await;
     second.check().await;
 
     // And the limit holds again.
-    let got = try_admitted(t.addr).await.err().expect("a third client is refused");
+    let got = try_admitted(t.addr)
+        .await
+        .err()
+        .expect("a third client is refused");
     assert_eq!(lossy(&got), lossy(MAX_CLIENTS));
     fourth.expect(b"GET k\r\n", b"$1\r\nv\r\n").await;
 }
@@ -544,12 +586,18 @@ async fn idle_client_is_closed_while_an_active_one_is_not() {
     }
     let out = watch.await.unwrap();
     assert!(out.closed, "the idle client was not closed within 5 s");
-    assert!(out.got.is_empty(), "closed silently, as Redis does: {:?}", lossy(&out.got));
+    assert!(
+        out.got.is_empty(),
+        "closed silently, as Redis does: {:?}",
+        lossy(&out.got)
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "closed before the idle timeout passed"
     );
-    active.expect(b"SET k v\r\nGET k\r\n", b"+OK\r\n$1\r\nv\r\n").await;
+    active
+        .expect(b"SET k v\r\nGET k\r\n", b"+OK\r\n$1\r\nv\r\n")
+        .await;
 }
 
 /// Waits for a client that is known to have been idle for longer than
@@ -575,17 +623,24 @@ async fn blocked_client_is_not_closed_by_idle_timeout() {
     let t = Tierd::start_with(with_idle_timeout(&redis.url())).await;
     let mut blocked = Wire::connect(t.addr).await;
     blocked.send(b"BLPOP q 10\r\n").await;
-    eventually(Duration::from_secs(5), "BLPOP to block in Redis", || async {
-        redis_says(redis.addr(), &[b"INFO", b"clients"])
-            .await
-            .contains("blocked_clients:1\r\n")
-    })
+    eventually(
+        Duration::from_secs(5),
+        "BLPOP to block in Redis",
+        || async {
+            redis_says(redis.addr(), &[b"INFO", b"clients"])
+                .await
+                .contains("blocked_clients:1\r\n")
+        },
+    )
     .await;
     // Connected after the BLPOP was read: once it is closed for idling,
     // the blocked client has been quiet for longer than the timeout too.
     wait_out_idle_timeout(t.addr).await;
 
-    assert_eq!(redis_says(redis.addr(), &[b"LPUSH", b"q", b"v"]).await, ":1\r\n");
+    assert_eq!(
+        redis_says(redis.addr(), &[b"LPUSH", b"q", b"v"]).await,
+        ":1\r\n"
+    );
     let got = blocked.until(b"*2\r\n$1\r\nq\r\n$1\r\nv\r\n").await;
     assert!(got.is_empty(), "{:?}", lossy(&got));
     // Being answered is activity (Redis counts its writes to the client):
@@ -604,8 +659,13 @@ async fn subscriber_is_not_closed_by_idle_timeout() {
     )
     .await;
     wait_out_idle_timeout(t.addr).await;
-    assert_eq!(redis_says(redis.addr(), &[b"PUBLISH", b"ch", b"hi"]).await, ":1\r\n");
-    let got = sub.until(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n").await;
+    assert_eq!(
+        redis_says(redis.addr(), &[b"PUBLISH", b"ch", b"hi"]).await,
+        ":1\r\n"
+    );
+    let got = sub
+        .until(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n")
+        .await;
     assert!(got.is_empty(), "{:?}", lossy(&got));
 }
 
@@ -620,14 +680,21 @@ async fn query_buffer_limit_closes_only_the_offender() {
     let big = vec![b'x'; 2 * 1024 * 1024];
     let payload = resp(&[b"SET", b"big", &big]);
     let out = under_attack(t.addr, &mut by, attack(t.addr, payload, false, CLOSE_LIMIT)).await;
-    assert!(out.closed, "the offender was not closed; got {:?}", lossy(&out.got));
+    assert!(
+        out.closed,
+        "the offender was not closed; got {:?}",
+        lossy(&out.got)
+    );
     let text = lossy(&out.got);
     assert!(
         text.starts_with("-ERR ") && text.ends_with("\r\n") && text.matches("\r\n").count() == 1,
         "one error reply expected, got {text:?}"
     );
     // Nothing of it reached Redis.
-    assert_eq!(redis_says(redis.addr(), &[b"EXISTS", b"big"]).await, ":0\r\n");
+    assert_eq!(
+        redis_says(redis.addr(), &[b"EXISTS", b"big"]).await,
+        ":0\r\n"
+    );
 
     // A request under the limit still goes through.
     let half = vec![b'y'; 512 * 1024];

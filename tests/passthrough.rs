@@ -38,6 +38,11 @@ fn resp(args: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
+/// [`resp`] for one owned command.
+fn one(args: Vec<Vec<u8>>) -> Vec<u8> {
+    resp(&args)
+}
+
 fn resp_all(cmds: &[Vec<Vec<u8>>]) -> Vec<u8> {
     cmds.iter().flat_map(|c| resp(c)).collect()
 }
@@ -47,7 +52,7 @@ fn resp_all(cmds: &[Vec<Vec<u8>>]) -> Vec<u8> {
 /// however many frames that is (none, for suppressed replies).
 fn marker(n: usize) -> (Vec<u8>, Vec<u8>) {
     let tag = format!("~end-of-step-{n}~");
-    let req = resp(&c!("ECHO", tag));
+    let req = one(c!("ECHO", tag));
     let rep = format!("${}\r\n{tag}\r\n", tag.len()).into_bytes();
     (req, rep)
 }
@@ -363,7 +368,7 @@ fn corpus() -> Vec<Vec<Vec<u8>>> {
         c!("XREAD", "COUNT", "10", "STREAMS", "s", "0"),
         c!("XREAD", "COUNT", "1", "STREAMS", "nosuch", "0"),
         c!("XINFO", "STREAM", "s"),
-        c!("SCAN", "0", "MATCH", "none*"),
+        c!("SCAN", "0", "MATCH", "none*", "COUNT", "100000"),
         // Server introspection with fixed answers.
         c!("COMMAND", "INFO", "get"),
         c!("COMMAND", "DOCS", "get"),
@@ -375,7 +380,12 @@ fn corpus() -> Vec<Vec<Vec<u8>>> {
         c!("EVAL", "return redis.error_reply('MYERR custom')", "0"),
         c!("EVAL", "return redis.status_reply('FINE')", "0"),
         c!("EVAL", "return 3.99", "0"),
-        c!("EVAL", "redis.setresp(3); return redis.call('HGETALL', KEYS[1])", "1", "h"),
+        c!(
+            "EVAL",
+            "redis.setresp(3); return redis.call('HGETALL', KEYS[1])",
+            "1",
+            "h"
+        ),
         c!("EVAL", "redis.setresp(3); return {double=3.5}", "0"),
         c!("EVAL", "redis.setresp(3); return true", "0"),
         c!("EVAL", "redis.setresp(3); return false", "0"),
@@ -396,9 +406,11 @@ fn corpus() -> Vec<Vec<Vec<u8>>> {
     ]
 }
 
-/// Runs the corpus one command at a time and returns every mismatch.
-async fn run_corpus(p: &mut Pair) -> Vec<String> {
+/// Runs the corpus one command at a time and returns every mismatch, and
+/// Redis's own replies.
+async fn run_corpus(p: &mut Pair) -> (Vec<String>, Vec<Vec<u8>>) {
     let mut mismatches = Vec::new();
+    let mut replies = Vec::new();
     for cmd in corpus() {
         let (d, t) = p.exchange(&resp(&cmd)).await;
         if d != t {
@@ -409,20 +421,46 @@ async fn run_corpus(p: &mut Pair) -> Vec<String> {
                 lossy(&t[..t.len().min(400)])
             ));
         }
+        replies.push(d);
     }
-    mismatches
+    (mismatches, replies)
+}
+
+/// Asserts the corpus really produced each of these reply prefixes (so a
+/// server that refused, say, DEBUG would not make the comparison hollow).
+fn assert_covers(replies: &[Vec<u8>], prefixes: &[&str]) {
+    for prefix in prefixes {
+        assert!(
+            replies.iter().any(|r| r.starts_with(prefix.as_bytes())),
+            "no reply starting with {prefix:?} in the corpus"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resp2_corpus_matches_redis_byte_for_byte() {
     let (a, _b, t) = twin_servers().await;
     let mut p = Pair::new(a.addr(), t.addr).await;
-    let mismatches = run_corpus(&mut p).await;
+    let (mismatches, replies) = run_corpus(&mut p).await;
     assert!(
         mismatches.is_empty(),
         "{} replies differ:\n{}",
         mismatches.len(),
         mismatches.join("\n")
+    );
+    assert_covers(
+        &replies,
+        &[
+            "+",
+            "-",
+            ":",
+            "$",
+            "$-1\r\n",
+            "*",
+            "*0\r\n",
+            "*-1\r\n",
+            "*4\r\n:1\r\n*2\r\n:2\r\n*2",
+        ],
     );
     // The connection is still in step afterwards.
     assert_eq!(p.same(c!("PING")).await, b"+PONG\r\n");
@@ -432,15 +470,22 @@ async fn resp2_corpus_matches_redis_byte_for_byte() {
 async fn resp3_corpus_matches_redis_byte_for_byte() {
     let (a, _b, t) = twin_servers().await;
     let mut p = Pair::new(a.addr(), t.addr).await;
-    let (d, h) = p.exchange(&resp(&c!("HELLO", "3"))).await;
+    let (d, h) = p.exchange(&one(c!("HELLO", "3"))).await;
     assert!(d.starts_with(b"%7\r\n"), "{}", lossy(&d));
     assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
-    let mismatches = run_corpus(&mut p).await;
+    let (mismatches, replies) = run_corpus(&mut p).await;
     assert!(
         mismatches.is_empty(),
         "{} replies differ:\n{}",
         mismatches.len(),
         mismatches.join("\n")
+    );
+    assert_covers(
+        &replies,
+        &[
+            "+", "-", ":", "$", "*", "_", "%", "%0\r\n", "~", "~0\r\n", ",", ",inf", "(", "=",
+            "#t", "#f", "|",
+        ],
     );
     assert_eq!(p.same(c!("PING")).await, b"+PONG\r\n");
 }
@@ -451,7 +496,7 @@ async fn resp3_corpus_matches_redis_byte_for_byte() {
 async fn resp3_push_on_an_ordinary_connection_reaches_the_client() {
     let (a, _b, t) = twin_servers().await;
     let mut p = Pair::new(a.addr(), t.addr).await;
-    p.exchange(&resp(&c!("HELLO", "3"))).await;
+    p.exchange(&one(c!("HELLO", "3"))).await;
     let reply = p.same(c!("DEBUG", "PROTOCOL", "push")).await;
     assert!(reply.starts_with(b">2\r\n"), "{}", lossy(&reply));
     assert_eq!(p.same(c!("PING")).await, b"+PONG\r\n");
@@ -468,18 +513,14 @@ async fn hello_replies_match_redis() {
     let mut p = Pair::new(redis.addr(), t.addr).await;
 
     // HELLO 3: a 7-entry map with proto 3 and Redis's own server/version.
-    let (d, h) = p.exchange(&resp(&c!("HELLO", "3"))).await;
+    let (d, h) = p.exchange(&one(c!("HELLO", "3"))).await;
     assert!(h.starts_with(b"%7\r\n"), "{}", lossy(&h));
-    assert!(
-        h.windows(14).any(|w| w == b"$5\r\nproto\r\n:3\r\n"),
-        "{}",
-        lossy(&h)
-    );
-    assert!(h.windows(10).any(|w| w == b"$2\r\nid\r\n:"), "{}", lossy(&h));
+    assert!(contains(&h, b"$5\r\nproto\r\n:3\r\n"), "{}", lossy(&h));
+    assert!(contains(&h, b"$2\r\nid\r\n:"), "{}", lossy(&h));
     assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
 
     // HELLO with no version: the current protocol's map.
-    let (d, h) = p.exchange(&resp(&c!("HELLO"))).await;
+    let (d, h) = p.exchange(&one(c!("HELLO"))).await;
     assert!(h.starts_with(b"%7\r\n"), "{}", lossy(&h));
     assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
 
@@ -497,22 +538,30 @@ async fn hello_replies_match_redis() {
         b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
     );
     let err = p.same(c!("HELLO", "3", "FOO")).await;
-    assert!(err.starts_with(b"-ERR Syntax error in HELLO option"), "{}", lossy(&err));
+    assert!(
+        err.starts_with(b"-ERR Syntax error in HELLO option"),
+        "{}",
+        lossy(&err)
+    );
     let err = p.same(c!("HELLO", "3", "SETNAME")).await;
     assert!(err.starts_with(b"-ERR"), "{}", lossy(&err));
-    let err = p.same(c!("HELLO", "3", "AUTH", "default", "wrong")).await;
+    let err = p
+        .same(c!("HELLO", "3", "AUTH", "nosuchuser", "wrong"))
+        .await;
     assert!(err.starts_with(b"-WRONGPASS"), "{}", lossy(&err));
+    // Without requirepass the default user takes any password.
+    let (d, h) = p
+        .exchange(&one(c!("HELLO", "3", "AUTH", "default", "any")))
+        .await;
+    assert!(h.starts_with(b"%7\r\n"), "{}", lossy(&h));
+    assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
     // Still RESP3: a null is `_`.
     assert_eq!(p.same(c!("GET", "nosuch")).await, b"_\r\n");
 
     // HELLO 2: back to a flat array and RESP2 nulls.
-    let (d, h) = p.exchange(&resp(&c!("HELLO", "2"))).await;
+    let (d, h) = p.exchange(&one(c!("HELLO", "2"))).await;
     assert!(h.starts_with(b"*14\r\n"), "{}", lossy(&h));
-    assert!(
-        h.windows(14).any(|w| w == b"$5\r\nproto\r\n:2\r\n"),
-        "{}",
-        lossy(&h)
-    );
+    assert!(contains(&h, b"$5\r\nproto\r\n:2\r\n"), "{}", lossy(&h));
     assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
     assert_eq!(p.same(c!("GET", "nosuch")).await, b"$-1\r\n");
 }
@@ -524,13 +573,13 @@ async fn client_getname_follows_hello_setname_like_redis() {
     let mut p = Pair::new(redis.addr(), t.addr).await;
 
     assert_eq!(p.same(c!("CLIENT", "GETNAME")).await, b"$-1\r\n");
-    p.exchange(&resp(&c!("HELLO", "3"))).await;
+    p.exchange(&one(c!("HELLO", "3"))).await;
     assert_eq!(p.same(c!("CLIENT", "GETNAME")).await, b"_\r\n");
-    let (d, h) = p.exchange(&resp(&c!("HELLO", "3", "SETNAME", "foo"))).await;
+    let (d, h) = p.exchange(&one(c!("HELLO", "3", "SETNAME", "foo"))).await;
     assert!(h.starts_with(b"%7\r\n"), "{}", lossy(&h));
     assert_eq!(lossy(&mask_hello_id(&h)), lossy(&mask_hello_id(&d)));
     assert_eq!(p.same(c!("CLIENT", "GETNAME")).await, b"$3\r\nfoo\r\n");
-    p.exchange(&resp(&c!("HELLO", "2"))).await;
+    p.exchange(&one(c!("HELLO", "2"))).await;
     assert_eq!(p.same(c!("CLIENT", "GETNAME")).await, b"$3\r\nfoo\r\n");
     // An empty name clears it, as in Redis.
     assert_eq!(p.same(c!("CLIENT", "SETNAME", "")).await, b"+OK\r\n");
@@ -539,6 +588,10 @@ async fn client_getname_follows_hello_setname_like_redis() {
         p.same(c!("CLIENT", "SETNAME", "bad name")).await,
         b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
     );
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn integer(frame: &[u8]) -> i64 {
@@ -562,11 +615,23 @@ async fn client_id_and_name_belong_to_each_client() {
     assert!(id1 > 0 && id2 > 0);
     assert_eq!(integer(&one.cmd(&["CLIENT", "ID"]).await), id1, "stable");
 
-    assert_eq!(&one.cmd(&["CLIENT", "SETNAME", "alice"]).await[..], b"+OK\r\n");
-    assert_eq!(&one.cmd(&["CLIENT", "GETNAME"]).await[..], b"$5\r\nalice\r\n");
+    assert_eq!(
+        &one.cmd(&["CLIENT", "SETNAME", "alice"]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        &one.cmd(&["CLIENT", "GETNAME"]).await[..],
+        b"$5\r\nalice\r\n"
+    );
     assert_eq!(&two.cmd(&["CLIENT", "GETNAME"]).await[..], b"$-1\r\n");
-    assert_eq!(&two.cmd(&["CLIENT", "SETNAME", "bob"]).await[..], b"+OK\r\n");
-    assert_eq!(&one.cmd(&["CLIENT", "GETNAME"]).await[..], b"$5\r\nalice\r\n");
+    assert_eq!(
+        &two.cmd(&["CLIENT", "SETNAME", "bob"]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        &one.cmd(&["CLIENT", "GETNAME"]).await[..],
+        b"$5\r\nalice\r\n"
+    );
     assert_eq!(&two.cmd(&["CLIENT", "GETNAME"]).await[..], b"$3\r\nbob\r\n");
 
     assert_eq!(
@@ -620,8 +685,11 @@ async fn client_reply_off_skip_on_behave_like_redis() {
     let mut direct = support::Raw::connect(redis.addr()).await;
     let mut proxied = t.raw().await;
     for raw in [&mut direct, &mut proxied] {
-        raw.send(&resp_all(&[c!("CLIENT", "REPLY", "SKIP"), c!("SET", "a", "3")]))
-            .await;
+        raw.send(&resp_all(&[
+            c!("CLIENT", "REPLY", "SKIP"),
+            c!("SET", "a", "3"),
+        ]))
+        .await;
         assert_eq!(&raw.cmd(&["GET", "a"]).await[..], b"$1\r\n3\r\n");
     }
 }
@@ -635,7 +703,7 @@ async fn value_of_64_mb_round_trips() {
     let redis = RedisServer::start();
     let t = Tierd::start(&redis.url()).await;
     const LEN: usize = 64 * 1024 * 1024;
-    let mut rng = Rng(0x64_64_64);
+    let mut rng = Rng(0x0064_6464);
     let mut value = Vec::with_capacity(LEN);
     while value.len() < LEN {
         value.extend_from_slice(&rng.next().to_le_bytes());
@@ -643,23 +711,26 @@ async fn value_of_64_mb_round_trips() {
     value.truncate(LEN);
 
     let mut w = Wire::connect(t.addr).await;
-    w.expect(&resp(&c!("SET", "huge", &value)), b"+OK\r\n").await;
-    w.send(&resp(&c!("GET", "huge"))).await;
+    w.expect(&one(c!("SET", "huge", &value)), b"+OK\r\n").await;
+    w.send(&one(c!("GET", "huge"))).await;
     let (req, rep) = marker(1);
     w.send(&req).await;
     let got = w.until(&rep).await;
     let header = format!("${LEN}\r\n");
     assert_eq!(got.len(), header.len() + LEN + 2, "reply length");
     assert_eq!(&got[..header.len()], header.as_bytes());
-    assert!(got[header.len()..header.len() + LEN] == value[..], "content differs");
+    assert!(
+        got[header.len()..header.len() + LEN] == value[..],
+        "content differs"
+    );
     assert_eq!(&got[header.len() + LEN..], b"\r\n");
 
     // Redis has exactly the value too.
     let mut d = Wire::connect(redis.addr()).await;
-    d.expect(&resp(&c!("STRLEN", "huge")), format!(":{LEN}\r\n").as_bytes())
+    d.expect(&one(c!("STRLEN", "huge")), format!(":{LEN}\r\n").as_bytes())
         .await;
     // And the proxy still serves small requests on the same connection.
-    w.expect(&resp(&c!("PING")), b"+PONG\r\n").await;
+    w.expect(&one(c!("PING")), b"+PONG\r\n").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -771,7 +842,7 @@ async fn redis_cli_works_through_tierd() {
     // --pipe: mass insertion, then redis-cli's own ECHO round trip.
     let n = 500;
     let input: Vec<u8> = (0..n)
-        .flat_map(|i| resp(&c!("SET", format!("pipe:{i}"), i.to_string())))
+        .flat_map(|i| one(c!("SET", format!("pipe:{i}"), i.to_string())))
         .collect();
     let out = run("redis-cli", &cli(&["--pipe"]), Some(input)).await;
     assert!(out.status.success(), "{out:?}");
@@ -793,7 +864,17 @@ async fn redis_benchmark_works_through_tierd() {
     let out = run(
         "redis-benchmark",
         &args(&[
-            "-h", "127.0.0.1", "-p", &port, "-t", "set,get", "-n", "2000", "-c", "10", "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "set,get",
+            "-n",
+            "2000",
+            "-c",
+            "10",
+            "-q",
         ]),
         None,
     )

@@ -20,6 +20,10 @@ fn text(frame: &[u8]) -> String {
     String::from_utf8_lossy(frame).into_owned()
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[track_caller]
 fn assert_frame(got: &[u8], want: &[u8]) {
     assert_eq!(text(got), text(want));
@@ -146,6 +150,121 @@ async fn multi_exec_returns_the_array_of_replies() {
     );
     assert_frame(&proxied[9], b"$1\r\n2\r\n");
     assert_frame(&proxied[13], b"$1\r\n2\r\n");
+}
+
+/// Sends `cmds` in one write and reads one reply per command.
+async fn pipeline(raw: &mut Raw, cmds: &[&[&str]]) -> Vec<Bytes> {
+    let mut bytes = Vec::new();
+    for cmd in cmds {
+        bytes.extend(encode(cmd));
+    }
+    raw.send(&bytes).await;
+    let mut replies = Vec::new();
+    for cmd in cmds {
+        match raw.try_frame(2 * SECOND).await {
+            Some(frame) => replies.push(frame),
+            None => panic!(
+                "no reply to pipelined {cmd:?} within 2 s; got {:?}",
+                show(&replies)
+            ),
+        }
+    }
+    replies
+}
+
+/// State changes in one pipeline: each reply must come from the state the
+/// commands before it set up, exactly as on a direct connection.
+const STATEFUL_PIPELINE: &[&[&str]] = &[
+    &["SET", "pk", "zero"],
+    &["SELECT", "1"],
+    &["SET", "pk", "one"],
+    &["GET", "pk"],
+    &["MULTI"],
+    &["GET", "pk"],
+    &["SELECT", "0"],
+    &["GET", "pk"],
+    &["EXEC"],
+    &["GET", "pk"],
+    &["WATCH", "pk"],
+    &["GET", "pk"],
+    &["UNWATCH"],
+    &["BLPOP", "pq", "0.05"],
+    &["GET", "pk"],
+    &["SELECT", "2"],
+    &["GET", "pk"],
+    &["SELECT", "0"],
+    &["SUBSCRIBE", "pc"],
+    &["PING"],
+    &["UNSUBSCRIBE", "pc"],
+    &["GET", "pk"],
+    &["DEL", "pk"],
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_state_changes_match_redis_in_resp2() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let mut d = direct_raw(&redis, None).await;
+    let direct = pipeline(&mut d, STATEFUL_PIPELINE).await;
+    let mut t = tierd.raw().await;
+    let proxied = pipeline(&mut t, STATEFUL_PIPELINE).await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(&proxied[8], b"*3\r\n$3\r\none\r\n+OK\r\n$4\r\nzero\r\n");
+    assert_frame(&proxied[9], b"$4\r\nzero\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_state_changes_match_redis_in_resp3() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let mut d = direct_raw(&redis, None).await;
+    assert_eq!(d.cmd(&["HELLO", "3"]).await[0], b'%');
+    let direct = pipeline(&mut d, STATEFUL_PIPELINE).await;
+    let mut t = tierd.raw().await;
+    assert_eq!(reply(&mut t, &["HELLO", "3"]).await[0], b'%');
+    let proxied = pipeline(&mut t, STATEFUL_PIPELINE).await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(&proxied[13], b"_\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_multi_does_not_start_a_transaction() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let (direct, proxied) = both(
+        &redis,
+        &tierd,
+        &[
+            &["MULTI", "extra"],
+            &["CLIENT", "SETNAME", "n1"],
+            &["EXEC"],
+            &["CLIENT", "GETNAME"],
+        ],
+    )
+    .await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(&proxied[3], b"$2\r\nn1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_after_a_multi_rejected_for_noauth_stays_authenticated() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let tierd = Tierd::start(&redis.url()).await;
+    let (direct, proxied) = both(
+        &redis,
+        &tierd,
+        &[
+            &["MULTI"],
+            &["AUTH", "s3cret"],
+            &["SET", "k", "v"],
+            &["EXEC"],
+            &["GET", "k"],
+        ],
+    )
+    .await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(&proxied[0], b"-NOAUTH Authentication required.\r\n");
+    assert_frame(&proxied[4], b"$1\r\nv\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +490,125 @@ async fn select_is_isolated_between_clients() {
     assert_frame(&reply(&mut b, &["GET", "k"]).await, b"$4\r\nzero\r\n");
 }
 
+/// Where `key` lives: the db numbers (0..4) in which it exists.
+async fn dbs_holding(direct: &mut Raw, key: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for db in 0..4u32 {
+        assert_frame(&direct.cmd(&["SELECT", &db.to_string()]).await, b"+OK\r\n");
+        if direct.cmd(&["EXISTS", key]).await.as_ref() == b":1\r\n" {
+            found.push(db);
+        }
+    }
+    assert_frame(&direct.cmd(&["SELECT", "0"]).await, b"+OK\r\n");
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_inside_multi_switches_db_only_if_exec_runs_it() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let mut direct = direct_raw(&redis, None).await;
+    let mut a = tierd.raw().await;
+    let mut other = tierd.raw().await;
+
+    // EXEC runs the SELECT: later commands use db 3.
+    assert_frame(&reply(&mut a, &["MULTI"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SELECT", "3"]).await, b"+QUEUED\r\n");
+    assert_frame(&reply(&mut a, &["EXEC"]).await, b"*1\r\n+OK\r\n");
+    assert_frame(&reply(&mut a, &["SET", "m3", "x"]).await, b"+OK\r\n");
+    assert_eq!(dbs_holding(&mut direct, "m3").await, [3]);
+    assert_frame(&reply(&mut a, &["SELECT", "0"]).await, b"+OK\r\n");
+
+    // EXECABORT: the queued SELECT never ran, the client is still on db 0,
+    // so SELECT 1 afterwards really switches.
+    assert_frame(&reply(&mut a, &["MULTI"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SELECT", "1"]).await, b"+QUEUED\r\n");
+    assert!(reply(&mut a, &["INCR"])
+        .await
+        .starts_with(b"-ERR wrong number"));
+    assert!(reply(&mut a, &["EXEC"]).await.starts_with(b"-EXECABORT"));
+    assert_frame(&reply(&mut a, &["SET", "m0", "x"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SELECT", "1"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SET", "m1", "x"]).await, b"+OK\r\n");
+    assert_eq!(dbs_holding(&mut direct, "m0").await, [0]);
+    assert_eq!(dbs_holding(&mut direct, "m1").await, [1]);
+    assert_frame(&reply(&mut a, &["SELECT", "0"]).await, b"+OK\r\n");
+
+    // Aborted by WATCH: same.
+    assert_frame(&reply(&mut a, &["WATCH", "w"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["MULTI"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SELECT", "2"]).await, b"+QUEUED\r\n");
+    assert_frame(
+        &reply(&mut other, &["SET", "w", "changed"]).await,
+        b"+OK\r\n",
+    );
+    assert_frame(&reply(&mut a, &["EXEC"]).await, b"*-1\r\n");
+    assert_frame(&reply(&mut a, &["SET", "w0", "x"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SELECT", "2"]).await, b"+OK\r\n");
+    assert_frame(&reply(&mut a, &["SET", "w2", "x"]).await, b"+OK\r\n");
+    assert_eq!(dbs_holding(&mut direct, "w0").await, [0]);
+    assert_eq!(dbs_holding(&mut direct, "w2").await, [2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_with_a_malformed_index_gets_redis_error_and_changes_nothing() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let (direct, proxied) = both(
+        &redis,
+        &tierd,
+        &[
+            &["SET", "sk", "zero"],
+            // Redis reads the index with string2ll: no leading zeros or
+            // signs, no spaces, within a long.
+            &["SELECT", "00"],
+            &["SELECT", "+0"],
+            &["SELECT", "1x"],
+            &["SELECT", "-1"],
+            &["SELECT", "4294967297"],
+            &["SELECT"],
+            &["GET", "sk"],
+            &["SELECT", "1"],
+            &["SET", "sk", "one"],
+            &["SELECT", "01"],
+            &["SELECT", "+1"],
+            &["GET", "sk"],
+        ],
+    )
+    .await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(
+        &proxied[1],
+        b"-ERR value is not an integer or out of range\r\n",
+    );
+    assert_frame(&proxied[12], b"$3\r\none\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_with_a_malformed_version_gets_redis_error_and_keeps_resp2() {
+    let redis = RedisServer::start();
+    let tierd = Tierd::start(&redis.url()).await;
+    let (direct, proxied) = both(
+        &redis,
+        &tierd,
+        &[
+            &["HELLO", "03"],
+            &["HELLO", "+3"],
+            &["HELLO", "3.0"],
+            &["SET", "hk", "v"],
+            // Still RESP2: a null is $-1, not _.
+            &["GET", "nokey"],
+        ],
+    )
+    .await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert_frame(
+        &proxied[0],
+        b"-ERR Protocol version is not an integer or out of range\r\n",
+    );
+    assert_frame(&proxied[4], b"$-1\r\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_against_requirepass_gets_redis_replies() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
@@ -412,7 +650,7 @@ async fn auth_against_requirepass_gets_redis_replies() {
     let hello = reply(&mut h, &["HELLO", "3", "AUTH", "default", "s3cret"]).await;
     assert!(hello.starts_with(b"%7\r\n"), "{}", text(&hello));
     assert!(
-        hello.windows(14).any(|w| w == b"$5\r\nproto\r\n:3\r\n"),
+        contains(&hello, b"$5\r\nproto\r\n:3\r\n"),
         "{}",
         text(&hello)
     );
@@ -487,6 +725,37 @@ async fn acl_user_runs_as_itself_through_tierd() {
     assert!(proxied[5].starts_with(b"-NOPERM"), "{}", text(&proxied[5]));
     assert_frame(&proxied[7], b"+OK\r\n");
     assert_frame(&proxied[8], b"$7\r\ndefault\r\n");
+
+    // Identity survives moving onto and off a dedicated connection, in
+    // both orders (AUTH before SELECT, and AUTH on the dedicated one).
+    let script: &[&[&str]] = &[
+        &["AUTH", "alice", "pw"],
+        &["SELECT", "1"],
+        &["SET", "a:2", "x"],
+        &["SET", "b:2", "x"],
+        &["SELECT", "0"],
+        &["SET", "b:2", "x"],
+        &["ACL", "WHOAMI"],
+    ];
+    let (direct, proxied) = both(&redis, &tierd, script).await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert!(proxied[3].starts_with(b"-NOPERM"), "{}", text(&proxied[3]));
+    assert!(proxied[5].starts_with(b"-NOPERM"), "{}", text(&proxied[5]));
+    let script: &[&[&str]] = &[
+        &["AUTH", "s3cret"],
+        &["SELECT", "1"],
+        &["AUTH", "alice", "pw"],
+        &["SET", "b:3", "x"],
+        &["SELECT", "0"],
+        &["SET", "b:3", "x"],
+        &["SET", "a:3", "x"],
+        &["ACL", "WHOAMI"],
+    ];
+    let (direct, proxied) = both(&redis, &tierd, script).await;
+    assert_eq!(show(&proxied), show(&direct));
+    assert!(proxied[3].starts_with(b"-NOPERM"), "{}", text(&proxied[3]));
+    assert!(proxied[5].starts_with(b"-NOPERM"), "{}", text(&proxied[5]));
+    assert_frame(&proxied[7], b"$5\r\nalice\r\n");
 
     // Another tierd client that authenticated as default is not alice.
     let mut other = tierd.raw().await;

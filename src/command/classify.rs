@@ -251,9 +251,67 @@ fn classify_client(req: &Request) -> Kind {
     }
 }
 
+/// Parses an integer argument exactly as Redis's `string2ll` does: an
+/// optional `-`, no `+`, no leading zeros, no spaces, within `i64`. Commands
+/// tierd answers itself must accept and reject what Redis does (`SELECT 01`
+/// is an error in Redis, not db 1).
+pub fn redis_int(arg: &[u8]) -> Option<i64> {
+    if arg.is_empty() || arg.len() > 20 {
+        return None;
+    }
+    if arg == b"0" {
+        return Some(0);
+    }
+    let (negative, digits) = match arg.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, arg),
+    };
+    match digits.first() {
+        Some(b'1'..=b'9') => {}
+        _ => return None,
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        v = if negative {
+            v.checked_mul(10)?.checked_sub(d)?
+        } else {
+            v.checked_mul(10)?.checked_add(d)?
+        };
+    }
+    Some(v)
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_int_matches_string2ll() {
+        assert_eq!(redis_int(b"0"), Some(0));
+        assert_eq!(redis_int(b"15"), Some(15));
+        assert_eq!(redis_int(b"-3"), Some(-3));
+        assert_eq!(redis_int(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(redis_int(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            &b""[..],
+            b"00",
+            b"01",
+            b"+1",
+            b"-0",
+            b" 1",
+            b"1 ",
+            b"1a",
+            b"-",
+            b"9223372036854775808",
+        ] {
+            assert_eq!(redis_int(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     fn req(args: &[&str]) -> Request {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
@@ -262,7 +320,12 @@ mod tests {
 
     #[test]
     fn plain_commands_are_plain() {
-        for cmd in [&["GET", "k"][..], &["set", "k", "v"], &["PING"], &["NOSUCHCOMMAND"]] {
+        for cmd in [
+            &["GET", "k"][..],
+            &["set", "k", "v"],
+            &["PING"],
+            &["NOSUCHCOMMAND"],
+        ] {
             assert_eq!(classify(&req(cmd)), Kind::Plain, "{cmd:?}");
         }
     }
@@ -276,7 +339,10 @@ mod tests {
         assert_eq!(classify(&req(&["sunsubscribe"])), Kind::PubSub);
         assert_eq!(classify(&req(&["monitor"])), Kind::Monitor);
         assert_eq!(classify(&req(&["hello", "3"])), Kind::Hello);
-        assert_eq!(classify(&req(&["psync", "?", "-1"])), Kind::Refused("PSYNC"));
+        assert_eq!(
+            classify(&req(&["psync", "?", "-1"])),
+            Kind::Refused("PSYNC")
+        );
     }
 
     #[test]
@@ -292,7 +358,17 @@ mod tests {
             &["BZMPOP", "0", "1", "z", "MIN"],
             &["WAIT", "1", "0"],
             &["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"],
-            &["XREADGROUP", "GROUP", "g", "c", "BLOCK", "10", "STREAMS", "s", ">"],
+            &[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "10",
+                "STREAMS",
+                "s",
+                ">",
+            ],
         ] {
             assert_eq!(classify(&req(cmd)), Kind::Blocking, "{cmd:?}");
         }
@@ -311,7 +387,10 @@ mod tests {
             classify(&req(&["client", "setname", "x"])),
             Kind::Client(ClientSub::SetName)
         );
-        assert_eq!(classify(&req(&["CLIENT", "ID"])), Kind::Client(ClientSub::Id));
+        assert_eq!(
+            classify(&req(&["CLIENT", "ID"])),
+            Kind::Client(ClientSub::Id)
+        );
         assert_eq!(
             classify(&req(&["CLIENT", "SETINFO", "LIB-NAME", "x"])),
             Kind::Client(ClientSub::SetInfo)
@@ -320,8 +399,14 @@ mod tests {
             classify(&req(&["CLIENT", "TRACKING", "on"])),
             Kind::ClientPinning
         );
-        assert_eq!(classify(&req(&["CLIENT", "no-evict", "on"])), Kind::ClientPinning);
-        assert_eq!(classify(&req(&["CLIENT", "CACHING", "yes"])), Kind::ClientCaching);
+        assert_eq!(
+            classify(&req(&["CLIENT", "no-evict", "on"])),
+            Kind::ClientPinning
+        );
+        assert_eq!(
+            classify(&req(&["CLIENT", "CACHING", "yes"])),
+            Kind::ClientCaching
+        );
         assert_eq!(classify(&req(&["CLIENT", "LIST"])), Kind::Plain);
         assert_eq!(classify(&req(&["CLIENT"])), Kind::Plain);
     }

@@ -7,4 +7,4 @@
 
 pub mod classify;
 
-pub use classify::{classify, ClientSub, Kind};
+pub use classify::{classify, redis_int, ClientSub, Kind};

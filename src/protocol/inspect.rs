@@ -13,7 +13,10 @@ use super::ReplyFramer;
 pub fn elements(frame: &[u8], max_depth: usize) -> Option<Vec<&[u8]>> {
     let kind = *frame.first()?;
     let line_end = find_crlf(frame)?;
-    let count: i64 = std::str::from_utf8(frame.get(1..line_end)?).ok()?.parse().ok()?;
+    let count: i64 = std::str::from_utf8(frame.get(1..line_end)?)
+        .ok()?
+        .parse()
+        .ok()?;
     let count = match kind {
         b'*' | b'~' | b'>' => count,
         b'%' => count.checked_mul(2)?,
@@ -37,7 +40,10 @@ pub fn string_payload(frame: &[u8]) -> Option<&[u8]> {
     match frame.first()? {
         b'+' => frame.get(1..line_end),
         b'$' => {
-            let len: usize = std::str::from_utf8(frame.get(1..line_end)?).ok()?.parse().ok()?;
+            let len: usize = std::str::from_utf8(frame.get(1..line_end)?)
+                .ok()?
+                .parse()
+                .ok()?;
             frame.get(line_end + 2..line_end + 2 + len)
         }
         _ => None,
@@ -59,6 +65,7 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -70,7 +77,10 @@ mod tests {
         assert_eq!(els[1], b"$5\r\nredis\r\n");
         assert_eq!(els[3], b":3\r\n");
         let arr = b"*2\r\n*1\r\n:1\r\n$-1\r\n";
-        assert_eq!(elements(arr, 8).unwrap(), vec![&b"*1\r\n:1\r\n"[..], b"$-1\r\n"]);
+        assert_eq!(
+            elements(arr, 8).unwrap(),
+            vec![&b"*1\r\n:1\r\n"[..], b"$-1\r\n"]
+        );
         assert!(elements(b"*2\r\n:1\r\n", 8).is_none(), "truncated");
         assert!(elements(b"+OK\r\n", 8).is_none());
     }

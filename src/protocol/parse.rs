@@ -58,7 +58,7 @@ const MAX_HEADER_LINE: usize = 64 * 1024;
 const MAX_PREALLOC_ARGS: usize = 1024;
 
 /// The hard limits a client request must respect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseLimits {
     /// Largest accepted bulk argument, in bytes (Redis's `proto-max-bulk-len`).
     pub max_bulk_len: usize,

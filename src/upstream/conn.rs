@@ -44,9 +44,20 @@ enum Status {
     /// A connect attempt is running. When `queue` is set (the first attempt,
     /// or the first after a working connection was lost), requests wait for
     /// it; otherwise they fail fast.
-    Connecting { queue: bool },
+    Connecting {
+        queue: bool,
+    },
     Up,
     Down(UpstreamError),
+}
+
+/// What the setup handshake learned.
+enum Handshake {
+    /// Upstream's `HELLO` reply.
+    Hello(HelloInfo),
+    /// The connection is unauthenticated against a server that requires a
+    /// password: upstream's own `-NOAUTH` reply to `HELLO`.
+    NoAuth(Bytes),
 }
 
 struct State {
@@ -61,6 +72,7 @@ struct State {
     /// (pub/sub, MONITOR) rather than a protocol desync.
     stream: bool,
     hello: Option<Arc<HelloInfo>>,
+    noauth: Option<Bytes>,
 }
 
 struct Inner {
@@ -87,9 +99,19 @@ pub struct Conn {
 impl Conn {
     /// Starts a supervised, reconnecting connection for a pool. Requests sent
     /// before the first connect attempt finishes wait for it.
-    pub(crate) fn pooled(settings: Arc<Settings>, proto: Proto, creds: Option<Credentials>) -> Conn {
+    pub(crate) fn pooled(
+        settings: Arc<Settings>,
+        proto: Proto,
+        creds: Option<Credentials>,
+    ) -> Conn {
         let (alive_tx, alive_rx) = watch::channel(());
-        let inner = Arc::new(Inner::new(settings, proto, creds, None, Status::Connecting { queue: true }));
+        let inner = Arc::new(Inner::new(
+            settings,
+            proto,
+            creds,
+            None,
+            Status::Connecting { queue: true },
+        ));
         tokio::spawn(supervise(inner.clone(), alive_rx));
         Conn {
             inner,
@@ -109,10 +131,16 @@ impl Conn {
         creds: Option<Credentials>,
         pushes: mpsc::Sender<Upstreamed>,
     ) -> Result<Conn, UpstreamError> {
-        let (stream, hello) = connect_and_setup(&settings, proto, creds.as_ref()).await?;
+        let (stream, handshake) = connect_and_setup(&settings, proto, creds.as_ref()).await?;
         let (alive_tx, mut alive_rx) = watch::channel(());
-        let inner = Arc::new(Inner::new(settings, proto, creds, Some(pushes.clone()), Status::Up));
-        inner.state.lock().hello = hello.map(Arc::new);
+        let inner = Arc::new(Inner::new(
+            settings,
+            proto,
+            creds,
+            Some(pushes.clone()),
+            Status::Up,
+        ));
+        inner.state.lock().learn(handshake);
         let task_inner = inner.clone();
         tokio::spawn(async move {
             let err = tokio::select! {
@@ -193,9 +221,30 @@ impl Conn {
         self.inner.state.lock().hello.clone()
     }
 
+    /// Upstream's `-NOAUTH` reply to the handshake when this connection is
+    /// unauthenticated against a server that requires a password.
+    pub fn noauth(&self) -> Option<Bytes> {
+        self.inner.state.lock().noauth.clone()
+    }
+
     /// The protocol this connection speaks.
     pub fn proto(&self) -> Proto {
         self.inner.proto
+    }
+}
+
+impl State {
+    fn learn(&mut self, handshake: Handshake) {
+        match handshake {
+            Handshake::Hello(info) => {
+                self.hello = Some(Arc::new(info));
+                self.noauth = None;
+            }
+            Handshake::NoAuth(reply) => {
+                self.hello = None;
+                self.noauth = Some(reply);
+            }
+        }
     }
 }
 
@@ -218,6 +267,7 @@ impl Inner {
                 last_progress: Instant::now(),
                 stream: false,
                 hello: None,
+                noauth: None,
             }),
             wake_writer: Notify::new(),
             pushes,
@@ -261,11 +311,11 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
             _ = alive.changed() => return,
         };
         match attempt {
-            Ok((stream, hello)) => {
+            Ok((stream, handshake)) => {
                 {
                     let mut st = inner.state.lock();
                     st.status = Status::Up;
-                    st.hello = hello.map(Arc::new);
+                    st.learn(handshake);
                     st.last_progress = Instant::now();
                 }
                 tracing::info!(upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
@@ -307,11 +357,13 @@ async fn connect_and_setup(
     settings: &Settings,
     proto: Proto,
     creds: Option<&Credentials>,
-) -> Result<(TcpStream, Option<HelloInfo>), UpstreamError> {
+) -> Result<(TcpStream, Handshake), UpstreamError> {
     let work = async {
         let mut stream = TcpStream::connect(settings.addr.as_str())
             .await
-            .map_err(|e| UpstreamError::unavailable(format!("connect to {}: {e}", settings.addr)))?;
+            .map_err(|e| {
+                UpstreamError::unavailable(format!("connect to {}: {e}", settings.addr))
+            })?;
         let _ = stream.set_nodelay(true);
 
         let proto_arg = [b'0' + proto.as_u8()];
@@ -329,8 +381,7 @@ async fn connect_and_setup(
 
         let mut buf = BytesMut::with_capacity(4096);
         let hello_reply = read_frame(&mut stream, &mut buf, settings.max_depth).await?;
-        let mut info = None;
-        if inspect::is_error(&hello_reply) {
+        let handshake = if inspect::is_error(&hello_reply) {
             // Without credentials against a server that wants them, Redis
             // answers every command with -NOAUTH. A RESP2 connection stays
             // usable so that unauthenticated clients get exactly that error.
@@ -338,19 +389,22 @@ async fn connect_and_setup(
             if !(noauth && creds.is_none() && proto == Proto::Resp2) {
                 return Err(UpstreamError::Rejected(hello_reply));
             }
+            Handshake::NoAuth(hello_reply)
         } else {
-            info = Some(HelloInfo::parse(&hello_reply, proto, settings.max_depth)?);
-        }
+            Handshake::Hello(HelloInfo::parse(&hello_reply, proto, settings.max_depth)?)
+        };
         if settings.db != 0 {
             let select_reply = read_frame(&mut stream, &mut buf, settings.max_depth).await?;
-            if inspect::is_error(&select_reply) && info.is_some() {
+            if inspect::is_error(&select_reply) && matches!(handshake, Handshake::Hello(_)) {
                 return Err(UpstreamError::Rejected(select_reply));
             }
         }
         if !buf.is_empty() {
-            return Err(UpstreamError::unavailable("unexpected data after connection setup"));
+            return Err(UpstreamError::unavailable(
+                "unexpected data after connection setup",
+            ));
         }
-        Ok((stream, info))
+        Ok((stream, handshake))
     };
     match tokio::time::timeout(settings.connect_timeout, work).await {
         Ok(res) => res,
@@ -361,13 +415,21 @@ async fn connect_and_setup(
     }
 }
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut, max_depth: usize) -> Result<Bytes, UpstreamError> {
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_depth: usize,
+) -> Result<Bytes, UpstreamError> {
     let mut framer = ReplyFramer::new(max_depth);
     loop {
         match framer.frame(buf) {
             Ok(Some(len)) => return Ok(buf.split_to(len).freeze()),
             Ok(None) => {}
-            Err(e) => return Err(UpstreamError::unavailable(format!("bad reply from upstream: {e}"))),
+            Err(e) => {
+                return Err(UpstreamError::unavailable(format!(
+                    "bad reply from upstream: {e}"
+                )))
+            }
         }
         if stream.read_buf(buf).await.map_err(io_lost)? == 0 {
             return Err(UpstreamError::unavailable("connection closed by upstream"));
@@ -424,7 +486,9 @@ async fn read_loop(inner: &Inner, mut r: OwnedReadHalf) -> UpstreamError {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return UpstreamError::unavailable(format!("bad reply from upstream: {e}")),
+                Err(e) => {
+                    return UpstreamError::unavailable(format!("bad reply from upstream: {e}"))
+                }
             }
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -441,6 +505,21 @@ async fn read_loop(inner: &Inner, mut r: OwnedReadHalf) -> UpstreamError {
 /// Hands one reply frame to whoever is waiting for it.
 async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
     let push = reply::is_push(&frame);
+    if push && inner.pushes.is_none() {
+        // On a shared connection a push (e.g. `DEBUG PROTOCOL push`) belongs
+        // to the client whose request is being answered: Redis sends it just
+        // before that request's reply.
+        let front = inner
+            .state
+            .lock()
+            .waiters
+            .front()
+            .and_then(|w| w.inbox.clone());
+        if let Some(inbox) = front {
+            let _ = inbox.send(Upstreamed::Push(frame));
+        }
+        return Ok(());
+    }
     let waiter = {
         let mut st = inner.state.lock();
         if push {
@@ -458,11 +537,31 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
         }
     };
     match (waiter, &inner.pushes) {
-        (Some(Waiter { seq, inbox: Some(inbox), .. }), _) => {
-            let _ = inbox.send(Upstreamed::Reply { seq, reply: Ok(frame) });
+        (
+            Some(Waiter {
+                seq,
+                inbox: Some(inbox),
+                ..
+            }),
+            _,
+        ) => {
+            let _ = inbox.send(Upstreamed::Reply {
+                seq,
+                reply: Ok(frame),
+            });
         }
-        (Some(Waiter { seq, inbox: None, .. }), Some(own)) => {
-            let _ = own.send(Upstreamed::Reply { seq, reply: Ok(frame) }).await;
+        (
+            Some(Waiter {
+                seq, inbox: None, ..
+            }),
+            Some(own),
+        ) => {
+            let _ = own
+                .send(Upstreamed::Reply {
+                    seq,
+                    reply: Ok(frame),
+                })
+                .await;
         }
         (Some(Waiter { inbox: None, .. }), None) => {}
         // A session that is gone no longer needs its pushes, and the
@@ -470,8 +569,7 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
         (None, Some(pushes)) => {
             let _ = pushes.send(Upstreamed::Push(frame)).await;
         }
-        // Pushes on a shared connection (none are expected: tracking and
-        // pub/sub always pin) have no one to go to.
+        // Unreachable: pushes on shared connections were handled above.
         (None, None) => {}
     }
     Ok(())

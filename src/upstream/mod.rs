@@ -100,7 +100,10 @@ impl UpstreamError {
             UpstreamError::Unavailable(reason) => format!("ERR upstream unavailable: {reason}"),
             UpstreamError::Rejected(raw) => {
                 let text = String::from_utf8_lossy(raw.get(1..).unwrap_or_default());
-                format!("ERR upstream unavailable: connection setup rejected: {}", text.trim_end())
+                format!(
+                    "ERR upstream unavailable: connection setup rejected: {}",
+                    text.trim_end()
+                )
             }
         };
         let mut out = BytesMut::new();
@@ -167,7 +170,9 @@ impl HelloInfo {
             out.extend_from_slice(k);
             match inspect::string_payload(k) {
                 Some(b"proto") => reply::integer(&mut out, i64::from(proto.as_u8())),
-                Some(b"id") => reply::integer(&mut out, i64::try_from(client_id).unwrap_or(i64::MAX)),
+                Some(b"id") => {
+                    reply::integer(&mut out, i64::try_from(client_id).unwrap_or(i64::MAX))
+                }
                 _ => out.extend_from_slice(v),
             }
         }
@@ -198,7 +203,8 @@ pub struct Identity {
 impl Identity {
     /// The shared pool for `proto`, started on first use.
     pub fn pool(&self, proto: Proto) -> &Pool {
-        self.pools[proto.index()].get_or_init(|| Pool::new(self.settings.clone(), proto, self.creds.clone()))
+        self.pools[proto.index()]
+            .get_or_init(|| Pool::new(self.settings.clone(), proto, self.creds.clone()))
     }
 
     /// Opens a connection for one session's exclusive use.
@@ -206,7 +212,11 @@ impl Identity {
     /// # Errors
     ///
     /// When upstream cannot be reached or refuses the setup.
-    pub async fn dedicated(&self, proto: Proto, pushes: mpsc::Sender<Upstreamed>) -> Result<Conn, UpstreamError> {
+    pub async fn dedicated(
+        &self,
+        proto: Proto,
+        pushes: mpsc::Sender<Upstreamed>,
+    ) -> Result<Conn, UpstreamError> {
         Conn::dedicated(self.settings.clone(), proto, self.creds.clone(), pushes).await
     }
 
@@ -249,7 +259,9 @@ impl Upstream {
         });
         let creds = url.password.as_ref().map(|pass| {
             Credentials::new(
-                url.username.as_ref().map(|u| Bytes::from(u.clone().into_bytes())),
+                url.username
+                    .as_ref()
+                    .map(|u| Bytes::from(u.clone().into_bytes())),
                 Bytes::from(pass.clone().into_bytes()),
             )
         });
