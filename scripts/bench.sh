@@ -189,12 +189,14 @@ wait_ready() {
 }
 
 declare -A TARGET_PORT
+declare -A TARGET_PID
 
 free_port
 REDIS_PORT=$PORT
 start redis 0 redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
 	--save '' --appendonly no --dir "$WORK" --logfile ''
 wait_ready redis "$REDIS_PORT" "$PID"
+REDIS_PID=$PID
 TARGET_PORT[direct]=$REDIS_PORT
 log "redis-server on 127.0.0.1:$REDIS_PORT"
 
@@ -222,6 +224,7 @@ EOF
 		-s "$TW_STATS_PORT" -a 127.0.0.1
 	wait_ready twemproxy "$TW_PORT" "$PID"
 	TARGET_PORT[twemproxy]=$TW_PORT
+	TARGET_PID[twemproxy]=$PID
 	log "nutcracker on 127.0.0.1:$TW_PORT (server_connections: $BENCH_TWEMPROXY_CONNS)"
 fi
 
@@ -242,6 +245,7 @@ if want tierd; then
 	PIDS+=("$PID")
 	wait_ready tierd "$TIERD_PORT" "$PID"
 	TARGET_PORT[tierd]=$TIERD_PORT
+	TARGET_PID[tierd]=$PID
 	log "tierd on 127.0.0.1:$TIERD_PORT"
 fi
 
@@ -260,24 +264,54 @@ awk -v n="$BENCH_KEYSPACE" -v d="$BENCH_DATA_SIZE" 'BEGIN {
 
 # --- runs ------------------------------------------------------------------
 
-# bench_once PORT TEST PIPELINE N: prints "rps p50 p99" from redis-benchmark's CSV
-# ("test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",
-#  "p95_latency_ms","p99_latency_ms","max_latency_ms").
+# CPU time a process has used so far, in clock ticks (utime + stime).
+cpu_ticks() {
+	if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+		# The command name (field 2) may contain spaces: count from the ")".
+		sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+	else
+		echo 0
+	fi
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# bench_once TARGET TEST PIPELINE N: prints "rps p50 p99 client_us redis_us
+# proxy_us" from redis-benchmark's CSV ("test","rps","avg_latency_ms",
+# "min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms",
+# "max_latency_ms") and the CPU each process spent per request (microseconds).
+# The CPU figures say where the machine's two cores went, which throughput
+# alone cannot: when redis-benchmark itself uses a whole core, no target can
+# go faster than it.
 bench_once() {
-	local port=$1 test=$2 pipeline=$3 n=$4 out
-	out=$(redis-benchmark -h 127.0.0.1 -p "$port" -t "${test,,}" -c "$BENCH_CLIENTS" \
-		-n "$n" -P "$pipeline" -r "$BENCH_KEYSPACE" -d "$BENCH_DATA_SIZE" --csv \
-		2>>"$WORK/redis-benchmark.err") ||
+	local target=$1 test=$2 pipeline=$3 n=$4 out port times
+	port=${TARGET_PORT[$target]}
+	local proxy_pid=${TARGET_PID[$target]:-}
+	local r0 p0 r1 p1
+	r0=$(cpu_ticks "$REDIS_PID")
+	p0=$(cpu_ticks "$proxy_pid")
+	times=$({ TIMEFORMAT='%U %S'; time redis-benchmark -h 127.0.0.1 -p "$port" -t "${test,,}" \
+		-c "$BENCH_CLIENTS" -n "$n" -P "$pipeline" -r "$BENCH_KEYSPACE" -d "$BENCH_DATA_SIZE" \
+		--csv >"$WORK/once.csv" 2>>"$WORK/redis-benchmark.err"; } 2>&1) ||
 		{ tail -n 20 "$WORK/redis-benchmark.err" >&2; die "redis-benchmark failed on port $port"; }
+	r1=$(cpu_ticks "$REDIS_PID")
+	p1=$(cpu_ticks "$proxy_pid")
+	out=$(cat "$WORK/once.csv")
 	echo "$out" >>"$WORK/raw.csv"
-	echo "$out" | awk -F'"' 'NR > 1 && $4 != "" { print $4, $10, $14; found = 1 }
+	echo "$out" | awk -F'"' -v n="$n" -v t="$times" -v hz="$CLK_TCK" \
+		-v r="$((r1 - r0))" -v p="$((p1 - p0))" '
+		NR > 1 && $4 != "" {
+			split(t, c, " ")
+			printf "%s %s %s %.2f %.2f %.2f\n", $4, $10, $14, \
+				(c[1] + c[2]) * 1e6 / n, r * 1e6 / hz / n, p * 1e6 / hz / n
+			found = 1
+		}
 		END { if (!found) exit 1 }' ||
 		{ tail -n 20 "$WORK/redis-benchmark.err" >&2; die "no result from redis-benchmark on port $port"; }
 }
 
 # Warm every target once (connections, allocator, page cache) before measuring.
 for t in $BENCH_TARGETS; do
-	bench_once "${TARGET_PORT[$t]}" GET 1 20000 >/dev/null
+	bench_once "$t" GET 1 20000 >/dev/null
 done
 
 RESULTS=$WORK/results.tsv
@@ -295,17 +329,19 @@ for round in $(seq 1 "$BENCH_ROUNDS"); do
 		p=${c#*:}
 		if [ "$p" -gt 1 ]; then n=$BENCH_N_PIPELINED; else n=$BENCH_N; fi
 		for t in $BENCH_TARGETS; do
-			res=$(bench_once "${TARGET_PORT[$t]}" "$test" "$p" "$n")
-			read -r rps p50 p99 <<<"$res"
-			printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$t" "$rps" "$p50" "$p99" >>"$RESULTS"
-			log "round $round/$BENCH_ROUNDS  $test -P $p  $t: $rps rps, p50 $p50 ms, p99 $p99 ms"
+			res=$(bench_once "$t" "$test" "$p" "$n")
+			read -r rps p50 p99 cus rus pus <<<"$res"
+			printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$t" "$rps" "$p50" "$p99" \
+				"$cus" "$rus" "$pus" >>"$RESULTS"
+			log "round $round/$BENCH_ROUNDS  $test -P $p  $t: $rps rps, p50 $p50 ms, p99 $p99 ms, CPU µs/req client $cus redis $rus proxy $pus"
 		done
 	done
 done
 
 # --- report ----------------------------------------------------------------
 
-# median CASE TARGET COLUMN (3 = rps, 4 = p50, 5 = p99)
+# median CASE TARGET COLUMN (3 = rps, 4 = p50, 5 = p99, 6-8 = CPU µs per
+# request of redis-benchmark, redis-server and the proxy)
 median() {
 	awk -F'\t' -v c="$1" -v t="$2" -v col="$3" '$1 == c && $2 == t { print $col }' "$RESULTS" |
 		sort -g |
@@ -337,16 +373,19 @@ report() {
 	if [ "$BENCH_TASKSET" = 1 ]; then setup+="; redis-server on CPU 0, proxies on CPU 1"; fi
 	echo "$setup."
 	echo
-	echo "| case | target | rps | p50 ms | p99 ms |"
-	echo "|---|---|---:|---:|---:|"
-	local c t rps p50 p99
+	echo "| case | target | rps | p50 ms | p99 ms | CPU µs/req: client | redis | proxy |"
+	echo "|---|---|---:|---:|---:|---:|---:|---:|"
+	local c t rps p50 p99 cus rus pus
 	for c in "${CASES[@]}"; do
 		for t in $BENCH_TARGETS; do
 			rps=$(median "$c" "$t" 3)
 			p50=$(median "$c" "$t" 4)
 			p99=$(median "$c" "$t" 5)
-			printf '| %s -P %s | %s | %.0f | %.3f | %.3f |\n' \
-				"${c%%:*}" "${c#*:}" "$t" "$rps" "$p50" "$p99"
+			cus=$(median "$c" "$t" 6)
+			rus=$(median "$c" "$t" 7)
+			pus=$(median "$c" "$t" 8)
+			printf '| %s -P %s | %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n' \
+				"${c%%:*}" "${c#*:}" "$t" "$rps" "$p50" "$p99" "$cus" "$rus" "$pus"
 		done
 	done
 	echo

@@ -33,8 +33,11 @@ const GB: usize = 1024 * MB;
 /// Default client listen address: loopback only, next to Redis's own 6379, so
 /// a fresh install exposes nothing to the network.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 6380);
-/// Default `threads` file value: 0 means one worker thread per core.
-pub const DEFAULT_THREADS: usize = 0;
+/// Default `threads`: one event-loop thread. tierd is bound by system calls
+/// and wake-ups, not by its own CPU, and one thread measured faster than a
+/// work-stealing pool on the 2-core reference machine (docs/benchmarks.md).
+/// A file value of 0 means one worker thread per core.
+pub const DEFAULT_THREADS: usize = 1;
 /// Largest accepted `threads`. Far beyond any useful value; a larger number is
 /// almost certainly a typo, and each thread costs a stack.
 pub const MAX_THREADS: usize = 1024;

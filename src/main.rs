@@ -52,8 +52,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     init_tracing(&config.log)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads)
+    // One thread: tokio's current-thread scheduler, which measured clearly
+    // faster than the work-stealing one on the 2-core reference machine
+    // (docs/benchmarks.md). More threads: the work-stealing scheduler.
+    let mut builder = if config.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.threads);
+        b
+    };
+    let rt = builder
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;

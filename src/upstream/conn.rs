@@ -467,7 +467,14 @@ async fn write_loop(inner: &Inner, mut w: OwnedWriteHalf) -> UpstreamError {
                     return io_lost(e);
                 }
             }
-            None => inner.wake_writer.notified().await,
+            None => {
+                inner.wake_writer.notified().await;
+                // Let every session made ready by the same I/O event round
+                // append its request first: one write (and one read on the
+                // Redis side) then carries many requests. tokio runs a
+                // yielded task after the I/O driver has been polled.
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
