@@ -17,6 +17,7 @@
 //! - [`dispatch`]: the one place that decides where a request goes (a local
 //!   reply, the shared pool or the client's pinned connection). The L1 tier
 //!   goes here, between classification and upstream.
+//! - [`cache`]: the L1 tier (so far: the Redis-compatible glob matcher rules use).
 //! - [`upstream`]: multiplexed, pipelined connections to Redis, pooled per
 //!   protocol version and identity, plus dedicated (pinned) connections.
 //!
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, clippy::unwrap_used, clippy::panic)]
 
+pub mod cache;
 pub mod cli;
 pub mod command;
 pub mod config;

@@ -6,5 +6,7 @@
 //! does not interpret is [`Kind::Plain`] and is forwarded as raw bytes.
 
 pub mod classify;
+pub mod table;
 
 pub use classify::{classify, redis_int, ClientSub, Kind};
+pub use table::{Command, CommandTable, KeyRef, Keys, TableError};
