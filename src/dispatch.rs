@@ -24,10 +24,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::command::{classify, redis_int, ClientSub, Kind};
+use crate::command::{classify, ClientSub, Kind};
+use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
-use crate::upstream::{Conn, Credentials, Identity, ReplyTo, UpstreamError, Upstreamed};
+use crate::upstream::{Conn, Credentials, HelloInfo, Identity, ReplyTo, UpstreamError, Upstreamed};
 
 /// What the session does after a request was dispatched.
 pub(crate) enum Flow {
@@ -40,22 +41,33 @@ pub(crate) enum Flow {
     Close,
 }
 
+/// Requests above this size go to a dedicated connection: on a shared one,
+/// a client writing hundreds of megabytes would hold up every other client
+/// whose requests queue behind it.
+const LARGE_REQUEST: usize = 1024 * 1024;
+
 /// Dispatches one request.
 pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
+    // A RESET on a stream is on its way; nothing else may overtake it.
+    if s.reset_at.is_some() {
+        return Flow::Stall(req);
+    }
     let kind = classify(&req);
 
     // In pub/sub or MONITOR mode the client talks to its connection as a
-    // stream: everything is passed through, replies arrive as pushes.
+    // stream: everything is passed through, replies arrive as pushes. RESET
+    // and QUIT end the stream; their replies are recognised in it.
     if s.pinned.as_ref().is_some_and(|p| p.stream) {
         return match kind {
-            Kind::Quit => quit(s),
-            Kind::Reset => reset(s, req).await,
+            Kind::Quit => end_stream(s, &req, b"+OK\r\n", false),
+            Kind::Reset => end_stream(s, &req, b"+RESET\r\n", true),
             _ => forward_stream(s, req),
         };
     }
 
     // Inside MULTI, Redis queues everything except the transaction's own
-    // commands, so tierd must not answer anything itself.
+    // commands, so tierd must not answer anything itself. State commands
+    // take effect at EXEC, if EXEC runs them.
     if s.state.multi {
         return match kind {
             Kind::Quit => quit(s),
@@ -63,11 +75,17 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             Kind::Exec | Kind::Discard => end_transaction(s, req, kind).await,
             // Executed at once, not queued (and not counted).
             Kind::Multi | Kind::Watch => forward(s, req, Want::Pinned, true).await,
+            Kind::Client(ClientSub::Reply) => {
+                // Redis would stop answering on the connection at EXEC,
+                // which a multiplexing proxy cannot follow.
+                s.local(error(
+                    "ERR CLIENT REPLY inside MULTI is not supported by tierd",
+                ));
+                Flow::Continue
+            }
             _ => {
-                if kind == Kind::Select {
-                    if let Some(db) = select_arg(&req) {
-                        s.state.queued_select = Some((s.state.queued, db));
-                    }
+                if let Some(effect) = queued_effect(kind, &req) {
+                    s.state.queued_effects.push((s.state.queued, effect));
                 }
                 s.state.queued += 1;
                 forward(s, req, Want::Pinned, true).await
@@ -76,6 +94,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     }
 
     match kind {
+        Kind::Plain if req.raw.len() > LARGE_REQUEST => forward(s, req, Want::Pinned, true).await,
         Kind::Plain => forward(s, req, Want::Any, true).await,
         Kind::Blocking => forward(s, req, Want::Pinned, false).await,
         Kind::Multi => multi(s, req).await,
@@ -98,8 +117,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             if must_wait(s, Some(Route::Pinned)) {
                 return Flow::Stall(req);
             }
-            if let Err(e) = ensure_pinned(s).await {
-                s.local(e.to_resp());
+            if !pin_or_reply(s).await {
                 return Flow::Continue;
             }
             if let Some(p) = s.pinned.as_mut() {
@@ -107,6 +125,10 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 p.conn.set_stream();
             }
             forward_stream(s, req)
+        }
+        Kind::Unsubscribe => {
+            unsubscribed(s, &req);
+            Flow::Continue
         }
         Kind::ClientPinning => {
             let flag = client_flag(&req);
@@ -133,6 +155,85 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             s.local(error(&format!("ERR {name} is not supported through tierd")));
             Flow::Continue
         }
+    }
+}
+
+/// A state change queued inside MULTI, applied when EXEC's reply shows the
+/// command ran.
+#[derive(Debug, Clone)]
+pub(crate) enum Effect {
+    Select(u32),
+    Hello {
+        proto: Option<Proto>,
+        creds: Option<Credentials>,
+        name: Option<Bytes>,
+    },
+    Auth(Credentials),
+    SetName(Bytes),
+}
+
+fn queued_effect(kind: Kind, req: &Request) -> Option<Effect> {
+    match kind {
+        Kind::Select => select_arg(req).map(Effect::Select),
+        Kind::Auth => auth_creds(req).map(Effect::Auth),
+        Kind::Hello => parse_hello(req).ok().map(|h| Effect::Hello {
+            proto: h.proto,
+            creds: h.creds,
+            name: h.name,
+        }),
+        Kind::Client(ClientSub::SetName) if req.args.len() == 3 => {
+            req.arg(2).cloned().map(Effect::SetName)
+        }
+        _ => None,
+    }
+}
+
+/// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE` from a client that is not
+/// subscribed to anything: Redis confirms each channel (or one nil) with a
+/// count of 0. Answered here, so the client does not become a stream.
+fn unsubscribed(s: &mut Session, req: &Request) {
+    let kind = req.name().to_ascii_lowercase();
+    let mut out = BytesMut::new();
+    let mut confirm = |channel: Option<&[u8]>| {
+        match s.state.proto {
+            Proto::Resp2 => reply::array_header(&mut out, 3),
+            Proto::Resp3 => out.extend_from_slice(b">3\r\n"),
+        }
+        reply::bulk(&mut out, &kind);
+        match channel {
+            Some(c) => reply::bulk(&mut out, c),
+            None => reply::null(&mut out, s.state.proto),
+        }
+        reply::integer(&mut out, 0);
+    };
+    if req.args.len() <= 1 {
+        confirm(None);
+    } else {
+        for channel in req.args.iter().skip(1) {
+            confirm(Some(channel));
+        }
+    }
+    s.local(out.freeze());
+}
+
+/// QUIT or RESET on a stream: sent down the stream; its reply is the exact
+/// frame `end`, recognised among the pushes.
+fn end_stream(s: &mut Session, req: &Request, end: &'static [u8], reset: bool) -> Flow {
+    let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
+        return Flow::Continue;
+    };
+    let seq = s.pending_slot();
+    if let Err(e) = conn.send(&req.raw, ReplyTo::StreamEnd { seq, end }) {
+        s.queue.complete(seq, e.to_resp());
+        return Flow::Close;
+    }
+    s.inflight += 1;
+    s.inflight_route = Some(Route::Pinned);
+    if reset {
+        s.reset_at = Some(seq);
+        Flow::Continue
+    } else {
+        Flow::Close
     }
 }
 
@@ -246,8 +347,7 @@ async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow
     }
     let conn = match route {
         Route::Pinned => {
-            if let Err(e) = ensure_pinned(s).await {
-                s.local(e.to_resp());
+            if !pin_or_reply(s).await {
                 return Flow::Continue;
             }
             match s.pinned.as_ref() {
@@ -333,19 +433,38 @@ fn quit(s: &mut Session) -> Flow {
     Flow::Close
 }
 
-/// `RESET`: drop the dedicated connection (Redis discards its MULTI,
-/// subscriptions, tracking and db with it) and start over as a new client.
+/// `RESET` (not streaming): wait for in-flight replies, drop the dedicated
+/// connection (Redis discards its MULTI, WATCH, tracking and db with it) and
+/// start over as a new client.
 async fn reset(s: &mut Session, req: Request) -> Flow {
-    let streaming = s.pinned.as_ref().is_some_and(|p| p.stream);
-    if !streaming && must_wait(s, None) {
-        // A stream-mode connection is dropped without waiting for its
-        // pushes; anything else first gets its in-flight replies.
+    if must_wait(s, None) {
         return Flow::Stall(req);
     }
     s.reset_state();
     // RESET's reply is never suppressed: it also turns CLIENT REPLY back on.
     s.local(simple(b"RESET"));
     Flow::Continue
+}
+
+/// Makes sure the session has a dedicated connection; on failure the client
+/// gets the error as this request's reply and `false` comes back.
+async fn pin_or_reply(s: &mut Session) -> bool {
+    match ensure_pinned(s).await {
+        Ok(()) => true,
+        Err(e) => {
+            s.local(e.to_resp());
+            false
+        }
+    }
+}
+
+/// Runs one request alone on the dedicated connection and returns upstream's
+/// reply. Callers have waited for everything in flight.
+async fn alone(s: &Session, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+    match s.pinned.as_ref().map(|p| p.conn.clone()) {
+        Some(conn) => request_inline(&conn, raw).await,
+        None => Err(UpstreamError::unavailable("no dedicated connection")),
+    }
 }
 
 /// `MULTI` runs alone on the dedicated connection, so that the session
@@ -355,19 +474,15 @@ async fn multi(s: &mut Session, req: Request) -> Flow {
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
-    if let Err(e) = ensure_pinned(s).await {
-        s.local(e.to_resp());
+    if !pin_or_reply(s).await {
         return Flow::Continue;
     }
-    let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
-        return Flow::Continue;
-    };
-    match request_inline(&conn, &req.raw).await {
+    match alone(s, &req.raw).await {
         Ok(reply) => {
             if inspect::is_ok(&reply) {
                 s.state.multi = true;
                 s.state.queued = 0;
-                s.state.queued_select = None;
+                s.state.queued_effects.clear();
             }
             s.local(reply);
         }
@@ -376,29 +491,31 @@ async fn multi(s: &mut Session, req: Request) -> Flow {
     Flow::Continue
 }
 
-/// `EXEC` or `DISCARD` inside a transaction. When a `SELECT` was queued,
-/// EXEC runs alone so that its reply tells whether the SELECT ran.
+/// `EXEC` or `DISCARD` inside a transaction. When state commands were
+/// queued, EXEC runs alone so that its reply tells which of them ran.
 async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
-    let Some((index, db)) = s.state.queued_select.filter(|_| kind == Kind::Exec) else {
+    if kind != Kind::Exec || s.state.queued_effects.is_empty() {
         let flow = forward(s, req, Want::Pinned, true).await;
         s.state.multi = false;
         s.state.watching = false;
+        s.state.queued_effects.clear();
         return flow;
-    };
+    }
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
-    let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
-        return Flow::Continue;
-    };
-    match request_inline(&conn, &req.raw).await {
+    match alone(s, &req.raw).await {
         Ok(reply) => {
-            let selected = inspect::elements(&reply, s.ctx.config.limits.max_reply_depth)
+            let results = inspect::elements(&reply, s.ctx.config.limits.max_reply_depth)
                 .filter(|_| reply.first() == Some(&b'*'))
-                .and_then(|els| els.get(index).map(|el| inspect::is_ok(el)))
-                .unwrap_or(false);
-            if selected {
-                s.state.db = db;
+                .unwrap_or_default();
+            let effects = std::mem::take(&mut s.state.queued_effects);
+            for (index, effect) in effects {
+                if let Some(result) = results.get(index) {
+                    if !inspect::is_error(result) {
+                        apply(s, effect);
+                    }
+                }
             }
             s.local(reply);
         }
@@ -406,8 +523,36 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
     }
     s.state.multi = false;
     s.state.watching = false;
-    s.state.queued_select = None;
+    s.state.queued_effects.clear();
     Flow::Continue
+}
+
+/// Applies a state change that upstream confirmed on the dedicated
+/// connection.
+fn apply(s: &mut Session, effect: Effect) {
+    match effect {
+        Effect::Select(db) => s.state.db = db,
+        Effect::Hello { proto, creds, name } => {
+            if let Some(proto) = proto {
+                s.state.proto = proto;
+                if let Some(p) = s.pinned.as_mut() {
+                    p.proto = proto;
+                }
+            }
+            if let Some(c) = creds {
+                let identity = s.ctx.upstream.identity(c);
+                switch_identity(s, identity);
+            }
+            if let Some(name) = name {
+                s.state.name = (!name.is_empty()).then_some(name);
+            }
+        }
+        Effect::Auth(c) => {
+            let identity = s.ctx.upstream.identity(c);
+            switch_identity(s, identity);
+        }
+        Effect::SetName(name) => s.state.name = (!name.is_empty()).then_some(name),
+    }
 }
 
 /// The db of a well-formed `SELECT db`, parsed as strictly as Redis does.
@@ -415,7 +560,7 @@ fn select_arg(req: &Request) -> Option<u32> {
     if req.args.len() != 2 {
         return None;
     }
-    redis_int(req.arg(1)?).and_then(|db| u32::try_from(db).ok())
+    string2ll(req.arg(1)?).and_then(|db| u32::try_from(db).ok())
 }
 
 /// `SELECT db`: the current db is answered locally; another db needs a
@@ -432,56 +577,49 @@ async fn select(s: &mut Session, req: Request) -> Flow {
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
-    if s.pinned.is_none() && db != s.ctx.upstream.default_db() {
-        if let Err(e) = ensure_pinned(s).await {
-            s.local(e.to_resp());
-            return Flow::Continue;
-        }
+    // Switching db always needs the dedicated connection: either to go to a
+    // non-default db, or to come back from one (then it is already there).
+    if !pin_or_reply(s).await {
+        return Flow::Continue;
     }
-    match s.pinned.as_ref() {
-        Some(p) => {
-            let conn = p.conn.clone();
-            match request_inline(&conn, &req.raw).await {
-                Ok(reply) => {
-                    if !inspect::is_error(&reply) {
-                        s.state.db = db;
-                    }
-                    s.local(reply);
-                }
-                Err(e) => s.local(e.to_resp()),
+    match alone(s, &req.raw).await {
+        Ok(reply) => {
+            if !inspect::is_error(&reply) {
+                s.state.db = db;
             }
+            s.local(reply);
         }
-        // Not pinned and selecting the default db while on another: cannot
-        // happen (another db always pins), answer as Redis would.
-        None => {
-            s.state.db = db;
-            s.local(Bytes::from_static(OK));
-        }
+        Err(e) => s.local(e.to_resp()),
     }
     Flow::Continue
 }
 
-/// `AUTH [user] pass`: authenticate the client as itself. On a dedicated
-/// connection the command goes there (it authenticates that connection);
-/// otherwise it is verified on the identity's own pool, and the client's
-/// pooled traffic moves there.
-async fn auth(s: &mut Session, req: Request) -> Flow {
-    let creds = match req.args.len() {
+/// The credentials of a well-formed `AUTH [user] pass`.
+fn auth_creds(req: &Request) -> Option<Credentials> {
+    match req.args.len() {
         2 => req.arg(1).map(|p| Credentials::new(None, p.clone())),
         3 => match (req.arg(1), req.arg(2)) {
             (Some(u), Some(p)) => Some(Credentials::new(Some(u.clone()), p.clone())),
             _ => None,
         },
         _ => None,
-    };
-    let Some(creds) = creds else {
+    }
+}
+
+/// `AUTH [user] pass`: authenticate the client as itself. On a dedicated
+/// connection the command goes there (it authenticates that connection);
+/// otherwise it is verified on the identity's own pool, and the client's
+/// pooled traffic moves there. Either way upstream sees the client's own
+/// bytes, so its reply is exactly Redis's.
+async fn auth(s: &mut Session, req: Request) -> Flow {
+    let Some(creds) = auth_creds(&req) else {
         return forward(s, req, Want::Any, true).await;
     };
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
-    let identity = s.ctx.upstream.identity(creds.clone());
-    match verify(s, &identity, &creds, &req.raw).await {
+    let identity = s.ctx.upstream.identity(creds);
+    match verify(s, &identity, &req.raw).await {
         Ok(reply) => {
             if !inspect::is_error(&reply) {
                 switch_identity(s, identity);
@@ -493,20 +631,16 @@ async fn auth(s: &mut Session, req: Request) -> Flow {
     Flow::Continue
 }
 
-/// Runs `AUTH` for `identity`: on the dedicated connection when there is
-/// one, else on the identity's pool. Returns upstream's reply.
-async fn verify(
-    s: &mut Session,
-    identity: &Arc<Identity>,
-    creds: &Credentials,
-    raw_auth: &[u8],
-) -> Result<Bytes, UpstreamError> {
-    if let Some(p) = s.pinned.as_ref() {
-        return request_inline(&p.conn.clone(), raw_auth).await;
+/// Runs an `AUTH` command (`raw`) for `identity`: on the dedicated
+/// connection when there is one, else on the identity's pool. Returns
+/// upstream's reply.
+async fn verify(s: &Session, identity: &Arc<Identity>, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+    if s.pinned.is_some() {
+        return alone(s, raw).await;
     }
     let pool = identity.pool(Proto::Resp2);
     let conn = pool.conn(pool.pick()).clone();
-    match request_inline(&conn, &creds.auth_command()).await {
+    match request_inline(&conn, raw).await {
         // The identity's connections could not even be set up with these
         // credentials: that *is* upstream's answer to the AUTH.
         Err(UpstreamError::Rejected(raw)) => Ok(raw),
@@ -522,28 +656,31 @@ fn switch_identity(s: &mut Session, identity: Arc<Identity>) {
     s.identity = identity;
 }
 
-/// `HELLO [protover [AUTH user pass] [SETNAME name]]`, following Redis 7's
-/// `helloCommand` step by step, including its error texts.
-async fn hello(s: &mut Session, req: Request) -> Flow {
-    let mut proto = s.state.proto;
+/// A parsed `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+struct HelloArgs {
+    proto: Option<Proto>,
+    creds: Option<Credentials>,
+    name: Option<Bytes>,
+}
+
+/// Parses `HELLO` as Redis 7's `helloCommand` does; the error is the reply
+/// Redis would give.
+fn parse_hello(req: &Request) -> Result<HelloArgs, Bytes> {
+    let mut proto = None;
     if let Some(ver) = req.arg(1) {
-        match redis_int(ver) {
+        proto = match string2ll(ver) {
             None => {
-                s.local(error(
+                return Err(error(
                     "ERR Protocol version is not an integer or out of range",
-                ));
-                return Flow::Continue;
+                ))
             }
-            Some(2) => proto = Proto::Resp2,
-            Some(3) => proto = Proto::Resp3,
-            Some(_) => {
-                s.local(error("NOPROTO unsupported protocol version"));
-                return Flow::Continue;
-            }
-        }
+            Some(2) => Some(Proto::Resp2),
+            Some(3) => Some(Proto::Resp3),
+            Some(_) => return Err(error("NOPROTO unsupported protocol version")),
+        };
     }
     let mut creds = None;
-    let mut setname: Option<Bytes> = None;
+    let mut name: Option<Bytes> = None;
     let mut j = 2;
     while let Some(opt) = req.arg(j) {
         let more = req.args.len() - 1 - j;
@@ -553,55 +690,66 @@ async fn hello(s: &mut Session, req: Request) -> Flow {
             }
             j += 3;
         } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-            let name = req.arg(j + 1).cloned().unwrap_or_default();
-            if !valid_client_name(&name) {
-                s.local(error(NAME_ERROR));
-                return Flow::Continue;
+            let n = req.arg(j + 1).cloned().unwrap_or_default();
+            if !valid_client_name(&n) {
+                return Err(error(NAME_ERROR));
             }
-            setname = Some(name);
+            name = Some(n);
             j += 2;
         } else {
             let opt = String::from_utf8_lossy(opt).into_owned();
-            s.local(error(&format!("ERR Syntax error in HELLO option '{opt}'")));
-            return Flow::Continue;
+            return Err(error(&format!("ERR Syntax error in HELLO option '{opt}'")));
         }
     }
+    Ok(HelloArgs { proto, creds, name })
+}
+
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`, following Redis 7's
+/// `helloCommand` step by step, including its error texts. The reply is
+/// upstream's own HELLO map with tierd's client id.
+async fn hello(s: &mut Session, req: Request) -> Flow {
+    let args = match parse_hello(&req) {
+        Ok(args) => args,
+        Err(reply) => {
+            s.local(reply);
+            return Flow::Continue;
+        }
+    };
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
+    let proto = args.proto.unwrap_or(s.state.proto);
 
     if s.pinned.is_some() {
         // The dedicated connection carries the client's protocol: let Redis
-        // switch it and answer (its reply carries that connection's id).
-        let conn = s.pinned.as_ref().map(|p| p.conn.clone());
-        if let Some(conn) = conn {
-            match request_inline(&conn, &req.raw).await {
-                Ok(reply) => {
-                    if !inspect::is_error(&reply) {
-                        s.state.proto = proto;
-                        if let Some(p) = s.pinned.as_mut() {
-                            p.proto = proto;
-                        }
-                        if let Some(c) = creds {
-                            let identity = s.ctx.upstream.identity(c);
-                            switch_identity(s, identity);
-                        }
-                        if let Some(name) = setname {
-                            s.state.name = (!name.is_empty()).then_some(name);
-                        }
-                    }
-                    s.local(reply);
-                }
-                Err(e) => s.local(e.to_resp()),
+        // switch it, then answer with tierd's id in its reply.
+        match alone(s, &req.raw).await {
+            Ok(reply) if inspect::is_error(&reply) => s.local(reply),
+            Ok(reply) => {
+                let depth = s.ctx.config.limits.max_reply_depth;
+                let answer = match HelloInfo::parse(&reply, proto, depth) {
+                    Ok(info) => info.reply(proto, s.id),
+                    Err(_) => reply,
+                };
+                apply(
+                    s,
+                    Effect::Hello {
+                        proto: Some(proto),
+                        creds: args.creds,
+                        name: args.name,
+                    },
+                );
+                s.local(answer);
             }
+            Err(e) => s.local(e.to_resp()),
         }
         return Flow::Continue;
     }
 
     let mut identity = s.identity.clone();
-    if let Some(c) = creds {
+    if let Some(c) = &args.creds {
         let candidate = s.ctx.upstream.identity(c.clone());
-        match verify(s, &candidate, &c, &c.auth_command()).await {
+        match verify(s, &candidate, &c.auth_command()).await {
             Ok(reply) if inspect::is_error(&reply) => {
                 s.local(reply);
                 return Flow::Continue;
@@ -644,7 +792,7 @@ async fn hello(s: &mut Session, req: Request) -> Flow {
     if !Arc::ptr_eq(&identity, &s.identity) {
         switch_identity(s, identity);
     }
-    if let Some(name) = setname {
+    if let Some(name) = args.name {
         s.state.name = (!name.is_empty()).then_some(name);
     }
     s.state.proto = proto;

@@ -238,9 +238,9 @@ pub(crate) struct ClientState {
     pub(crate) reply_mode: ReplyMode,
     /// Commands queued since MULTI (those Redis answers `+QUEUED`).
     pub(crate) queued: usize,
-    /// A `SELECT` queued inside MULTI (its position, its db) takes effect
-    /// only if EXEC runs it successfully.
-    pub(crate) queued_select: Option<(usize, u32)>,
+    /// State commands queued inside MULTI (their position, their effect):
+    /// each takes effect only if EXEC runs it successfully.
+    pub(crate) queued_effects: Vec<(usize, crate::dispatch::Effect)>,
 }
 
 impl ClientState {
@@ -258,7 +258,7 @@ impl ClientState {
             no_touch: false,
             reply_mode: ReplyMode::On,
             queued: 0,
-            queued_select: None,
+            queued_effects: Vec::new(),
         }
     }
 }
@@ -285,6 +285,9 @@ pub struct Session {
     stalled: Option<Request>,
     /// Close once everything queued so far has been written.
     closing: bool,
+    /// A RESET sent down a stream (pub/sub, MONITOR): when its reply (this
+    /// slot) arrives, the session starts over.
+    pub(crate) reset_at: Option<u64>,
     out: OutBuf,
 }
 
@@ -307,6 +310,7 @@ impl Session {
             inflight: 0,
             stalled: None,
             closing: false,
+            reset_at: None,
             out: OutBuf::default(),
         }
     }
@@ -378,7 +382,7 @@ impl Session {
                             break;
                         }
                         Err(e) => {
-                            tracing::debug!(client = self.id, error = %e, "protocol error");
+                            tracing::debug!(client = self.id, source = e.source().as_str(), error = %e, "protocol error");
                             let mut msg = BytesMut::new();
                             reply::error(&mut msg, format!("ERR {}", e.message()).as_bytes());
                             self.queue.push(Slot::Ready(msg.freeze()));
@@ -401,6 +405,9 @@ impl Session {
             while let Ok(ev) = self.inbox_rx.try_recv() {
                 self.on_upstream(ev, false);
             }
+            while let Some(ev) = self.pinned.as_mut().and_then(|p| p.rx.try_recv().ok()) {
+                self.on_upstream(ev, true);
+            }
             self.queue.drain_ready(&mut self.out);
             if !self.out.is_empty() {
                 if let Err(e) = self.out.write_to(&mut wr).await {
@@ -413,9 +420,14 @@ impl Session {
                         .reset(tokio::time::Instant::now() + idle_timeout);
                 }
             }
-            if self.closing && (self.queue.len() == 0 || self.abandon_on_close()) {
+            if self.closing && self.queue.len() == 0 {
                 let _ = wr.shutdown().await;
                 return;
+            }
+            // Collecting replies may have released a stalled request: retry
+            // it now rather than wait for an event that may never come.
+            if self.stalled.is_some() && self.inflight == 0 && !self.closing && !draining {
+                continue;
             }
             let all_done = self.stalled.is_none() && self.queue.len() == 0;
             if draining && all_done {
@@ -503,6 +515,10 @@ impl Session {
                     if self.inflight == 0 {
                         self.inflight_route = None;
                     }
+                    if self.reset_at == Some(seq) {
+                        self.reset_at = None;
+                        self.reset_state();
+                    }
                 }
             }
             Upstreamed::Push(frame) => {
@@ -514,7 +530,7 @@ impl Session {
             Upstreamed::Closed(err) if from_pinned => {
                 // The client's upstream state is gone; so is the client's
                 // connection, as it would be talking to Redis directly.
-                tracing::debug!(client = self.id, error = %err, "dedicated upstream connection lost");
+                tracing::debug!(client = self.id, source = err.source().as_str(), error = %err, "dedicated upstream connection lost");
                 let resp = err.to_resp();
                 let pending: Vec<u64> = (self.queue.base..self.queue.next_seq()).collect();
                 for seq in pending {
@@ -524,6 +540,7 @@ impl Session {
                 }
                 self.inflight = 0;
                 self.inflight_route = None;
+                self.reset_at = None;
                 self.pinned = None;
                 self.closing = true;
             }

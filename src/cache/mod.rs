@@ -8,3 +8,4 @@
 //! and the rule matcher be tested and benchmarked without a server.
 
 pub mod glob;
+pub mod store;

@@ -33,9 +33,12 @@ pub enum Kind {
     Watch,
     /// `UNWATCH`.
     Unwatch,
-    /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE` and their `UNSUBSCRIBE` forms:
-    /// the connection becomes a stream of pushes.
+    /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`: the connection becomes a
+    /// stream of pushes.
     PubSub,
+    /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE`: part of the stream
+    /// when subscribed; otherwise a no-op Redis still confirms.
+    Unsubscribe,
     /// `MONITOR`: the connection becomes a stream of monitor lines.
     Monitor,
     /// A command that may block the connection server-side (`BLPOP`,
@@ -87,6 +90,7 @@ impl Kind {
             Kind::Watch => "watch",
             Kind::Unwatch => "unwatch",
             Kind::PubSub => "pubsub",
+            Kind::Unsubscribe => "unsubscribe",
             Kind::Monitor => "monitor",
             Kind::Blocking => "blocking",
             Kind::Client(_) => "client-local",
@@ -193,14 +197,14 @@ pub fn classify(req: &Request) -> Kind {
         }
         11 => {
             if is(name, "UNSUBSCRIBE") {
-                Kind::PubSub
+                Kind::Unsubscribe
             } else {
                 Kind::Plain
             }
         }
         12 => {
             if is(name, "PUNSUBSCRIBE") || is(name, "SUNSUBSCRIBE") {
-                Kind::PubSub
+                Kind::Unsubscribe
             } else {
                 Kind::Plain
             }
@@ -210,18 +214,36 @@ pub fn classify(req: &Request) -> Kind {
 }
 
 /// `XREAD` and `XREADGROUP` block only with a `BLOCK` option, which comes
-/// before `STREAMS`; `BLPOP`/`BRPOP` always block.
+/// before `STREAMS`; `BLPOP`/`BRPOP` always block. The options are read by
+/// position, as Redis does: a group or consumer named `STREAMS` or `BLOCK`
+/// must not end the scan early or count as the option.
+///
+/// # Format
+///
+/// `XREAD [COUNT count] [BLOCK ms] STREAMS key [key ...] id [id ...]`
+/// `XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] [NOACK] STREAMS key [key ...] id [id ...]`
 fn blocking_unless_xread(req: &Request) -> Kind {
     let name = req.name();
-    if !(is(name, "XREAD") || is(name, "XREADGROUP")) {
+    let first_option = if is(name, "XREAD") {
+        1
+    } else if is(name, "XREADGROUP") {
+        // GROUP group consumer
+        4
+    } else {
         return Kind::Blocking;
-    }
-    for arg in req.args.iter().skip(1) {
-        if is(arg, "STREAMS") {
-            break;
-        }
+    };
+    let mut i = first_option;
+    while let Some(arg) = req.arg(i) {
+        let arg: &[u8] = arg;
         if is(arg, "BLOCK") {
             return Kind::Blocking;
+        } else if is(arg, "COUNT") {
+            i += 2;
+        } else if is(arg, "NOACK") {
+            i += 1;
+        } else {
+            // STREAMS, or something Redis will reject: either way no block.
+            break;
         }
     }
     Kind::Plain
@@ -251,67 +273,10 @@ fn classify_client(req: &Request) -> Kind {
     }
 }
 
-/// Parses an integer argument exactly as Redis's `string2ll` does: an
-/// optional `-`, no `+`, no leading zeros, no spaces, within `i64`. Commands
-/// tierd answers itself must accept and reject what Redis does (`SELECT 01`
-/// is an error in Redis, not db 1).
-pub fn redis_int(arg: &[u8]) -> Option<i64> {
-    if arg.is_empty() || arg.len() > 20 {
-        return None;
-    }
-    if arg == b"0" {
-        return Some(0);
-    }
-    let (negative, digits) = match arg.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, arg),
-    };
-    match digits.first() {
-        Some(b'1'..=b'9') => {}
-        _ => return None,
-    }
-    let mut v: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        let d = i64::from(d - b'0');
-        v = if negative {
-            v.checked_mul(10)?.checked_sub(d)?
-        } else {
-            v.checked_mul(10)?.checked_add(d)?
-        };
-    }
-    Some(v)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redis_int_matches_string2ll() {
-        assert_eq!(redis_int(b"0"), Some(0));
-        assert_eq!(redis_int(b"15"), Some(15));
-        assert_eq!(redis_int(b"-3"), Some(-3));
-        assert_eq!(redis_int(b"9223372036854775807"), Some(i64::MAX));
-        assert_eq!(redis_int(b"-9223372036854775808"), Some(i64::MIN));
-        for bad in [
-            &b""[..],
-            b"00",
-            b"01",
-            b"+1",
-            b"-0",
-            b" 1",
-            b"1 ",
-            b"1a",
-            b"-",
-            b"9223372036854775808",
-        ] {
-            assert_eq!(redis_int(bad), None, "{:?}", String::from_utf8_lossy(bad));
-        }
-    }
 
     fn req(args: &[&str]) -> Request {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
@@ -336,7 +301,7 @@ mod tests {
         assert_eq!(classify(&req(&["MuLtI"])), Kind::Multi);
         assert_eq!(classify(&req(&["watch", "a"])), Kind::Watch);
         assert_eq!(classify(&req(&["psubscribe", "a*"])), Kind::PubSub);
-        assert_eq!(classify(&req(&["sunsubscribe"])), Kind::PubSub);
+        assert_eq!(classify(&req(&["sunsubscribe"])), Kind::Unsubscribe);
         assert_eq!(classify(&req(&["monitor"])), Kind::Monitor);
         assert_eq!(classify(&req(&["hello", "3"])), Kind::Hello);
         assert_eq!(
@@ -377,6 +342,38 @@ mod tests {
         assert_eq!(classify(&req(&["XREAD", "STREAMS", "s", "0"])), Kind::Plain);
         assert_eq!(
             classify(&req(&["XREAD", "STREAMS", "BLOCK", "0"])),
+            Kind::Plain
+        );
+        // Group and consumer names are positional, whatever they spell.
+        assert_eq!(
+            classify(&req(&[
+                "XREADGROUP",
+                "GROUP",
+                "STREAMS",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">"
+            ])),
+            Kind::Blocking
+        );
+        assert_eq!(
+            classify(&req(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "BLOCK",
+                "NOACK",
+                "STREAMS",
+                "s",
+                ">"
+            ])),
+            Kind::Plain
+        );
+        assert_eq!(
+            classify(&req(&["XREAD", "COUNT", "BLOCK", "STREAMS", "s", "0"])),
             Kind::Plain
         );
     }

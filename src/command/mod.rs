@@ -8,5 +8,5 @@
 pub mod classify;
 pub mod table;
 
-pub use classify::{classify, redis_int, ClientSub, Kind};
+pub use classify::{classify, ClientSub, Kind};
 pub use table::{Command, CommandTable, KeyRef, Keys, TableError};

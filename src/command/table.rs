@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
-use super::redis_int;
+use crate::protocol::parse::string2ll as redis_int;
 use crate::protocol::{FrameError, ReplyFramer};
 
 /// How deep the `COMMAND` reply may nest. Redis 7 needs 8 (reply → entry →

@@ -178,6 +178,11 @@ pub struct ParseError {
 }
 
 impl ParseError {
+    /// Who is at fault: the client that sent the bytes.
+    pub fn source(&self) -> crate::error::ErrorSource {
+        crate::error::ErrorSource::Client
+    }
+
     fn new(kind: ParseErrorKind) -> Self {
         let message = match kind {
             ParseErrorKind::InvalidMultibulkLength => "Protocol error: invalid multibulk length",
@@ -540,7 +545,7 @@ enum Inline {
 
 /// Redis's `string2ll`: an optional `-`, then `0` alone or digits without a
 /// leading zero, fitting in an i64. No `+`, no spaces, no `-0`.
-fn string2ll(s: &[u8]) -> Option<i64> {
+pub fn string2ll(s: &[u8]) -> Option<i64> {
     // LONG_STR_SIZE in Redis: anything this long cannot be a valid i64.
     if s.is_empty() || s.len() >= 21 {
         return None;

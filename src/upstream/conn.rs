@@ -38,6 +38,9 @@ struct Waiter {
     inbox: Option<Inbox>,
     /// False for blocking commands: `BLPOP k 0` may legitimately wait forever.
     timed: bool,
+    /// In stream mode: the frame that answers this request; frames before it
+    /// are pushes.
+    until: Option<&'static [u8]>,
 }
 
 enum Status {
@@ -68,6 +71,9 @@ struct State {
     waiters: VecDeque<Waiter>,
     /// Last time reply bytes arrived (or the waiter queue became non-empty).
     last_progress: Instant,
+    /// A delivery is waiting for a slow client (dedicated connections): the
+    /// watchdog must not blame upstream for that.
+    delivering: bool,
     /// Dedicated connections only: frames that answer no waiter are pushes
     /// (pub/sub, MONITOR) rather than a protocol desync.
     stream: bool,
@@ -183,11 +189,19 @@ impl Conn {
                     seq,
                     inbox: Some(inbox.clone()),
                     timed,
+                    until: None,
                 }),
                 ReplyTo::Owner { seq, timed } => Some(Waiter {
                     seq,
                     inbox: None,
                     timed,
+                    until: None,
+                }),
+                ReplyTo::StreamEnd { seq, end } => Some(Waiter {
+                    seq,
+                    inbox: None,
+                    timed: false,
+                    until: Some(end),
                 }),
             };
             if let Some(w) = waiter {
@@ -265,6 +279,7 @@ impl Inner {
                 out: BytesMut::new(),
                 waiters: VecDeque::new(),
                 last_progress: Instant::now(),
+                delivering: false,
                 stream: false,
                 hello: None,
                 noauth: None,
@@ -529,7 +544,8 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
     }
     let waiter = {
         let mut st = inner.state.lock();
-        if push {
+        let until = st.waiters.front().and_then(|w| w.until);
+        if push || until.is_some_and(|end| frame.as_ref() != end) {
             None
         } else {
             match st.waiters.pop_front() {
@@ -574,12 +590,28 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
         // A session that is gone no longer needs its pushes, and the
         // connection ends with the session's handle anyway.
         (None, Some(pushes)) => {
-            let _ = pushes.send(Upstreamed::Push(frame)).await;
+            send_own(inner, pushes, Upstreamed::Push(frame)).await;
         }
         // Unreachable: pushes on shared connections were handled above.
         (None, None) => {}
     }
     Ok(())
+}
+
+/// Delivers on a dedicated connection's bounded channel. While the channel
+/// is full the client is slow, not upstream: the watchdog is told, and the
+/// wait does not count against the command timeout.
+async fn send_own(inner: &Inner, own: &mpsc::Sender<Upstreamed>, ev: Upstreamed) {
+    let ev = match own.try_send(ev) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+    };
+    inner.state.lock().delivering = true;
+    let _ = own.send(ev).await;
+    let mut st = inner.state.lock();
+    st.delivering = false;
+    st.last_progress = Instant::now();
 }
 
 /// Fails the connection when the oldest timed request has seen no reply
@@ -593,7 +625,7 @@ async fn watchdog(inner: &Inner) -> UpstreamError {
         tick.tick().await;
         let st = inner.state.lock();
         if let Some(front) = st.waiters.front() {
-            if front.timed && st.last_progress.elapsed() > timeout {
+            if front.timed && !st.delivering && st.last_progress.elapsed() > timeout {
                 return UpstreamError::unavailable(format!("command timed out after {timeout:?}"));
             }
         }

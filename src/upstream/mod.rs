@@ -75,6 +75,16 @@ pub enum ReplyTo<'a> {
         /// False for blocking commands.
         timed: bool,
     },
+    /// On a dedicated connection in stream mode (pub/sub, MONITOR): frames
+    /// stay pushes until one equals `end` (`+RESET\r\n`, `+OK\r\n` for QUIT),
+    /// which answers `seq`. Neither can be mistaken for a message or a
+    /// MONITOR line.
+    StreamEnd {
+        /// The session's sequence number for the request.
+        seq: u64,
+        /// The exact frame that answers it.
+        end: &'static [u8],
+    },
 }
 
 /// Why upstream could not answer.
@@ -92,6 +102,12 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub(crate) fn unavailable(reason: impl Into<String>) -> UpstreamError {
         UpstreamError::Unavailable(Arc::from(reason.into()))
+    }
+
+    /// Who is at fault: always upstream (unreachable, slow, or refusing
+    /// tierd's own setup).
+    pub fn source(&self) -> crate::error::ErrorSource {
+        crate::error::ErrorSource::Upstream
     }
 
     /// The RESP error reply a client gets for this failure.
@@ -148,7 +164,12 @@ pub struct HelloInfo {
 }
 
 impl HelloInfo {
-    fn parse(frame: &[u8], proto: Proto, max_depth: usize) -> Result<HelloInfo, UpstreamError> {
+    /// Reads a `HELLO` reply frame.
+    ///
+    /// # Errors
+    ///
+    /// When the frame is not a HELLO map of the expected shape.
+    pub fn parse(frame: &[u8], proto: Proto, max_depth: usize) -> Result<HelloInfo, UpstreamError> {
         let bad = || UpstreamError::unavailable("unexpected HELLO reply from upstream");
         let els = inspect::elements(frame, max_depth).ok_or_else(bad)?;
         let expected = if proto == Proto::Resp3 { b'%' } else { b'*' };
