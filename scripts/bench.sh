@@ -40,6 +40,9 @@
 # Compare ratios from the same run, never numbers across machines.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
@@ -68,19 +71,6 @@ die() {
 }
 
 log() { echo "bench: $*" >&2; }
-
-has() { command -v "$1" >/dev/null 2>&1; }
-
-# Run a command as root: directly when we are root, else through sudo.
-as_root() {
-	if [ "$(id -u)" -eq 0 ]; then
-		"$@"
-	elif has sudo; then
-		sudo "$@"
-	else
-		die "need root or sudo to run: $*"
-	fi
-}
 
 # --- arguments -------------------------------------------------------------
 

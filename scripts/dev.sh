@@ -7,21 +7,10 @@
 # proxy.toml. Extra arguments go to tierd, e.g. `scripts/dev.sh --log-level debug`.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-has() { command -v "$1" >/dev/null 2>&1; }
-
-# Run a command as root: directly when we are root, else through sudo.
-as_root() {
-	if [ "$(id -u)" -eq 0 ]; then
-		"$@"
-	elif has sudo; then
-		sudo "$@"
-	else
-		echo "dev.sh: need root or sudo to run: $*" >&2
-		exit 1
-	fi
-}
 
 if ! has redis-server || ! has redis-cli; then
 	echo "dev.sh: installing redis-server redis-tools"

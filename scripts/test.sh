@@ -10,6 +10,9 @@
 #        scripts/test.sh --test passthrough -- --nocapture
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # nutcracker lives in /usr/sbin, which a non-root PATH may lack; cargo may live
@@ -25,20 +28,6 @@ START=$SECONDS
 step() {
 	echo
 	echo "==> $* ($((SECONDS - START))s)"
-}
-
-has() { command -v "$1" >/dev/null 2>&1; }
-
-# Run a command as root: directly when we are root, else through sudo.
-as_root() {
-	if [ "$(id -u)" -eq 0 ]; then
-		"$@"
-	elif has sudo; then
-		sudo "$@"
-	else
-		echo "test.sh: need root or sudo to run: $*" >&2
-		exit 1
-	fi
 }
 
 POLICY_RC=/usr/sbin/policy-rc.d

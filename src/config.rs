@@ -106,12 +106,15 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub struct UpstreamConfig {
     /// The upstream Redis (`upstream.url`).
     pub url: UpstreamUrl,
-    /// Multiplexed connections per protocol version (`upstream.pool_size`),
+    /// Multiplexed connections per protocol version and per authenticated
+    /// identity (`upstream.pool_size`),
     /// within [`POOL_SIZE_RANGE`].
     pub pool_size: usize,
     /// Give up on a TCP connect (and handshake) after this long; never zero.
     pub connect_timeout: Duration,
-    /// Fail a command whose reply has not arrived after this long; never zero.
+    /// When a request sees no reply bytes for this long, its connection fails
+    /// (every request on it gets the error) and reconnects; blocking commands
+    /// and pub/sub are exempt. Never zero.
     pub command_timeout: Duration,
     /// First reconnect delay after a lost connection; never zero.
     pub backoff_min: Duration,

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::command::{classify, ClientSub, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
-use crate::session::{Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
+use crate::session::{ClientRef, Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
 use crate::upstream::{Conn, Credentials, HelloInfo, Identity, ReplyTo, UpstreamError, Upstreamed};
 
 /// What the session does after a request was dispatched.
@@ -81,6 +81,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 s.local(error(
                     "ERR CLIENT REPLY inside MULTI is not supported by tierd",
                 ));
+                s.state.multi_aborted = true;
                 Flow::Continue
             }
             _ => {
@@ -131,6 +132,13 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             Flow::Continue
         }
         Kind::ClientPinning => {
+            let req = match redirect_to_upstream(s, req) {
+                Ok(req) => req,
+                Err(reply) => {
+                    s.local(reply);
+                    return Flow::Continue;
+                }
+            };
             let flag = client_flag(&req);
             let flow = forward(s, req, Want::Pinned, true).await;
             if s.pinned.is_some() {
@@ -304,6 +312,7 @@ async fn ensure_pinned(s: &mut Session) -> Result<(), UpstreamError> {
     if let Some(spare) = s.spare.take() {
         if spare.identity == identity && spare.proto == s.state.proto && spare.conn.is_up() {
             s.pinned = Some(spare);
+            s.note_pinned();
             return Ok(());
         }
     }
@@ -327,6 +336,7 @@ async fn ensure_pinned(s: &mut Session) -> Result<(), UpstreamError> {
         proto: s.state.proto,
         stream: false,
     });
+    s.note_pinned();
     Ok(())
 }
 
@@ -344,6 +354,7 @@ async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow
                 s.spare = Some(p);
             }
         }
+        s.note_pinned();
     }
     let conn = match route {
         Route::Pinned => {
@@ -481,6 +492,7 @@ async fn multi(s: &mut Session, req: Request) -> Flow {
         Ok(reply) => {
             if inspect::is_ok(&reply) {
                 s.state.multi = true;
+                s.state.multi_aborted = false;
                 s.state.queued = 0;
                 s.state.queued_effects.clear();
             }
@@ -494,11 +506,22 @@ async fn multi(s: &mut Session, req: Request) -> Flow {
 /// `EXEC` or `DISCARD` inside a transaction. When state commands were
 /// queued, EXEC runs alone so that its reply tells which of them ran.
 async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
+    if kind == Kind::Exec && s.state.multi_aborted {
+        // Discard upstream's transaction, answer as Redis does for a
+        // transaction with a command rejected while queueing.
+        if must_wait(s, None) {
+            return Flow::Stall(req);
+        }
+        let _ = alone(s, &reply::encode_command(&[b"DISCARD"])).await;
+        s.local(error(
+            "EXECABORT Transaction discarded because of previous errors.",
+        ));
+        end_multi(s);
+        return Flow::Continue;
+    }
     if kind != Kind::Exec || s.state.queued_effects.is_empty() {
         let flow = forward(s, req, Want::Pinned, true).await;
-        s.state.multi = false;
-        s.state.watching = false;
-        s.state.queued_effects.clear();
+        end_multi(s);
         return flow;
     }
     if must_wait(s, None) {
@@ -521,10 +544,16 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
         }
         Err(e) => s.local(e.to_resp()),
     }
+    end_multi(s);
+    Flow::Continue
+}
+
+/// The transaction is over (EXEC or DISCARD): so is any WATCH.
+fn end_multi(s: &mut Session) {
     s.state.multi = false;
     s.state.watching = false;
+    s.state.multi_aborted = false;
     s.state.queued_effects.clear();
-    Flow::Continue
 }
 
 /// Applies a state change that upstream confirmed on the dedicated
@@ -912,7 +941,96 @@ async fn client_local(s: &mut Session, sub: ClientSub, req: Request) -> Flow {
                 s.local(error("ERR syntax error"));
             }
         }
+        ClientSub::Kill
+            if argc == 4 && req.arg(2).is_some_and(|a| a.eq_ignore_ascii_case(b"ID")) =>
+        {
+            match client_arg(s, &req, 3) {
+                Some((id, ClientRef::Live(_))) if id == s.id => {
+                    // Redis answers, then closes the connection.
+                    s.local(Bytes::from_static(b":1\r\n"));
+                    return Flow::Close;
+                }
+                Some((_, ClientRef::Live(entry))) => {
+                    entry.kill.notify_one();
+                    s.local(Bytes::from_static(b":1\r\n"));
+                }
+                Some((_, ClientRef::Gone)) => s.local(Bytes::from_static(b":0\r\n")),
+                // An upstream client id (from CLIENT LIST), or malformed:
+                // Redis decides.
+                _ => return forward(s, req, Want::Any, true).await,
+            }
+        }
+        ClientSub::Unblock if argc == 3 || argc == 4 => {
+            let reason_ok = req.arg(3).map_or(true, |r| {
+                r.eq_ignore_ascii_case(b"TIMEOUT") || r.eq_ignore_ascii_case(b"ERROR")
+            });
+            let target = client_arg(s, &req, 2).map(|(_, r)| r);
+            match target {
+                Some(ClientRef::Live(entry)) if reason_ok => {
+                    match entry.upstream_id.load(std::sync::atomic::Ordering::Relaxed) {
+                        // No dedicated connection: not blocked, nothing to
+                        // unblock, as Redis would say.
+                        0 => s.local(Bytes::from_static(b":0\r\n")),
+                        up => {
+                            let req = with_arg(&req, 2, up.to_string().as_bytes());
+                            return forward(s, req, Want::Any, true).await;
+                        }
+                    }
+                }
+                Some(ClientRef::Gone) if reason_ok => s.local(Bytes::from_static(b":0\r\n")),
+                _ => return forward(s, req, Want::Any, true).await,
+            }
+        }
         _ => return forward(s, req, Want::Any, true).await,
     }
     Flow::Continue
+}
+
+/// The client id in argument `i`, and what it refers to.
+fn client_arg(s: &Session, req: &Request, i: usize) -> Option<(u64, ClientRef)> {
+    let id = u64::try_from(string2ll(req.arg(i)?)?).ok()?;
+    Some((id, s.lookup_client(id)))
+}
+
+/// The request with argument `i` replaced.
+fn with_arg(req: &Request, i: usize, value: &[u8]) -> Request {
+    let args: Vec<&[u8]> = req
+        .args
+        .iter()
+        .enumerate()
+        .map(|(j, a)| if j == i { value } else { &a[..] })
+        .collect();
+    Request::from_args(&args)
+}
+
+/// `CLIENT TRACKING on REDIRECT id` with a tierd client id: the target's
+/// dedicated connection (a subscriber to `__redis__:invalidate`) is what
+/// Redis must redirect to. Other ids go to Redis unchanged.
+fn redirect_to_upstream(s: &Session, req: Request) -> Result<Request, Bytes> {
+    if !req
+        .arg(1)
+        .is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING"))
+    {
+        return Ok(req);
+    }
+    let Some(at) = req
+        .args
+        .iter()
+        .skip(3)
+        .position(|a| a.eq_ignore_ascii_case(b"REDIRECT"))
+        .map(|p| p + 4)
+    else {
+        return Ok(req);
+    };
+    let no_such = || error("ERR The client ID you want redirect to does not exist");
+    match client_arg(s, &req, at).map(|(_, r)| r) {
+        Some(ClientRef::Live(entry)) => {
+            match entry.upstream_id.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => Err(no_such()),
+                up => Ok(with_arg(&req, at, up.to_string().as_bytes())),
+            }
+        }
+        Some(ClientRef::Gone) => Err(no_such()),
+        _ => Ok(req),
+    }
 }

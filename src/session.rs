@@ -46,6 +46,29 @@ const READ_AHEAD: usize = 4 * 1024 * 1024;
 /// subscriber.
 pub(crate) const PINNED_CHANNEL: usize = 1024;
 
+/// What other sessions may do to a session: `CLIENT KILL ID` closes it,
+/// `CLIENT UNBLOCK` and `CLIENT TRACKING … REDIRECT` need the upstream id of
+/// its dedicated connection.
+#[derive(Default)]
+pub(crate) struct ClientEntry {
+    /// Upstream's id for the session's dedicated connection; 0 when it has
+    /// none.
+    pub(crate) upstream_id: AtomicU64,
+    pub(crate) kill: tokio::sync::Notify,
+}
+
+/// tierd's client ids start here, far above any id Redis hands out (Redis
+/// counts up from 1), so that an id names either a tierd client or an
+/// upstream one, never both.
+pub const CLIENT_ID_BASE: u64 = 1 << 40;
+
+/// What a client id in a `CLIENT` command refers to.
+pub(crate) enum ClientRef {
+    Live(Arc<ClientEntry>),
+    Gone,
+    Upstream,
+}
+
 /// What every session shares.
 pub struct Ctx {
     /// The validated configuration.
@@ -55,6 +78,9 @@ pub struct Ctx {
     /// Request parser limits, from the configuration.
     pub parse_limits: ParseLimits,
     next_client_id: AtomicU64,
+    /// Live sessions by tierd client id. Sync lock, held only to look up,
+    /// insert or remove.
+    pub(crate) clients: parking_lot::Mutex<std::collections::HashMap<u64, Arc<ClientEntry>>>,
 }
 
 impl Ctx {
@@ -65,7 +91,8 @@ impl Ctx {
             parse_limits: config.parse_limits(),
             config,
             upstream,
-            next_client_id: AtomicU64::new(1),
+            next_client_id: AtomicU64::new(CLIENT_ID_BASE),
+            clients: parking_lot::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -238,6 +265,9 @@ pub(crate) struct ClientState {
     pub(crate) reply_mode: ReplyMode,
     /// Commands queued since MULTI (those Redis answers `+QUEUED`).
     pub(crate) queued: usize,
+    /// tierd refused a command inside this MULTI: like a command Redis
+    /// rejects while queueing, that makes EXEC fail with -EXECABORT.
+    pub(crate) multi_aborted: bool,
     /// State commands queued inside MULTI (their position, their effect):
     /// each takes effect only if EXEC runs it successfully.
     pub(crate) queued_effects: Vec<(usize, crate::dispatch::Effect)>,
@@ -258,6 +288,7 @@ impl ClientState {
             no_touch: false,
             reply_mode: ReplyMode::On,
             queued: 0,
+            multi_aborted: false,
             queued_effects: Vec::new(),
         }
     }
@@ -289,6 +320,14 @@ pub struct Session {
     /// slot) arrives, the session starts over.
     pub(crate) reset_at: Option<u64>,
     out: OutBuf,
+    /// This session's entry in `Ctx::clients`.
+    pub(crate) entry: Arc<ClientEntry>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ctx.clients.lock().remove(&self.id);
+    }
 }
 
 impl Session {
@@ -296,7 +335,10 @@ impl Session {
     pub fn new(ctx: Arc<Ctx>) -> Session {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = ctx.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(ClientEntry::default());
+        ctx.clients.lock().insert(id, entry.clone());
         Session {
+            entry,
             id,
             state: ClientState::new(ctx.upstream.default_db()),
             identity: ctx.upstream.default_identity(),
@@ -315,12 +357,37 @@ impl Session {
         }
     }
 
+    /// What `id` names: a live tierd client, a tierd client that is gone, or
+    /// (below [`CLIENT_ID_BASE`]) an upstream client.
+    pub(crate) fn lookup_client(&self, id: u64) -> ClientRef {
+        if id < CLIENT_ID_BASE {
+            return ClientRef::Upstream;
+        }
+        match self.ctx.clients.lock().get(&id) {
+            Some(entry) => ClientRef::Live(entry.clone()),
+            None => ClientRef::Gone,
+        }
+    }
+
     /// Resets the state Redis's `RESET` resets.
     pub(crate) fn reset_state(&mut self) {
         self.state = ClientState::new(self.ctx.upstream.default_db());
         self.identity = self.ctx.upstream.default_identity();
         self.pinned = None;
         self.spare = None;
+        self.note_pinned();
+    }
+
+    /// Publishes the upstream id of the dedicated connection (or 0) for
+    /// other sessions' `CLIENT UNBLOCK` and `CLIENT TRACKING … REDIRECT`.
+    pub(crate) fn note_pinned(&self) {
+        let id = self
+            .pinned
+            .as_ref()
+            .and_then(|p| p.conn.hello())
+            .and_then(|h| h.client_id())
+            .unwrap_or(0);
+        self.entry.upstream_id.store(id, Ordering::Relaxed);
     }
 
     /// Queues a reply tierd produced itself, honouring `CLIENT REPLY`.
@@ -476,6 +543,10 @@ impl Session {
                         return;
                     }
                 },
+                _ = self.entry.kill.notified() => {
+                    tracing::debug!(client = self.id, "killed by CLIENT KILL");
+                    return;
+                }
                 _ = &mut idle, if idle_armed => {
                     tracing::debug!(client = self.id, "idle timeout");
                     return;
@@ -542,6 +613,7 @@ impl Session {
                 self.inflight_route = None;
                 self.reset_at = None;
                 self.pinned = None;
+                self.note_pinned();
                 self.closing = true;
             }
             Upstreamed::Closed(_) => {}

@@ -11,21 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use support::exchange::{assert_frame, encode, reply, send, text};
 use support::probe::{bulk, client_field, client_list, direct_raw, wait_blocked_clients, Deadline};
 use support::{config_for, free_port, Raw, RedisServer, Tierd};
 
 const SECOND: Duration = Duration::from_secs(1);
 const UNAVAILABLE: &[u8] = b"-ERR upstream unavailable: ";
-
-fn text(frame: &[u8]) -> String {
-    String::from_utf8_lossy(frame).into_owned()
-}
-
-#[track_caller]
-fn assert_frame(got: &[u8], want: &[u8]) {
-    assert_eq!(text(got), text(want));
-}
 
 #[track_caller]
 fn assert_unavailable(got: &[u8]) {
@@ -34,25 +25,6 @@ fn assert_unavailable(got: &[u8]) {
         "expected an upstream-unavailable error, got {:?}",
         text(got)
     );
-}
-
-fn encode(args: &[&str]) -> Vec<u8> {
-    let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-    tierd::protocol::reply::encode_command(&bytes).to_vec()
-}
-
-async fn send(raw: &mut Raw, args: &[&str]) {
-    raw.send(&encode(args)).await;
-}
-
-/// A reply within 2 s: a failing upstream must produce an error quickly,
-/// never a hang.
-async fn reply(raw: &mut Raw, args: &[&str]) -> Bytes {
-    send(raw, args).await;
-    match raw.try_frame(2 * SECOND).await {
-        Some(frame) => frame,
-        None => panic!("no reply to {args:?} within 2 s (hang or closed connection)"),
-    }
 }
 
 /// Sends `args` every poll until the reply is `want`; every reply on the way

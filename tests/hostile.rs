@@ -10,106 +10,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use support::wire::{lossy, resp, Outcome, Wire};
 use support::{config_for, RedisServer, Tierd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A command's RESP multibulk encoding, written out here so that requests
-/// do not depend on the code under test.
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-/// A raw connection that reads bytes without interpreting them.
-struct Wire {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Wire {
-    async fn connect(addr: SocketAddr) -> Wire {
-        Wire {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    /// Reads until what arrived ends with `end`; returns what came before.
-    async fn until(&mut self, end: &[u8]) -> Vec<u8> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.buf.ends_with(end) {
-                let all = self.buf.split();
-                return all[..all.len() - end.len()].to_vec();
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) => panic!(
-                    "connection closed while waiting for {:?}; got {:?}",
-                    lossy(end),
-                    lossy(&self.buf)
-                ),
-                Ok(Err(e)) => panic!("read failed while waiting for {:?}: {e}", lossy(end)),
-                Err(_) => panic!(
-                    "no {:?} within 10 s; got {:?}",
-                    lossy(end),
-                    lossy(&self.buf[self.buf.len().saturating_sub(300)..])
-                ),
-                Ok(Ok(_)) => {}
-            }
-        }
-    }
-
-    /// Sends `bytes` and asserts that exactly `expected` comes back.
-    async fn expect(&mut self, bytes: &[u8], expected: &[u8]) {
-        self.send(bytes).await;
-        let got = self.until(expected).await;
-        assert!(
-            got.is_empty(),
-            "unexpected bytes before {:?}: {:?}",
-            lossy(expected),
-            lossy(&got)
-        );
-    }
-
-    /// Reads until the peer closes (or resets) the connection, or `limit`
-    /// passes. Returns what arrived and whether the connection closed.
-    async fn read_to_close(&mut self, limit: Duration) -> Outcome {
-        let deadline = tokio::time::Instant::now() + limit;
-        let closed = loop {
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break true,
-                Ok(Ok(_)) => {}
-                Err(_) => break false,
-            }
-        };
-        Outcome {
-            got: self.buf.split().to_vec(),
-            closed,
-        }
-    }
-}
-
-/// What a hostile connection saw.
-#[derive(Debug)]
-struct Outcome {
-    got: Vec<u8>,
-    closed: bool,
-}
 
 /// Connects to `addr`, writes `payload` (from its own task, so that a peer
 /// that stops reading or closes mid-write cannot stall the test), optionally
@@ -165,12 +69,12 @@ impl Bystander {
         let value = format!("round-{}", self.round);
         let w = &mut self.wire;
         w.expect(
-            &resp(&[b"SET", key.as_bytes(), value.as_bytes()]),
+            &resp::<&[u8]>(&[b"SET", key.as_bytes(), value.as_bytes()]),
             b"+OK\r\n",
         )
         .await;
         let want = format!("${}\r\n{value}\r\n", value.len());
-        w.expect(&resp(&[b"GET", key.as_bytes()]), want.as_bytes())
+        w.expect(&resp::<&[u8]>(&[b"GET", key.as_bytes()]), want.as_bytes())
             .await;
         w.expect(b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n").await;
     }
@@ -678,7 +582,7 @@ async fn query_buffer_limit_closes_only_the_offender() {
     let mut by = Bystander::connect(t.addr, "by").await;
 
     let big = vec![b'x'; 2 * 1024 * 1024];
-    let payload = resp(&[b"SET", b"big", &big]);
+    let payload = resp::<&[u8]>(&[b"SET", b"big", &big]);
     let out = under_attack(t.addr, &mut by, attack(t.addr, payload, false, CLOSE_LIMIT)).await;
     assert!(
         out.closed,
@@ -699,7 +603,8 @@ async fn query_buffer_limit_closes_only_the_offender() {
     // A request under the limit still goes through.
     let half = vec![b'y'; 512 * 1024];
     let mut w = Wire::connect(t.addr).await;
-    w.expect(&resp(&[b"SET", b"half", &half]), b"+OK\r\n").await;
+    w.expect(&resp::<&[u8]>(&[b"SET", b"half", &half]), b"+OK\r\n")
+        .await;
     assert_eq!(
         redis_says(redis.addr(), &[b"STRLEN", b"half"]).await,
         format!(":{}\r\n", half.len())

@@ -10,10 +10,9 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use support::wire::{lossy, mask_hello_id, resp, Wire};
 use support::{both, show, RedisServer, Tierd};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 // ---------------------------------------------------------------------------
 // Wire helpers
@@ -24,18 +23,6 @@ macro_rules! c {
     ($($arg:expr),+ $(,)?) => {
         vec![$(AsRef::<[u8]>::as_ref(&$arg).to_vec()),+]
     };
-}
-
-/// A command's RESP multibulk encoding, written out here rather than taken
-/// from tierd, so that the requests do not depend on the code under test.
-fn resp(args: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 /// [`resp`] for one owned command.
@@ -55,68 +42,6 @@ fn marker(n: usize) -> (Vec<u8>, Vec<u8>) {
     let req = one(c!("ECHO", tag));
     let rep = format!("${}\r\n{tag}\r\n", tag.len()).into_bytes();
     (req, rep)
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A raw connection that reads bytes without interpreting them (tierd's own
-/// reply framer is not trusted here).
-struct Wire {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Wire {
-    async fn connect(addr: SocketAddr) -> Wire {
-        Wire {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    /// Reads until what arrived ends with `end`; returns what came before it.
-    async fn until(&mut self, end: &[u8]) -> Vec<u8> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.buf.ends_with(end) {
-                let all = self.buf.split();
-                return all[..all.len() - end.len()].to_vec();
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) => panic!(
-                    "connection closed while waiting for {:?}; got {:?}",
-                    lossy(end),
-                    lossy(&self.buf)
-                ),
-                Ok(Err(e)) => panic!("read failed while waiting for {:?}: {e}", lossy(end)),
-                Err(_) => panic!(
-                    "no {:?} within 10 s; got {} bytes, ending {:?}",
-                    lossy(end),
-                    self.buf.len(),
-                    lossy(&self.buf[self.buf.len().saturating_sub(300)..])
-                ),
-                Ok(Ok(_)) => {}
-            }
-        }
-    }
-
-    /// Sends `bytes` and returns exactly `expected.len()` bytes of reply.
-    async fn expect(&mut self, bytes: &[u8], expected: &[u8]) {
-        self.send(bytes).await;
-        let got = self.until(expected).await;
-        assert!(
-            got.is_empty(),
-            "unexpected bytes before {:?}: {:?}",
-            lossy(expected),
-            lossy(&got)
-        );
-    }
 }
 
 /// One connection straight to Redis and one through tierd, fed the same
@@ -162,25 +87,6 @@ impl Pair {
         );
         d
     }
-}
-
-/// `HELLO`'s map carries the connection's id, which tierd answers with its
-/// own client id. Everything else must match, so blank only the number.
-fn mask_hello_id(reply: &[u8]) -> Vec<u8> {
-    let key = b"$2\r\nid\r\n:";
-    let Some(at) = reply.windows(key.len()).position(|w| w == key) else {
-        return reply.to_vec();
-    };
-    let start = at + key.len();
-    let end = start
-        + reply[start..]
-            .iter()
-            .position(|&b| b == b'\r')
-            .expect("id line ends");
-    let mut out = reply[..start].to_vec();
-    out.extend_from_slice(b"<id>");
-    out.extend_from_slice(&reply[end..]);
-    out
 }
 
 /// Two identically configured servers: `a` is talked to directly, `b` sits

@@ -9,6 +9,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::exchange::{assert_frame, encode, reply, send, text};
 use support::probe::{
     bulk, client_field, client_list, direct_raw, info_field, wait_blocked_clients, Deadline,
 };
@@ -16,37 +17,8 @@ use support::{both, config_for, show, Raw, RedisServer, Tierd};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn text(frame: &[u8]) -> String {
-    String::from_utf8_lossy(frame).into_owned()
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-#[track_caller]
-fn assert_frame(got: &[u8], want: &[u8]) {
-    assert_eq!(text(got), text(want));
-}
-
-/// A reply within 2 s, or a failure naming what was asked: through tierd,
-/// nothing in these tests should take longer.
-async fn reply(raw: &mut Raw, args: &[&str]) -> Bytes {
-    send(raw, args).await;
-    match raw.try_frame(2 * SECOND).await {
-        Some(frame) => frame,
-        None => panic!("no reply to {args:?} within 2 s"),
-    }
-}
-
-/// Sends one command without waiting for its reply.
-async fn send(raw: &mut Raw, args: &[&str]) {
-    raw.send(&encode(args)).await;
-}
-
-fn encode(args: &[&str]) -> Vec<u8> {
-    let bytes: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-    tierd::protocol::reply::encode_command(&bytes).to_vec()
 }
 
 /// A WATCHed key changed by another client makes EXEC abort; returns every

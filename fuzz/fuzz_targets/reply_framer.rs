@@ -7,39 +7,29 @@
 //! Run with `cargo +nightly fuzz run reply_framer` from the repository root.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use tierd::protocol::{FrameError, ReplyFramer};
 
 /// Shallow, so the fuzzer reaches the depth check with short inputs.
 const MAX_DEPTH: usize = 8;
 
-fn outcome(input: &[u8], chunk: usize) -> (Vec<usize>, Option<FrameError>) {
+/// The length of every frame, in order; frames tile the input because each
+/// one is cut off the front of the buffer.
+fn outcome(input: &[u8], chunk: usize) -> common::Outcome<usize, FrameError> {
     let mut framer = ReplyFramer::new(MAX_DEPTH);
-    let mut start = 0;
-    let mut end = 0;
-    let mut frames = Vec::new();
-    while end < input.len() {
-        end = (end + chunk.max(1)).min(input.len());
-        loop {
-            match framer.frame(&input[start..end]) {
-                Ok(Some(len)) => {
-                    assert!(len > 0 && start + len <= end);
-                    frames.push(len);
-                    start += len;
-                }
-                Ok(None) => break,
-                Err(e) => return (frames, Some(e)),
-            }
+    common::feed(input, chunk, |buf| {
+        let len = framer.frame(buf)?;
+        if let Some(len) = len {
+            assert!(len > 0 && len <= buf.len());
+            let _ = buf.split_to(len);
         }
-    }
-    (frames, None)
+        Ok(len)
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&seed, input)) = data.split_first() else {
-        return;
-    };
-    let chunked = outcome(input, usize::from(seed) + 1);
-    let whole = outcome(input, input.len());
-    assert_eq!(chunked, whole, "the outcome must not depend on read sizes");
+    common::split_invariant(data, outcome);
 });

@@ -8,6 +8,9 @@
 //! Run with `cargo +nightly fuzz run request_parser` from the repository root.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tierd::protocol::{ParseError, ParseLimits, Request, RequestParser};
@@ -19,40 +22,22 @@ const LIMITS: ParseLimits = ParseLimits {
     max_inline_len: 1024,
 };
 
-fn outcome(input: &[u8], chunk: usize) -> (Vec<Request>, Option<ParseError>) {
+fn outcome(input: &[u8], chunk: usize) -> common::Outcome<Request, ParseError> {
     let mut parser = RequestParser::new(LIMITS);
-    let mut buf = BytesMut::new();
-    let mut requests = Vec::new();
-    for piece in input.chunks(chunk.max(1)) {
-        buf.extend_from_slice(piece);
-        loop {
-            let before = buf.len();
-            match parser.parse(&mut buf) {
-                Ok(Some(request)) => {
-                    assert!(buf.len() < before, "a request must consume input");
-                    assert!(!request.args.is_empty(), "empty requests are skipped");
-                    requests.push(request);
-                }
-                Ok(None) => {
-                    assert!(buf.len() <= before);
-                    break;
-                }
-                Err(e) => return (requests, Some(e)),
-            }
+    common::feed(input, chunk, |buf| {
+        let request = parser.parse(buf)?;
+        if let Some(request) = &request {
+            assert!(!request.args.is_empty(), "empty requests are skipped");
         }
-    }
-    (requests, None)
+        Ok(request)
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&seed, input)) = data.split_first() else {
+    let Some((requests, _)) = common::split_invariant(data, outcome) else {
         return;
     };
-    let chunked = outcome(input, usize::from(seed) + 1);
-    let whole = outcome(input, input.len());
-    assert_eq!(chunked, whole, "the outcome must not depend on read sizes");
-
-    for request in &whole.0 {
+    for request in &requests {
         let mut raw = BytesMut::from(&request.raw[..]);
         let mut parser = RequestParser::new(ParseLimits::default());
         match parser.parse(&mut raw) {

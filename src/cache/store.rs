@@ -20,16 +20,23 @@
 //!
 //! An entry is a single `Arc<[u8]>`: a small header, the key, then one record
 //! per variant (db, protocol, expiry, request, reply). Packing everything into
-//! one allocation is a measured deviation from a struct holding a `Vec` of
-//! `(Variant, Bytes, Instant)`: that layout costs five heap allocations per
-//! cached reply (the entry, the vector, the request, the reply and the key,
-//! plus `Bytes`' shared header once the reply is first cloned), about 300
-//! bytes per entry beyond key and value against about 100 for this one (see
-//! `benches/l1.rs`). The quick_cache key is a 64-bit hash of the Redis key
-//! rather than the key itself, which saves a 32-byte `Bytes` in every slab
-//! slot; the full key is kept in the entry and compared on every access, so
-//! a hash collision costs a miss (or a conservative invalidation of fills),
-//! never a wrong reply.
+//! one allocation is a measured deviation from an `Arc` of a struct holding a
+//! `Vec` of `(Variant, Bytes, Instant)` under a `Bytes` key: that layout makes
+//! five heap allocations per cached reply (key, entry, vector, request,
+//! reply, plus `Bytes`' shared header once the reply is first served) and
+//! measured 327 bytes of RSS per entry beyond a 12-byte key and a 100-byte
+//! reply (359 once served), against 129 for this one (`benches/l1.rs`). The
+//! quick_cache key is a 64-bit hash of the Redis key rather than the key
+//! itself, which saves a 32-byte `Bytes` in every slab slot; the full key is
+//! kept in the entry and compared on every access, so a hash collision costs
+//! a miss (or a conservative invalidation of fills), never a wrong reply. A
+//! record's request is stored without the key argument when it is the first
+//! argument (nearly every cacheable read), since the entry holds the key.
+//!
+//! A hit returns the reply as a `Bytes` that shares the entry
+//! (`Bytes::from_owner`), so it copies nothing, at the price of one small
+//! allocation per hit; storing a `Bytes` per entry instead would avoid it but
+//! costs 32 more bytes per entry.
 //!
 //! # Coherence
 //!
@@ -59,7 +66,6 @@
 //! always mark shard, then cache shard; the eviction hook only collects the
 //! evicted values, which are accounted and dropped after the locks are released.
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
@@ -75,12 +81,13 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 use crate::protocol::Proto;
 
 /// Memory charged to every entry on top of its packed bytes: the `Arc`
-/// header (16), the allocator's chunk header and rounding (about 16), the
+/// header (16), the allocator's chunk header and rounding (8 to 24), the
 /// quick_cache slab slot (40: a `u64` key, a fat `Arc<[u8]>`, clock state and
 /// two list links) and its hash-table slot (about 8), plus a share of the
-/// ghost entries quick_cache keeps for admission (up to half an entry slot
-/// per resident entry). Measured with `benches/l1.rs`, which fills a store and
-/// compares process RSS against the weights charged.
+/// ghost entries quick_cache keeps for admission. Checked by `benches/l1.rs`:
+/// 200k entries of a 12-byte key and a 100-byte reply take 241 bytes of RSS
+/// each and are charged 249, and a 100 MiB store kept full by three times
+/// its capacity of distinct keys grows RSS by about 1.1x its cap.
 pub const ENTRY_OVERHEAD: u64 = 96;
 
 /// Most variants kept for one key. Lookups scan a key's variants linearly, so
@@ -99,6 +106,11 @@ const MARK_SHARDS: usize = 64;
 /// a db at or above this index raises the shared floor of all of them, which
 /// is conservative (some extra misses) and never stale.
 const DB_SLOTS: usize = 64;
+
+/// Set in a record's protocol byte when its request is stored without the
+/// key argument: nearly every cached read is `CMD key ...`, and the key is
+/// already in the entry, so this saves the key's length per cached reply.
+const KEY_ELIDED: u8 = 0x80;
 
 /// The global floor while suspended: no entry is ever at or above it.
 const SUSPENDED: u64 = u64::MAX;
@@ -502,11 +514,52 @@ struct Record<'a> {
 }
 
 impl Record<'_> {
-    fn is(&self, variant: &Variant) -> bool {
-        self.db == variant.db
-            && self.proto == variant.proto.as_u8()
-            && self.request == &variant.request[..]
+    /// Whether this record is `variant` of `key`.
+    fn is(&self, key: &[u8], variant: &Variant) -> bool {
+        if self.db != variant.db || self.proto & !KEY_ELIDED != variant.proto.as_u8() {
+            return false;
+        }
+        let request = &variant.request[..];
+        if self.proto & KEY_ELIDED == 0 {
+            return self.request == request;
+        }
+        // Stored without its key argument: the request must be the stored
+        // command, then the key, then the stored rest. The command part is
+        // self-delimiting, so a prefix, a suffix and the length settle it.
+        match split_key_arg(request, key) {
+            Some((command, rest)) => {
+                self.request.len() == command.len() + rest.len()
+                    && self.request.starts_with(command)
+                    && self.request.ends_with(rest)
+            }
+            None => false,
+        }
     }
+}
+
+/// Splits a canonical request whose first argument after the command is
+/// `key` into the command part and the arguments after the key.
+fn split_key_arg<'a>(request: &'a [u8], key: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
+    let (command_len, at) = read_varint(request)?;
+    let command_end = at.checked_add(command_len)?;
+    let after = request.get(command_end..)?;
+    let (arg_len, at) = read_varint(after)?;
+    if arg_len != key.len() || after.get(at..at + arg_len)? != key {
+        return None;
+    }
+    Some((request.get(..command_end)?, after.get(at + arg_len..)?))
+}
+
+/// A LEB128 length and how many bytes it took.
+fn read_varint(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut n: usize = 0;
+    for (i, b) in buf.iter().enumerate().take(10) {
+        n |= usize::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((n, i + 1));
+        }
+    }
+    None
 }
 
 fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
@@ -583,15 +636,22 @@ impl<'a> Iterator for Records<'a> {
 /// A new record to append to an entry.
 struct NewRecord<'a> {
     db: u32,
+    /// With [`KEY_ELIDED`] if the request is stored without its key.
     proto: u8,
     expires: u64,
+    /// The stored request is these two parts, concatenated.
     request: &'a [u8],
+    request_rest: &'a [u8],
     reply: &'a [u8],
 }
 
 impl NewRecord<'_> {
+    fn request_len(&self) -> usize {
+        self.request.len() + self.request_rest.len()
+    }
+
     fn len(&self) -> usize {
-        RECORD_HEADER + self.request.len() + self.reply.len()
+        RECORD_HEADER + self.request_len() + self.reply.len()
     }
 }
 
@@ -625,9 +685,10 @@ fn encode_entry(
         out.put_u32_le(new.db);
         out.put_u8(new.proto);
         out.put_u64_le(new.expires);
-        out.put_u32_le(u32::try_from(new.request.len()).ok()?);
+        out.put_u32_le(u32::try_from(new.request_len()).ok()?);
         out.put_u32_le(u32::try_from(new.reply.len()).ok()?);
         out.extend_from_slice(new.request);
+        out.extend_from_slice(new.request_rest);
         out.extend_from_slice(new.reply);
     }
     Some(Arc::from(out))
@@ -737,7 +798,7 @@ impl Store {
         if view.key != key {
             return None;
         }
-        let record = view.records().find(|r| r.is(variant))?;
+        let record = view.records().find(|r| r.is(key, variant))?;
         let now = self.nanos(now);
         if view.born >= self.floor(all, record.db) && record.expires > now {
             let range = record.reply;
@@ -800,11 +861,16 @@ impl Store {
         let Some(cache) = self.caches.get(slot.cache) else {
             return false;
         };
+        let (proto, request, request_rest) = match split_key_arg(&variant.request, &token.key) {
+            Some((command, rest)) => (variant.proto.as_u8() | KEY_ELIDED, command, rest),
+            None => (variant.proto.as_u8(), &variant.request[..], &[][..]),
+        };
         let new = NewRecord {
             db: variant.db,
-            proto: variant.proto.as_u8(),
+            proto,
             expires: self.nanos(expires_at),
-            request: &variant.request,
+            request,
+            request_rest,
             reply: &reply,
         };
         let hash = token.hash;
@@ -826,7 +892,9 @@ impl Store {
             if view.key == &token.key[..] && usize::from(view.rule) == rule {
                 kept.extend(
                     view.records()
-                        .filter(|r| !r.is(&variant) && view.born >= self.floor(all, r.db))
+                        .filter(|r| {
+                            !r.is(&token.key, &variant) && view.born >= self.floor(all, r.db)
+                        })
                         .map(|r| r.span),
                 );
             }
@@ -877,7 +945,6 @@ impl Store {
         {
             let mut marks = self.marks.shard(hash).lock();
             marks.map.remove(&hash);
-            drop(marks);
             // A key lives in one cache, but which one depends on its rule,
             // which the invalidation does not know: ask them all.
             for cache in &self.caches {
@@ -905,7 +972,8 @@ impl Store {
     /// Drops the variants read in `db` (`FLUSHDB`, `SWAPDB`) and cancels the
     /// in-flight fills of that db; other dbs keep their entries and fills.
     /// Dbs from 63 up share one floor, so flushing one of them flushes all
-    /// of them.
+    /// of them. The db's entries stop being served at once; reclaiming their
+    /// memory scans the whole store, like [`Store::sweep`].
     pub fn flush_db(&self, db: u32) {
         let epoch = self.bump_epoch();
         if let Some(floor) = self.db_floors.get(db_slot(db)) {
@@ -932,12 +1000,9 @@ impl Store {
     pub fn resume(&self) {
         let epoch = self.bump_epoch();
         // Only from suspended: otherwise this would kill every live entry.
-        let _ = self.all_floor.compare_exchange(
-            SUSPENDED,
-            epoch,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.all_floor
+                .compare_exchange(SUSPENDED, epoch, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Whether the store is suspended.
@@ -947,8 +1012,9 @@ impl Store {
 
     /// Drops the variants that expired by `now` (and any left dead by a
     /// flush); returns how many. The periodic sweep task calls it; lookups
-    /// also drop expired variants as they meet them. Holds each cache shard's
-    /// lock while scanning it (about 20 ns per entry).
+    /// also drop expired variants as they meet them. Scans every entry but
+    /// holds a shard lock for one entry at a time; `benches/l1.rs` prints
+    /// the cost per entry, which is mostly a cache miss on the entry.
     pub fn sweep(&self, now: Instant) -> usize {
         self.sweep_with(Some(self.nanos(now)), DropReason::Dead)
     }
@@ -1056,51 +1122,46 @@ impl Store {
         admitted
     }
 
+    /// Empties every cache. Drains one entry per shard-lock acquisition,
+    /// and accounts for and frees it outside the lock, so lookups never wait
+    /// for a whole flush.
     fn drop_all(&self, reason: DropReason) {
         for cache in &self.caches {
-            cache.cache.retain(|_, entry| {
-                self.account_drop(entry, reason);
-                false
-            });
+            for (_, entry) in cache.cache.drain() {
+                self.account_drop(&entry, reason);
+            }
         }
     }
 
     /// Drops dead variants everywhere: below their db's floor, or expired if
-    /// `now` is given. Entries with nothing left go in one pass under each
-    /// shard's lock; entries with some live variants are rewritten after it.
+    /// `now` is given. The scan takes a shard's read lock for one entry at a
+    /// time, so lookups and fills wait for one entry at most, never for a
+    /// whole scan; entries with a dead variant are then rewritten or removed
+    /// one by one.
     fn sweep_with(&self, now: Option<u64>, reason: DropReason) -> usize {
         let mut dropped = 0;
         for (index, cache) in self.caches.iter().enumerate() {
-            let count = Cell::new(0u64);
-            let partial = RefCell::new(Vec::new());
-            let all = self.all_floor.load(Ordering::SeqCst);
-            cache.cache.retain(|&hash, entry| {
-                let Some(view) = EntryView::parse(entry) else {
-                    return false;
+            for (hash, entry) in cache.cache.iter() {
+                let all = self.all_floor.load(Ordering::SeqCst);
+                let Some(view) = EntryView::parse(&entry) else {
+                    continue;
                 };
-                let live = view
-                    .records()
-                    .filter(|r| self.is_live(&view, r, all, now))
-                    .count();
-                if live == usize::from(view.count) {
-                    true
-                } else if live == 0 {
-                    count.set(count.get() + self.account_drop(entry, reason));
-                    false
-                } else {
-                    partial.borrow_mut().push(hash);
-                    true
+                let all_live = view.records().all(|r| self.is_live(&view, &r, all, now));
+                if !all_live {
+                    dropped += self.compact(index, hash, now, reason);
                 }
-            });
-            dropped += count.get() as usize;
-            for hash in partial.into_inner() {
-                dropped += self.compact(index, hash, now, reason);
             }
         }
         dropped
     }
 
-    fn is_live(&self, view: &EntryView<'_>, record: &Record<'_>, all: u64, now: Option<u64>) -> bool {
+    fn is_live(
+        &self,
+        view: &EntryView<'_>,
+        record: &Record<'_>,
+        all: u64,
+        now: Option<u64>,
+    ) -> bool {
         view.born >= self.floor(all, record.db) && now.map_or(true, |n| record.expires > n)
     }
 
@@ -1147,8 +1208,7 @@ impl Store {
         drop(marks);
         if reason == DropReason::Invalidated {
             if let Some(c) = self.counters(view.rule) {
-                c.invalidations
-                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                c.invalidations.fetch_add(dropped as u64, Ordering::Relaxed);
             }
         }
         self.settle(evicted, Some(&entry), hash);
@@ -1175,8 +1235,14 @@ impl L1Cache {
             .weight_capacity(capacity)
             .build()
             .map_err(|e| StoreError::CacheOptions(e.to_string()))?;
-        let cache = Cache::with_options(options, EntryWeighter, BuildHasherDefault::default(), Collect);
-        let max_entry_weight = ((cache.shard_capacity() as f64 * HOT_ALLOCATION) as u64).saturating_sub(1);
+        let cache = Cache::with_options(
+            options,
+            EntryWeighter,
+            BuildHasherDefault::default(),
+            Collect,
+        );
+        let max_entry_weight =
+            ((cache.shard_capacity() as f64 * HOT_ALLOCATION) as u64).saturating_sub(1);
         Ok(L1Cache {
             cache,
             max_entry_weight,
@@ -1219,12 +1285,32 @@ mod tests {
     }
 
     fn get_var(key: &str) -> Variant {
-        Variant::from_args(0, Proto::Resp2, &[Bytes::from_static(b"GET"), Bytes::copy_from_slice(key.as_bytes())])
+        Variant::from_args(
+            0,
+            Proto::Resp2,
+            &[
+                Bytes::from_static(b"GET"),
+                Bytes::copy_from_slice(key.as_bytes()),
+            ],
+        )
     }
 
-    fn fill(s: &Store, rule: usize, key: &str, variant: &Variant, reply: &str, expires: Instant) -> bool {
+    fn fill(
+        s: &Store,
+        rule: usize,
+        key: &str,
+        variant: &Variant,
+        reply: &str,
+        expires: Instant,
+    ) -> bool {
         let token = s.begin_fill(key.as_bytes()).unwrap();
-        s.finish_fill(token, rule, variant.clone(), Bytes::copy_from_slice(reply.as_bytes()), expires)
+        s.finish_fill(
+            token,
+            rule,
+            variant.clone(),
+            Bytes::copy_from_slice(reply.as_bytes()),
+            expires,
+        )
     }
 
     fn get(s: &Store, rule: usize, key: &str, variant: &Variant, now: Instant) -> Option<String> {
@@ -1236,7 +1322,18 @@ mod tests {
     fn assert_accounting(s: &Store) {
         let stats = s.stats();
         let counted: u64 = stats.iter().map(|r| r.bytes).sum();
-        assert_eq!(counted, s.weight(), "stats bytes vs cache weight: {stats:?}");
+        assert_eq!(
+            counted,
+            s.weight(),
+            "stats bytes vs cache weight: {stats:?}"
+        );
+    }
+
+    #[test]
+    fn store_and_token_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Store>();
+        send_sync::<FillToken>();
     }
 
     #[test]
@@ -1246,7 +1343,10 @@ mod tests {
         let v = get_var("user:1");
         assert_eq!(get(&s, 0, "user:1", &v, now), None);
         assert!(fill(&s, 0, "user:1", &v, "$3\r\nbob\r\n", now + HOUR));
-        assert_eq!(get(&s, 0, "user:1", &v, now).as_deref(), Some("$3\r\nbob\r\n"));
+        assert_eq!(
+            get(&s, 0, "user:1", &v, now).as_deref(),
+            Some("$3\r\nbob\r\n")
+        );
         assert_eq!(get(&s, 0, "user:2", &get_var("user:2"), now), None);
         let st = &s.stats()[0];
         assert_eq!((st.hits, st.misses, st.entries), (1, 2, 1));
@@ -1292,6 +1392,30 @@ mod tests {
             Variant::from_args(0, Proto::Resp3, &args(b"GET", &[])),
             Variant::from_args(0, Proto::Resp2, &args(b"GETRANGE", &[b"0", b"1"])),
             Variant::from_args(0, Proto::Resp2, &args(b"GETRANGE", &[b"0", b"2"])),
+            // The key not first: stored whole rather than without the key.
+            Variant::from_args(
+                0,
+                Proto::Resp2,
+                &[
+                    Bytes::from_static(b"EXISTS"),
+                    Bytes::from_static(b"x"),
+                    Bytes::from_static(b"user:1"),
+                ],
+            ),
+            // Not a canonical encoding at all (the caller's business): still
+            // a distinct variant.
+            Variant {
+                db: 0,
+                proto: Proto::Resp2,
+                request: Bytes::from_static(b"\xff\xff"),
+            },
+            // The stored form of `GET user:1` without its key: must not be
+            // confused with it.
+            Variant {
+                db: 0,
+                proto: Proto::Resp2,
+                request: Bytes::from_static(b"\x03get"),
+            },
         ];
         for (i, v) in variants.iter().enumerate() {
             for w in &variants[i..] {
@@ -1315,7 +1439,10 @@ mod tests {
         let s = store();
         let now = Instant::now();
         let v0 = get_var("k");
-        let v5 = Variant { db: 5, ..get_var("k") };
+        let v5 = Variant {
+            db: 5,
+            ..get_var("k")
+        };
         let v3 = Variant {
             proto: Proto::Resp3,
             ..get_var("k")
@@ -1331,7 +1458,10 @@ mod tests {
             assert_eq!(get(&s, 0, "k", v, now), None);
         }
         assert!(!s.invalidate(b"k"), "nothing left to drop");
-        assert_eq!(get(&s, 0, "other", &get_var("other"), now).as_deref(), Some("y"));
+        assert_eq!(
+            get(&s, 0, "other", &get_var("other"), now).as_deref(),
+            Some("y")
+        );
         // A key in a rule's own cache is found without knowing the rule.
         assert!(s.invalidate(b"img"));
         assert_eq!(get(&s, 1, "img", &get_var("img"), now), None);
@@ -1408,14 +1538,23 @@ mod tests {
         let s = store();
         let t0 = Instant::now();
         let v = get_var("k");
-        let w = Variant { db: 1, ..get_var("k") };
+        let w = Variant {
+            db: 1,
+            ..get_var("k")
+        };
         assert!(fill(&s, 0, "k", &v, "short", t0 + Duration::from_secs(10)));
         assert!(fill(&s, 0, "k", &w, "long", t0 + HOUR));
-        assert_eq!(get(&s, 0, "k", &v, t0 + Duration::from_secs(9)).as_deref(), Some("short"));
+        assert_eq!(
+            get(&s, 0, "k", &v, t0 + Duration::from_secs(9)).as_deref(),
+            Some("short")
+        );
         // Expiry is exclusive: at `expires_at` the entry is gone.
         assert_eq!(get(&s, 0, "k", &v, t0 + Duration::from_secs(10)), None);
         assert_eq!(s.stats()[0].entries, 1, "the expired variant was removed");
-        assert_eq!(get(&s, 0, "k", &w, t0 + Duration::from_secs(11)).as_deref(), Some("long"));
+        assert_eq!(
+            get(&s, 0, "k", &w, t0 + Duration::from_secs(11)).as_deref(),
+            Some("long")
+        );
         assert_eq!(get(&s, 0, "k", &w, t0 + HOUR), None);
         assert_eq!(s.stats()[0].entries, 0);
         assert_eq!(s.weight(), 0);
@@ -1430,20 +1569,30 @@ mod tests {
         assert!(fill(&s, 0, "a", &get_var("a"), "a", secs(10)));
         assert!(fill(&s, 1, "b", &get_var("b"), "b", secs(20)));
         assert!(fill(&s, 0, "c", &get_var("c"), "c", secs(10)));
-        let c1 = Variant { db: 1, ..get_var("c") };
+        let c1 = Variant {
+            db: 1,
+            ..get_var("c")
+        };
         assert!(fill(&s, 0, "c", &c1, "c1", secs(30)));
 
         assert_eq!(s.sweep(secs(5)), 0);
         assert_eq!(s.sweep(secs(10)), 2, "a and c's db-0 variant");
         assert_eq!(s.stats()[0].entries, 1);
         assert_eq!(get(&s, 0, "c", &c1, secs(10)).as_deref(), Some("c1"));
-        assert_eq!(get(&s, 1, "b", &get_var("b"), secs(10)).as_deref(), Some("b"));
+        assert_eq!(
+            get(&s, 1, "b", &get_var("b"), secs(10)).as_deref(),
+            Some("b")
+        );
         assert_accounting(&s);
         assert_eq!(s.sweep(secs(100)), 2);
         assert_eq!(s.weight(), 0);
         assert_accounting(&s);
         let st = s.stats();
-        assert_eq!((st[0].evictions, st[0].invalidations), (0, 0), "expiry is neither");
+        assert_eq!(
+            (st[0].evictions, st[0].invalidations),
+            (0, 0),
+            "expiry is neither"
+        );
     }
 
     #[test]
@@ -1452,7 +1601,10 @@ mod tests {
         let now = Instant::now();
         let v = get_var("k");
         let token = s.begin_fill(b"k").unwrap();
-        assert!(!s.invalidate(b"k"), "nothing cached yet, but the fill is cancelled");
+        assert!(
+            !s.invalidate(b"k"),
+            "nothing cached yet, but the fill is cancelled"
+        );
         assert!(!s.finish_fill(token, 0, v.clone(), Bytes::from_static(b"old"), now + HOUR));
         assert_eq!(get(&s, 0, "k", &v, now), None);
         assert!(s.marks.is_empty());
@@ -1467,7 +1619,10 @@ mod tests {
         let s = store();
         let now = Instant::now();
         let v = get_var("k");
-        let w = Variant { db: 1, ..get_var("k") };
+        let w = Variant {
+            db: 1,
+            ..get_var("k")
+        };
 
         // Both in flight when the invalidation lands: both rejected.
         let t1 = s.begin_fill(b"k").unwrap();
@@ -1525,7 +1680,13 @@ mod tests {
 
         // Rejected finishes release too.
         let t = s.begin_fill(b"big").unwrap();
-        assert!(!s.finish_fill(t, 0, get_var("big"), Bytes::from(vec![0u8; 100 << 10]), now + HOUR));
+        assert!(!s.finish_fill(
+            t,
+            0,
+            get_var("big"),
+            Bytes::from(vec![0u8; 100 << 10]),
+            now + HOUR
+        ));
         let t = s.begin_fill(b"k").unwrap();
         assert!(!s.finish_fill(t, 42, get_var("k"), Bytes::from_static(b"v"), now + HOUR));
         assert!(s.marks.is_empty());
@@ -1555,7 +1716,13 @@ mod tests {
         s.resume();
         assert!(!s.is_suspended());
         // A fill begun before the suspension is still rejected after it.
-        assert!(!s.finish_fill(before, 0, get_var("j"), Bytes::from_static(b"j"), now + HOUR));
+        assert!(!s.finish_fill(
+            before,
+            0,
+            get_var("j"),
+            Bytes::from_static(b"j"),
+            now + HOUR
+        ));
         assert_eq!(get(&s, 0, "k", &v, now), None);
         assert!(fill(&s, 0, "k", &v, "y", now + HOUR));
         assert_eq!(get(&s, 0, "k", &v, now).as_deref(), Some("y"));
@@ -1576,7 +1743,13 @@ mod tests {
         assert_eq!(s.get(0, b"k", &v, now), Some(at_limit));
         s.invalidate(b"k");
         let t = s.begin_fill(b"k").unwrap();
-        assert!(!s.finish_fill(t, 0, v.clone(), Bytes::from(vec![b'x'; (64 << 10) + 1]), now + HOUR));
+        assert!(!s.finish_fill(
+            t,
+            0,
+            v.clone(),
+            Bytes::from(vec![b'x'; (64 << 10) + 1]),
+            now + HOUR
+        ));
         assert_eq!(s.get(0, b"k", &v, now), None);
     }
 
@@ -1611,15 +1784,24 @@ mod tests {
         let s = store();
         let now = Instant::now();
         for i in 0..100u32 {
-            let v = Variant { db: i, ..get_var("h") };
+            let v = Variant {
+                db: i,
+                ..get_var("h")
+            };
             assert!(fill(&s, 0, "h", &v, &format!("{i}"), now + HOUR));
         }
         assert_eq!(s.stats()[0].entries, MAX_VARIANTS as u64);
         assert_eq!(s.stats()[0].evictions, 100 - MAX_VARIANTS as u64);
         // The newest survive.
-        let newest = Variant { db: 99, ..get_var("h") };
+        let newest = Variant {
+            db: 99,
+            ..get_var("h")
+        };
         assert_eq!(get(&s, 0, "h", &newest, now).as_deref(), Some("99"));
-        let oldest = Variant { db: 0, ..get_var("h") };
+        let oldest = Variant {
+            db: 0,
+            ..get_var("h")
+        };
         assert_eq!(get(&s, 0, "h", &oldest, now), None);
         assert_accounting(&s);
     }
@@ -1632,14 +1814,24 @@ mod tests {
             rules: vec![rule("a", Some(60)), rule("b", None), rule("c", Some(50))],
         })
         .unwrap_err();
-        assert_eq!(err, StoreError::RuleCapsExceedGlobal { rules: 110, global: 100 });
+        assert_eq!(
+            err,
+            StoreError::RuleCapsExceedGlobal {
+                rules: 110,
+                global: 100
+            }
+        );
         assert!(err.to_string().contains("raise [l1] max_memory"), "{err}");
         // Exactly at the cap is fine; the shared cache is then empty and
         // caches nothing.
         let s = Store::new(StoreConfig {
             max_memory: 100 << 10,
             max_value_size: 1 << 10,
-            rules: vec![rule("a", Some(60 << 10)), rule("b", None), rule("c", Some(40 << 10))],
+            rules: vec![
+                rule("a", Some(60 << 10)),
+                rule("b", None),
+                rule("c", Some(40 << 10)),
+            ],
         })
         .unwrap();
         let now = Instant::now();
@@ -1648,8 +1840,8 @@ mod tests {
         assert!(s.marks.is_empty());
     }
 
-    /// 4 threads race random gets, fills and "writes" (bump the upstream
-    /// value, then invalidate) over a few keys. A fill reads the upstream
+    /// 4 threads race random gets, fills, "writes" (bump the upstream
+    /// value, then invalidate) and rare flushes over a few keys. A fill reads the upstream
     /// value after `begin_fill`, as dispatch will. The coherence invariant:
     /// once a write's invalidation has returned, no get serves an older
     /// value. At the end, invalidating every key leaves nothing served,
@@ -1669,7 +1861,10 @@ mod tests {
         let now = Instant::now();
         let key = |i: usize| format!("k{i}");
         let rule_of = |i: usize| i % 2;
-        let variant = |i: usize, db: u32| Variant { db, ..get_var(&key(i)) };
+        let variant = |i: usize, db: u32| Variant {
+            db,
+            ..get_var(&key(i))
+        };
         std::thread::scope(|scope| {
             for t in 0..4u64 {
                 let (s, upstream, delivered) = (&s, &upstream, &delivered);
@@ -1681,15 +1876,21 @@ mod tests {
                         rng ^= rng << 17;
                         let i = (rng >> 8) as usize % KEYS;
                         let db = (rng >> 20) as u32 % 3;
-                        match (rng >> 32) % 10 {
-                            0..=5 => {
+                        match (rng >> 32) % 1000 {
+                            0..=599 => {
                                 let floor = delivered[i].load(Ordering::SeqCst);
-                                if let Some(b) = s.get(rule_of(i), key(i).as_bytes(), &variant(i, db), now) {
-                                    let seen: u64 = std::str::from_utf8(&b).unwrap().parse().unwrap();
-                                    assert!(seen >= floor, "stale: saw {seen}, invalidated up to {floor}");
+                                if let Some(b) =
+                                    s.get(rule_of(i), key(i).as_bytes(), &variant(i, db), now)
+                                {
+                                    let seen: u64 =
+                                        std::str::from_utf8(&b).unwrap().parse().unwrap();
+                                    assert!(
+                                        seen >= floor,
+                                        "stale: saw {seen}, invalidated up to {floor}"
+                                    );
                                 }
                             }
-                            6..=8 => {
+                            600..=899 => {
                                 let Some(token) = s.begin_fill(key(i).as_bytes()) else {
                                     continue;
                                 };
@@ -1701,10 +1902,21 @@ mod tests {
                                 let reply = Bytes::from(value.to_string());
                                 s.finish_fill(token, rule_of(i), variant(i, db), reply, now + HOUR);
                             }
-                            _ => {
+                            900..=997 => {
                                 let v = upstream[i].fetch_add(1, Ordering::SeqCst) + 1;
                                 s.invalidate(key(i).as_bytes());
                                 delivered[i].fetch_max(v, Ordering::SeqCst);
+                            }
+                            // FLUSHALL: every key changes, one flush covers them.
+                            _ => {
+                                let vs: Vec<u64> = upstream
+                                    .iter()
+                                    .map(|u| u.fetch_add(1, Ordering::SeqCst) + 1)
+                                    .collect();
+                                s.flush_all();
+                                for (d, v) in delivered.iter().zip(vs) {
+                                    d.fetch_max(v, Ordering::SeqCst);
+                                }
                             }
                         }
                     }
@@ -1718,12 +1930,18 @@ mod tests {
         }
         for i in 0..KEYS {
             for db in 0..3 {
-                assert_eq!(s.get(rule_of(i), key(i).as_bytes(), &variant(i, db), now), None);
+                assert_eq!(
+                    s.get(rule_of(i), key(i).as_bytes(), &variant(i, db), now),
+                    None
+                );
             }
         }
         assert_eq!(s.weight(), 0);
         let st = s.stats();
         assert!(st.iter().all(|r| r.entries == 0 && r.bytes == 0), "{st:?}");
-        assert!(st.iter().all(|r| r.hits > 0), "the test exercised hits: {st:?}");
+        assert!(
+            st.iter().all(|r| r.hits > 0),
+            "the test exercised hits: {st:?}"
+        );
     }
 }

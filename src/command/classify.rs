@@ -72,6 +72,11 @@ pub enum ClientSub {
     /// `CLIENT REPLY ON|OFF|SKIP`: emulated by the session, which drops the
     /// replies itself, so the shared connection's reply stream stays intact.
     Reply,
+    /// `CLIENT KILL ID id`: a tierd client id closes that tierd client.
+    Kill,
+    /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]`: a tierd client id is translated
+    /// to its dedicated connection's upstream id.
+    Unblock,
 }
 
 impl Kind {
@@ -264,6 +269,10 @@ fn classify_client(req: &Request) -> Kind {
         Kind::Client(ClientSub::Id)
     } else if is(sub, "REPLY") {
         Kind::Client(ClientSub::Reply)
+    } else if is(sub, "KILL") {
+        Kind::Client(ClientSub::Kill)
+    } else if is(sub, "UNBLOCK") {
+        Kind::Client(ClientSub::Unblock)
     } else if is(sub, "TRACKING") || is(sub, "NO-EVICT") || is(sub, "NO-TOUCH") {
         Kind::ClientPinning
     } else if is(sub, "CACHING") {

@@ -579,12 +579,15 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
             }),
             Some(own),
         ) => {
-            let _ = own
-                .send(Upstreamed::Reply {
+            send_own(
+                inner,
+                own,
+                Upstreamed::Reply {
                     seq,
                     reply: Ok(frame),
-                })
-                .await;
+                },
+            )
+            .await;
         }
         (Some(Waiter { inbox: None, .. }), None) => {}
         // A session that is gone no longer needs its pushes, and the

@@ -183,6 +183,16 @@ impl HelloInfo {
         Ok(HelloInfo { pairs })
     }
 
+    /// Upstream's client id for the connection that received this reply.
+    pub fn client_id(&self) -> Option<u64> {
+        let (_, v) = self
+            .pairs
+            .iter()
+            .find(|(k, _)| inspect::string_payload(k) == Some(b"id"))?;
+        let digits = v.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+
     /// Encodes the `HELLO` reply a client with this protocol and id gets.
     pub fn reply(&self, proto: Proto, client_id: u64) -> Bytes {
         let mut out = BytesMut::new();

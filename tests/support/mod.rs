@@ -3,8 +3,14 @@
 //! bytes. Readiness is always awaited by PING, never by sleeping.
 #![allow(dead_code)]
 
+/// One command at a time on a [`Raw`] connection, with a reply limit.
+pub mod exchange;
 /// Polling and Redis-side probes for the state and fault tests.
 pub mod probe;
+/// A throttled relay between tierd and Redis.
+pub mod slow_link;
+/// A byte-level connection and request encoder independent of tierd.
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -238,6 +244,11 @@ impl Tierd {
 
     pub async fn raw(&self) -> Raw {
         Raw::connect(self.addr).await
+    }
+
+    /// Whether `run` is still serving (it has not returned, nor panicked).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Signals shutdown and waits for `run` to return.
