@@ -482,25 +482,39 @@ async fn alone(s: &Session, raw: &[u8]) -> Result<Bytes, UpstreamError> {
 /// knows whether a transaction really started (`MULTI extra` or a -NOAUTH
 /// does not start one) before it routes the next request.
 async fn multi(s: &mut Session, req: Request) -> Flow {
+    let reply = match pinned_alone(s, req).await {
+        Ok(Some(reply)) => reply,
+        Ok(None) => return Flow::Continue,
+        Err(req) => return Flow::Stall(req),
+    };
+    if inspect::is_ok(&reply) {
+        s.state.multi = true;
+        s.state.multi_aborted = false;
+        s.state.queued = 0;
+        s.state.queued_effects.clear();
+    }
+    s.local(reply);
+    Flow::Continue
+}
+
+/// Runs a request that changes routing alone on the dedicated connection:
+/// waits for everything in flight (`Err` gives the request back to stall),
+/// pins, and returns upstream's reply for the caller to read state from and
+/// queue. `Ok(None)`: the client already got an error reply.
+async fn pinned_alone(s: &mut Session, req: Request) -> Result<Option<Bytes>, Request> {
     if must_wait(s, None) {
-        return Flow::Stall(req);
+        return Err(req);
     }
     if !pin_or_reply(s).await {
-        return Flow::Continue;
+        return Ok(None);
     }
     match alone(s, &req.raw).await {
-        Ok(reply) => {
-            if inspect::is_ok(&reply) {
-                s.state.multi = true;
-                s.state.multi_aborted = false;
-                s.state.queued = 0;
-                s.state.queued_effects.clear();
-            }
-            s.local(reply);
+        Ok(reply) => Ok(Some(reply)),
+        Err(e) => {
+            s.local(e.to_resp());
+            Ok(None)
         }
-        Err(e) => s.local(e.to_resp()),
     }
-    Flow::Continue
 }
 
 /// `EXEC` or `DISCARD` inside a transaction. When state commands were
@@ -603,23 +617,17 @@ async fn select(s: &mut Session, req: Request) -> Flow {
         s.local(Bytes::from_static(OK));
         return Flow::Continue;
     }
-    if must_wait(s, None) {
-        return Flow::Stall(req);
-    }
     // Switching db always needs the dedicated connection: either to go to a
     // non-default db, or to come back from one (then it is already there).
-    if !pin_or_reply(s).await {
-        return Flow::Continue;
+    let reply = match pinned_alone(s, req).await {
+        Ok(Some(reply)) => reply,
+        Ok(None) => return Flow::Continue,
+        Err(req) => return Flow::Stall(req),
+    };
+    if !inspect::is_error(&reply) {
+        s.state.db = db;
     }
-    match alone(s, &req.raw).await {
-        Ok(reply) => {
-            if !inspect::is_error(&reply) {
-                s.state.db = db;
-            }
-            s.local(reply);
-        }
-        Err(e) => s.local(e.to_resp()),
-    }
+    s.local(reply);
     Flow::Continue
 }
 
