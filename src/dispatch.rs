@@ -949,25 +949,24 @@ async fn client_local(s: &mut Session, sub: ClientSub, req: Request) -> Flow {
                 s.local(error("ERR syntax error"));
             }
         }
-        ClientSub::Kill
-            if argc == 4 && req.arg(2).is_some_and(|a| a.eq_ignore_ascii_case(b"ID")) =>
-        {
-            match client_arg(s, &req, 3) {
-                Some((id, ClientRef::Live(_))) if id == s.id => {
+        ClientSub::Kill => match kill_by_tierd_id(s, &req) {
+            Some((ClientRef::Live(entry), skipme)) if Arc::ptr_eq(&entry, &s.entry) => {
+                if skipme {
+                    // SKIPME (on by default) spares the caller.
+                    s.local(Bytes::from_static(b":0\r\n"));
+                } else {
                     // Redis answers, then closes the connection.
                     s.local(Bytes::from_static(b":1\r\n"));
                     return Flow::Close;
                 }
-                Some((_, ClientRef::Live(entry))) => {
-                    entry.kill.notify_one();
-                    s.local(Bytes::from_static(b":1\r\n"));
-                }
-                Some((_, ClientRef::Gone)) => s.local(Bytes::from_static(b":0\r\n")),
-                // An upstream client id (from CLIENT LIST), or malformed:
-                // Redis decides.
-                _ => return forward(s, req, Want::Any, true).await,
             }
-        }
+            Some((ClientRef::Live(entry), _)) => {
+                entry.kill.notify_one();
+                s.local(Bytes::from_static(b":1\r\n"));
+            }
+            Some(_) => s.local(Bytes::from_static(b":0\r\n")),
+            None => return forward(s, req, Want::Any, true).await,
+        },
         ClientSub::Unblock if argc == 3 || argc == 4 => {
             let reason_ok = req.arg(3).map_or(true, |r| {
                 r.eq_ignore_ascii_case(b"TIMEOUT") || r.eq_ignore_ascii_case(b"ERROR")
@@ -992,6 +991,35 @@ async fn client_local(s: &mut Session, sub: ClientSub, req: Request) -> Flow {
         _ => return forward(s, req, Want::Any, true).await,
     }
     Flow::Continue
+}
+
+/// `CLIENT KILL ID id [SKIPME yes|no]` (filters in any order) where `id` is
+/// a tierd client id: what it refers to and whether SKIPME is on (Redis's
+/// default). `None` for everything Redis should answer itself: upstream
+/// ids, other filters, the old `addr:port` form, malformed input.
+fn kill_by_tierd_id(s: &Session, req: &Request) -> Option<(ClientRef, bool)> {
+    if req.args.len() < 4 || req.args.len() % 2 != 0 {
+        return None;
+    }
+    let mut target = None;
+    let mut skipme = true;
+    let mut i = 2;
+    while let (Some(filter), Some(value)) = (req.arg(i), req.arg(i + 1)) {
+        if filter.eq_ignore_ascii_case(b"ID") && target.is_none() {
+            target = Some(client_arg(s, req, i + 1)?.1);
+        } else if filter.eq_ignore_ascii_case(b"SKIPME") && value.eq_ignore_ascii_case(b"yes") {
+            skipme = true;
+        } else if filter.eq_ignore_ascii_case(b"SKIPME") && value.eq_ignore_ascii_case(b"no") {
+            skipme = false;
+        } else {
+            return None;
+        }
+        i += 2;
+    }
+    match target? {
+        ClientRef::Upstream => None,
+        tierd => Some((tierd, skipme)),
+    }
 }
 
 /// The client id in argument `i`, and what it refers to.

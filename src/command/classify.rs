@@ -72,7 +72,8 @@ pub enum ClientSub {
     /// `CLIENT REPLY ON|OFF|SKIP`: emulated by the session, which drops the
     /// replies itself, so the shared connection's reply stream stays intact.
     Reply,
-    /// `CLIENT KILL ID id`: a tierd client id closes that tierd client.
+    /// `CLIENT KILL ID id [SKIPME yes|no]`: a tierd client id closes that
+    /// tierd client.
     Kill,
     /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]`: a tierd client id is translated
     /// to its dedicated connection's upstream id.
