@@ -434,6 +434,11 @@ impl Session {
         let mut eof = false;
         let mut draining = false;
         let mut idle = Box::pin(tokio::time::sleep_until(idle_deadline(idle_timeout)));
+        // Long-lived futures, created once: re-creating them on every pass
+        // of the loop would register and unregister a waiter each time.
+        let entry = self.entry.clone();
+        let mut killed = std::pin::pin!(entry.kill.notified());
+        let mut stop = std::pin::pin!(shutdown.recv());
 
         loop {
             // Dispatch whatever complete requests we have, as far as the
@@ -543,7 +548,7 @@ impl Session {
                         return;
                     }
                 },
-                _ = self.entry.kill.notified() => {
+                _ = &mut killed => {
                     tracing::debug!(client = self.id, "killed by CLIENT KILL");
                     return;
                 }
@@ -551,7 +556,7 @@ impl Session {
                     tracing::debug!(client = self.id, "idle timeout");
                     return;
                 }
-                _ = shutdown.recv(), if !shutdown.is_shutdown() => {
+                _ = &mut stop, if !draining => {
                     // Stop taking new requests; finish what is in flight.
                     draining = true;
                     rbuf.clear();
