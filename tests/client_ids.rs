@@ -66,6 +66,17 @@ async fn departed_client(tierd: &Tierd, direct: &mut Raw) -> String {
 }
 
 /// Redis's `blocked_clients` count right now, as `INFO clients` shows it.
+/// Two clients straight to Redis: one blocked in `BLPOP q 0` (with its
+/// upstream id), one free to act on it.
+async fn blocked_directly(redis: &RedisServer, direct: &mut Raw) -> (Raw, Raw, String) {
+    let mut blocked = direct_raw(redis, None).await;
+    let other = direct_raw(redis, None).await;
+    let id = client_id(&mut blocked).await;
+    send(&mut blocked, &["BLPOP", "q", "0"]).await;
+    wait_blocked_clients(direct, 1, 5 * SECOND).await;
+    (blocked, other, id)
+}
+
 async fn blocked_clients(direct: &mut Raw) -> String {
     info_field(direct, "clients", "blocked_clients")
         .await
@@ -317,11 +328,7 @@ async fn client_unblock_error_gives_a_blocked_tierd_client_redis_unblocked_error
     let mut direct = direct_raw(&redis, None).await;
 
     // Redis directly: what the unblocker and the blocked client get.
-    let mut blocked = direct_raw(&redis, None).await;
-    let mut other = direct_raw(&redis, None).await;
-    let id = client_id(&mut blocked).await;
-    send(&mut blocked, &["BLPOP", "q", "0"]).await;
-    wait_blocked_clients(&mut direct, 1, 5 * SECOND).await;
+    let (mut blocked, mut other, id) = blocked_directly(&redis, &mut direct).await;
     let want_ack = reply(&mut other, &["CLIENT", "UNBLOCK", &id, "ERROR"]).await;
     let want = next_frame(&mut blocked, "Redis's unblocked client").await;
     assert_frame(&want_ack, b":1\r\n");
@@ -396,11 +403,7 @@ async fn client_unblock_with_reason_foo_gets_redis_exact_error_and_unblocks_nobo
     let mut direct = direct_raw(&redis, None).await;
 
     // Redis directly.
-    let mut blocked = direct_raw(&redis, None).await;
-    let mut other = direct_raw(&redis, None).await;
-    let id = client_id(&mut blocked).await;
-    send(&mut blocked, &["BLPOP", "q", "0"]).await;
-    wait_blocked_clients(&mut direct, 1, 5 * SECOND).await;
+    let (mut blocked, mut other, id) = blocked_directly(&redis, &mut direct).await;
     let want = reply(&mut other, &["CLIENT", "UNBLOCK", &id, "FOO"]).await;
     assert!(want.starts_with(b"-ERR "), "Redis: {:?}", text(&want));
     assert_eq!(blocked_clients(&mut direct).await, "1");
