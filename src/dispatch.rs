@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::command::{classify, ClientSub, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
-use crate::session::{ClientRef, Pinned, ReplyMode, Route, Session, PINNED_CHANNEL};
+use crate::session::{ClientRef, Pinned, ReplyMode, Route, Session, Slot, PINNED_CHANNEL};
 use crate::upstream::{Conn, Credentials, HelloInfo, Identity, ReplyTo, UpstreamError, Upstreamed};
 
 /// What the session does after a request was dispatched.
@@ -59,8 +59,18 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     // and QUIT end the stream; their replies are recognised in it.
     if s.pinned.as_ref().is_some_and(|p| p.stream) {
         return match kind {
-            Kind::Quit => end_stream(s, &req, b"+OK\r\n", false),
-            Kind::Reset => end_stream(s, &req, b"+RESET\r\n", true),
+            // In a stream `+OK` may be any command's reply, so QUIT's cannot
+            // be recognised; but Redis closes the connection after it, and
+            // that ends the stream in order.
+            Kind::Quit => {
+                let flow = forward_stream(s, req);
+                s.quit_on_stream = true;
+                match flow {
+                    Flow::Continue => Flow::Close,
+                    other => other,
+                }
+            }
+            Kind::Reset => reset_stream(s, &req),
             _ => forward_stream(s, req),
         };
     }
@@ -75,6 +85,16 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             Kind::Exec | Kind::Discard => end_transaction(s, req, kind).await,
             // Executed at once, not queued (and not counted).
             Kind::Multi | Kind::Watch => forward(s, req, Want::Pinned, true).await,
+            Kind::PubSub | Kind::Monitor => {
+                // After EXEC the connection would be a stream that the
+                // session did not see start.
+                let name = String::from_utf8_lossy(req.name()).to_uppercase();
+                s.local(error(&format!(
+                    "ERR {name} inside MULTI is not supported by tierd"
+                )));
+                s.state.multi_aborted = true;
+                Flow::Continue
+            }
             Kind::Client(ClientSub::Reply) => {
                 // Redis would stop answering on the connection at EXEC,
                 // which a multiplexing proxy cannot follow.
@@ -224,25 +244,24 @@ fn unsubscribed(s: &mut Session, req: &Request) {
     s.local(out.freeze());
 }
 
-/// QUIT or RESET on a stream: sent down the stream; its reply is the exact
-/// frame `end`, recognised among the pushes.
-fn end_stream(s: &mut Session, req: &Request, end: &'static [u8], reset: bool) -> Flow {
+/// RESET on a stream: sent down the stream; its reply, `+RESET` (which no
+/// message, MONITOR line or other reply can be), is recognised among the
+/// pushes, and the session starts over when it arrives. The reply is never
+/// suppressed: RESET also turns CLIENT REPLY back on.
+fn reset_stream(s: &mut Session, req: &Request) -> Flow {
     let Some(conn) = s.pinned.as_ref().map(|p| p.conn.clone()) else {
         return Flow::Continue;
     };
-    let seq = s.pending_slot();
+    let seq = s.queue.push(Slot::Pending { discard: false });
+    let end = b"+RESET\r\n";
     if let Err(e) = conn.send(&req.raw, ReplyTo::StreamEnd { seq, end }) {
         s.queue.complete(seq, e.to_resp());
         return Flow::Close;
     }
     s.inflight += 1;
     s.inflight_route = Some(Route::Pinned);
-    if reset {
-        s.reset_at = Some(seq);
-        Flow::Continue
-    } else {
-        Flow::Close
-    }
+    s.reset_at = Some(seq);
+    Flow::Continue
 }
 
 /// Which connection a request wants.
@@ -471,11 +490,42 @@ async fn pin_or_reply(s: &mut Session) -> bool {
 
 /// Runs one request alone on the dedicated connection and returns upstream's
 /// reply. Callers have waited for everything in flight.
-async fn alone(s: &Session, raw: &[u8]) -> Result<Bytes, UpstreamError> {
-    match s.pinned.as_ref().map(|p| p.conn.clone()) {
-        Some(conn) => request_inline(&conn, raw).await,
+///
+/// The reply comes on the connection's own channel, behind any pushes
+/// (tracking invalidations, say) that arrive first. Those are taken off the
+/// channel while waiting, so a flood of them can never fill it and stall the
+/// reply, and are replayed in order before the reply is queued.
+async fn alone(s: &mut Session, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+    /// The reply slot of a request that runs alone: outside the queue.
+    const ALONE: u64 = u64::MAX;
+    let mut arrived = Vec::new();
+    let result = match s.pinned.as_mut() {
         None => Err(UpstreamError::unavailable("no dedicated connection")),
+        Some(p) => match p.conn.send(
+            raw,
+            ReplyTo::Owner {
+                seq: ALONE,
+                timed: true,
+            },
+        ) {
+            Err(e) => Err(e),
+            Ok(()) => loop {
+                match p.rx.recv().await {
+                    Some(Upstreamed::Reply { seq: ALONE, reply }) => break reply,
+                    Some(Upstreamed::Closed(e)) => {
+                        arrived.push(Upstreamed::Closed(e.clone()));
+                        break Err(e);
+                    }
+                    Some(ev) => arrived.push(ev),
+                    None => break Err(UpstreamError::unavailable("connection lost")),
+                }
+            },
+        },
+    };
+    for ev in arrived {
+        s.on_upstream(ev, true);
     }
+    result
 }
 
 /// `MULTI` runs alone on the dedicated connection, so that the session
@@ -671,7 +721,11 @@ async fn auth(s: &mut Session, req: Request) -> Flow {
 /// Runs an `AUTH` command (`raw`) for `identity`: on the dedicated
 /// connection when there is one, else on the identity's pool. Returns
 /// upstream's reply.
-async fn verify(s: &Session, identity: &Arc<Identity>, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+async fn verify(
+    s: &mut Session,
+    identity: &Arc<Identity>,
+    raw: &[u8],
+) -> Result<Bytes, UpstreamError> {
     if s.pinned.is_some() {
         return alone(s, raw).await;
     }

@@ -319,6 +319,10 @@ pub struct Session {
     /// A RESET sent down a stream (pub/sub, MONITOR): when its reply (this
     /// slot) arrives, the session starts over.
     pub(crate) reset_at: Option<u64>,
+    /// A QUIT sent down a stream: the session closes when upstream closes
+    /// the dedicated connection after its `+OK`, so that everything before it
+    /// reaches the client first.
+    pub(crate) quit_on_stream: bool,
     out: OutBuf,
     /// This session's entry in `Ctx::clients`.
     pub(crate) entry: Arc<ClientEntry>,
@@ -353,6 +357,7 @@ impl Session {
             stalled: None,
             closing: false,
             reset_at: None,
+            quit_on_stream: false,
             out: OutBuf::default(),
         }
     }
@@ -482,7 +487,15 @@ impl Session {
             }
             self.queue.drain_ready(&mut self.out);
             if !self.out.is_empty() {
-                if let Err(e) = self.out.write_to(&mut wr).await {
+                // A client that does not read must still be killable.
+                let written = tokio::select! {
+                    res = self.out.write_to(&mut wr) => res,
+                    _ = &mut killed => {
+                        tracing::debug!(client = self.id, "killed by CLIENT KILL");
+                        return;
+                    }
+                };
+                if let Err(e) = written {
                     tracing::debug!(client = self.id, error = %e, "client write failed");
                     return;
                 }
@@ -492,7 +505,10 @@ impl Session {
                         .reset(tokio::time::Instant::now() + idle_timeout);
                 }
             }
-            if self.closing && self.queue.len() == 0 {
+            if self.closing
+                && self.queue.len() == 0
+                && !(self.quit_on_stream && self.pinned.is_some())
+            {
                 let _ = wr.shutdown().await;
                 return;
             }
@@ -582,7 +598,7 @@ impl Session {
         self.inflight == 0 && !self.pinned.as_ref().is_some_and(|p| p.stream)
     }
 
-    fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
+    pub(crate) fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
         match ev {
             Upstreamed::Reply { seq, reply } => {
                 let frame = reply.unwrap_or_else(|e| e.to_resp());

@@ -230,21 +230,21 @@ pub fn classify(req: &Request) -> Kind {
 /// `XREADGROUP GROUP group consumer [COUNT count] [BLOCK ms] [NOACK] STREAMS key [key ...] id [id ...]`
 fn blocking_unless_xread(req: &Request) -> Kind {
     let name = req.name();
-    let first_option = if is(name, "XREAD") {
-        1
-    } else if is(name, "XREADGROUP") {
-        // GROUP group consumer
-        4
-    } else {
+    if !(is(name, "XREAD") || is(name, "XREADGROUP")) {
         return Kind::Blocking;
-    };
-    let mut i = first_option;
+    }
+    // Redis's xreadCommand reads the options in any order until STREAMS.
+    let argc = req.args.len();
+    let mut i = 1;
     while let Some(arg) = req.arg(i) {
         let arg: &[u8] = arg;
-        if is(arg, "BLOCK") {
+        let more = argc - i - 1;
+        if is(arg, "BLOCK") && more >= 1 {
             return Kind::Blocking;
-        } else if is(arg, "COUNT") {
+        } else if is(arg, "COUNT") && more >= 1 {
             i += 2;
+        } else if is(arg, "GROUP") && more >= 2 {
+            i += 3;
         } else if is(arg, "NOACK") {
             i += 1;
         } else {
@@ -386,6 +386,47 @@ mod tests {
             classify(&req(&["XREAD", "COUNT", "BLOCK", "STREAMS", "s", "0"])),
             Kind::Plain
         );
+        // Options come in any order, GROUP included.
+        for cmd in [
+            &[
+                "XREADGROUP",
+                "BLOCK",
+                "0",
+                "GROUP",
+                "g",
+                "c",
+                "STREAMS",
+                "s",
+                ">",
+            ][..],
+            &[
+                "XREADGROUP",
+                "COUNT",
+                "1",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">",
+            ],
+            &[
+                "XREADGROUP",
+                "NOACK",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "5",
+                "STREAMS",
+                "s",
+                ">",
+            ],
+        ] {
+            assert_eq!(classify(&req(cmd)), Kind::Blocking, "{cmd:?}");
+        }
     }
 
     #[test]
