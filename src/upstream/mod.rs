@@ -76,9 +76,8 @@ pub enum ReplyTo<'a> {
         timed: bool,
     },
     /// On a dedicated connection in stream mode (pub/sub, MONITOR): frames
-    /// stay pushes until one equals `end` (`+RESET\r\n`, `+OK\r\n` for QUIT),
-    /// which answers `seq`. Neither can be mistaken for a message or a
-    /// MONITOR line.
+    /// stay pushes until one equals `end` (`+RESET\r\n`, which no message,
+    /// MONITOR line or other reply can be), which answers `seq`.
     StreamEnd {
         /// The session's sequence number for the request.
         seq: u64,
