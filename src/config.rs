@@ -8,10 +8,13 @@
 //! `Option` left for defaulted values. Overrides go in *before* validation so that
 //! a bad `--listen` is reported exactly like a bad `listen`. Every validation
 //! error names its field (a dotted path such as `upstream.pool_size`, or the
-//! flag) and says how to fix it. This module owns the config types and the
-//! parsing of durations, sizes and upstream URLs. It must not open sockets, read
-//! environment variables or install logging: it turns text into values, and
-//! `main.rs` decides what to do with them (including what `RUST_LOG` means).
+//! flag) and says how to fix it; a `[[rules]]` field is named by the rule's
+//! 0-based position, as in `rules[2].ttl`. This module owns the config types
+//! and the parsing of durations, sizes and upstream URLs, and compiles rule
+//! patterns with [`crate::cache::glob`], which is pure code. It must not open
+//! sockets, read environment variables or install logging: it turns text into
+//! values, and `main.rs` decides what to do with them (including what
+//! `RUST_LOG` means).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,6 +24,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+
+use crate::cache::glob::Glob;
 
 const KB: usize = 1024;
 const MB: usize = 1024 * KB;
@@ -78,6 +83,14 @@ pub struct Config {
     pub limits: Limits,
     /// The `[log]` section.
     pub log: LogConfig,
+    /// The `[l1]` section.
+    pub l1: L1Config,
+    /// The `[invalidation]` section.
+    pub invalidation: InvalidationConfig,
+    /// The `[[rules]]` entries, in file order: the first rule whose pattern
+    /// matches a key decides how that key is cached. A key that matches no
+    /// rule is not cached. Empty by default.
+    pub rules: Vec<RuleConfig>,
 }
 
 /// Default `upstream.url`.
@@ -208,6 +221,111 @@ impl LogFormat {
     }
 }
 
+/// Default `l1.max_memory`: room for a useful working set without surprising
+/// anyone who runs tierd next to Redis on the same host.
+pub const DEFAULT_L1_MAX_MEMORY: u64 = 256 * MB as u64;
+/// Smallest accepted `l1.max_memory`. Below it the store's per-entry
+/// overhead and its sharding leave too little room to cache anything useful,
+/// and a smaller value is almost always a missing unit (`1024` is bytes).
+pub const MIN_L1_MAX_MEMORY: u64 = MB as u64;
+/// Default `l1.max_value_size`. Larger replies are rare, evict many small
+/// entries at once and are cheap to fetch relative to their size.
+pub const DEFAULT_L1_MAX_VALUE_SIZE: u64 = MB as u64;
+/// Default `l1.sweep_interval`. Expired entries are never served (each
+/// lookup checks the deadline); the sweep only gives their memory back.
+pub const DEFAULT_L1_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The `[l1]` section: the in-process tier as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct L1Config {
+    /// Global byte cap of the L1 store (`l1.max_memory`), including the caps
+    /// rules reserve with their own `max_memory`; at least
+    /// [`MIN_L1_MAX_MEMORY`].
+    pub max_memory: u64,
+    /// Replies longer than this many bytes are not cached
+    /// (`l1.max_value_size`); above 0 and at most `max_memory`.
+    pub max_value_size: u64,
+    /// How often expired entries are swept out (`l1.sweep_interval`); never
+    /// zero.
+    pub sweep_interval: Duration,
+}
+
+/// Default `invalidation.tracking`.
+pub const DEFAULT_TRACKING: TrackingMode = TrackingMode::Default;
+
+/// The `[invalidation]` section: how L1 learns about writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidationConfig {
+    /// How Redis's CLIENT TRACKING is used (`invalidation.tracking`).
+    pub tracking: TrackingMode,
+}
+
+/// How tierd asks Redis to report writes it did not make itself
+/// (`invalidation.tracking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackingMode {
+    /// Default-mode tracking with `OPTIN` on the pooled connections,
+    /// redirected to one tracking connection (`"default"`). Redis remembers
+    /// only the keys tierd cached, up to its `tracking-table-max-keys`; past
+    /// that it sends invalidations for keys that did not change.
+    Default,
+    /// Broadcast tracking with each rule's literal prefix (`"bcast"`). It
+    /// costs Redis no memory, but every write to a matching key sends an
+    /// invalidation to every tierd, cached or not.
+    Bcast,
+    /// No tracking (`"off"`): only writes through this tierd invalidate.
+    /// Writes that bypass it leave L1 stale for up to the rule's `ttl`.
+    Off,
+}
+
+impl TrackingMode {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackingMode::Default => "default",
+            TrackingMode::Bcast => "bcast",
+            TrackingMode::Off => "off",
+        }
+    }
+}
+
+/// Most `[[rules]]` entries accepted. A cache entry names its rule in 16
+/// bits (the store's `MAX_RULES`); far fewer is already hard to read.
+pub const MAX_RULES: usize = u16::MAX as usize;
+/// Default `rules[N].cache`.
+pub const DEFAULT_RULE_CACHE: bool = true;
+/// Default `rules[N].negative`: a nil reply ("no such key") is as worth
+/// caching as a value, and invalidation covers keys that come into being.
+pub const DEFAULT_RULE_NEGATIVE: bool = true;
+
+/// One `[[rules]]` entry, in file order (first match wins). Validation
+/// errors name a rule by its 0-based position in the file: `rules[0].ttl` is
+/// the `ttl` of the first `[[rules]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// The rule's name (`name`), for metrics labels and `CACHE.STATS`.
+    /// Defaults to the pattern as written; unique across rules.
+    pub name: String,
+    /// The keys the rule covers (`match` in the file): a Redis glob with
+    /// `{name}` captures.
+    pub pattern: Glob,
+    /// How long an entry may live in L1 (`ttl`). An entry also never outlives
+    /// its key's remaining upstream TTL. Above zero when `cache` is true;
+    /// `Duration::ZERO` for a rule with `cache = false`.
+    pub ttl: Duration,
+    /// The rule's own byte cap (`max_memory`), reserved out of
+    /// [`L1Config::max_memory`]; `None` shares what the capped rules leave.
+    /// Above 0, and all rules' caps add up to at most `l1.max_memory`.
+    pub max_memory: Option<u64>,
+    /// Whether matching keys are cached at all (`cache`). `false` keeps them
+    /// out of L1, for sensitive keys; such a rule has no `ttl`, no
+    /// `max_memory` and `negative` false.
+    pub cache: bool,
+    /// Whether nil replies for matching keys are cached (`negative`). Always
+    /// false when `cache` is false.
+    pub negative: bool,
+}
+
 /// Values given on the command line. Each one replaces the matching file value
 /// before validation.
 #[derive(Debug, Default, Clone)]
@@ -279,6 +397,9 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            l1: L1Config::default(),
+            invalidation: InvalidationConfig::default(),
+            rules: Vec::new(),
         }
     }
 }
@@ -330,6 +451,24 @@ impl Default for LogConfig {
     }
 }
 
+impl Default for L1Config {
+    fn default() -> L1Config {
+        L1Config {
+            max_memory: DEFAULT_L1_MAX_MEMORY,
+            max_value_size: DEFAULT_L1_MAX_VALUE_SIZE,
+            sweep_interval: DEFAULT_L1_SWEEP_INTERVAL,
+        }
+    }
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> InvalidationConfig {
+        InvalidationConfig {
+            tracking: DEFAULT_TRACKING,
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates a TOML document, with `overrides` applied on top.
     ///
@@ -370,6 +509,9 @@ impl Config {
     /// [`Config::from_toml_str`] accepts again. `threads` shows the resolved
     /// count, and the upstream password, if any, is shown as `***` (a comment at
     /// the top says so), so the output is safe to paste into a bug report.
+    /// Every `[[rules]]` entry is written with its resolved name and all its
+    /// fields, except those a `cache = false` rule may not have and a
+    /// `max_memory` the rule does not set.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         out.push_str(
@@ -379,7 +521,9 @@ impl Config {
              # one back before using this as a config file.\n\n",
         );
         let duration = |d: Duration| toml_string(&format_duration(d));
-        let size = |bytes: usize| toml_string(&format_size(bytes));
+        let size = |bytes: u64| toml_string(&format_size(bytes));
+        // usize is at most 64 bits on every platform tierd builds for.
+        let usize_size = |bytes: usize| size(bytes as u64);
         let (up, lim) = (&self.upstream, &self.limits);
         let sections = [
             (
@@ -393,7 +537,7 @@ impl Config {
                 ],
             ),
             (
-                Some("upstream"),
+                Some("[upstream]"),
                 vec![
                     ("url", toml_string(&up.url.to_string())),
                     ("pool_size", up.pool_size.to_string()),
@@ -404,26 +548,58 @@ impl Config {
                 ],
             ),
             (
-                Some("limits"),
+                Some("[limits]"),
                 vec![
-                    ("proto_max_bulk_len", size(lim.proto_max_bulk_len)),
+                    ("proto_max_bulk_len", usize_size(lim.proto_max_bulk_len)),
                     ("max_args", lim.max_args.to_string()),
-                    ("max_inline_len", size(lim.max_inline_len)),
-                    ("query_buffer_limit", size(lim.query_buffer_limit)),
+                    ("max_inline_len", usize_size(lim.max_inline_len)),
+                    ("query_buffer_limit", usize_size(lim.query_buffer_limit)),
                     ("max_reply_depth", lim.max_reply_depth.to_string()),
                 ],
             ),
             (
-                Some("log"),
+                Some("[log]"),
                 vec![
                     ("level", toml_string(&self.log.level)),
                     ("format", toml_string(self.log.format.as_str())),
                 ],
             ),
+            (
+                Some("[l1]"),
+                vec![
+                    ("max_memory", size(self.l1.max_memory)),
+                    ("max_value_size", size(self.l1.max_value_size)),
+                    ("sweep_interval", duration(self.l1.sweep_interval)),
+                ],
+            ),
+            (
+                Some("[invalidation]"),
+                vec![("tracking", toml_string(self.invalidation.tracking.as_str()))],
+            ),
         ];
-        for (section, entries) in sections {
-            if let Some(name) = section {
-                out.push_str(&format!("\n[{name}]\n"));
+        let rules = self.rules.iter().map(|rule| {
+            let mut entries = vec![
+                ("name", toml_string(&rule.name)),
+                ("match", toml_string(rule.pattern.pattern())),
+            ];
+            // A rule that caches nothing may not set ttl, max_memory or
+            // negative (validation rejects them), so printing them would
+            // not read back.
+            if rule.cache {
+                entries.push(("ttl", duration(rule.ttl)));
+                if let Some(cap) = rule.max_memory {
+                    entries.push(("max_memory", size(cap)));
+                }
+            }
+            entries.push(("cache", rule.cache.to_string()));
+            if rule.cache {
+                entries.push(("negative", rule.negative.to_string()));
+            }
+            (Some("[[rules]]"), entries)
+        });
+        for (header, entries) in sections.into_iter().chain(rules) {
+            if let Some(header) = header {
+                out.push_str(&format!("\n{header}\n"));
             }
             for (key, value) in entries {
                 out.push_str(&format!("{key} = {value}\n"));
@@ -464,6 +640,12 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    l1: FileL1,
+    #[serde(default)]
+    invalidation: FileInvalidation,
+    #[serde(default)]
+    rules: Vec<FileRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,6 +674,32 @@ struct FileLimits {
 struct FileLog {
     level: Option<String>,
     format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileL1 {
+    max_memory: Option<Scalar>,
+    max_value_size: Option<Scalar>,
+    sweep_interval: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInvalidation {
+    tracking: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    name: Option<String>,
+    #[serde(rename = "match")]
+    pattern: Option<String>,
+    ttl: Option<Scalar>,
+    max_memory: Option<Scalar>,
+    cache: Option<bool>,
+    negative: Option<bool>,
 }
 
 /// A duration or size as written: a string with a unit, or a bare integer
@@ -583,15 +791,27 @@ impl FileConfig {
             DEFAULT_SHUTDOWN_TIMEOUT,
         )?;
 
+        // Sections in the order they appear in proxy.toml, so that of two
+        // bad values the one nearer the top is reported.
+        let upstream = self.upstream.validate(overrides)?;
+        let limits = self.limits.validate()?;
+        let log = self.log.validate(overrides)?;
+        let l1 = self.l1.validate()?;
+        let invalidation = self.invalidation.validate()?;
+        let rules = validate_rules(self.rules, &l1)?;
+
         Ok(Config {
             listen,
             threads: resolve_threads(threads),
             max_clients,
             idle_timeout,
             shutdown_timeout,
-            upstream: self.upstream.validate(overrides)?,
-            limits: self.limits.validate()?,
-            log: self.log.validate(overrides)?,
+            upstream,
+            limits,
+            log,
+            l1,
+            invalidation,
+            rules,
         })
     }
 }
@@ -692,8 +912,8 @@ impl FileLimits {
                     "limits.query_buffer_limit",
                     format!(
                         "{} is smaller than {other} ({}): raise query_buffer_limit or lower {other}",
-                        format_size(query_buffer_limit),
-                        format_size(value)
+                        format_size(query_buffer_limit as u64),
+                        format_size(value as u64)
                     ),
                 ));
             }
@@ -758,6 +978,222 @@ impl FileLog {
             }
         };
         Ok(LogConfig { level, format })
+    }
+}
+
+impl FileL1 {
+    fn validate(self) -> Result<L1Config, ConfigError> {
+        let max_memory = size_u64("l1.max_memory", self.max_memory, DEFAULT_L1_MAX_MEMORY)?;
+        if max_memory < MIN_L1_MAX_MEMORY {
+            return Err(invalid(
+                "l1.max_memory",
+                format!(
+                    "{} is too small: use at least {} (a bare integer means bytes; write e.g. \"256mb\")",
+                    format_size(max_memory),
+                    format_size(MIN_L1_MAX_MEMORY)
+                ),
+            ));
+        }
+        let max_value_size = size_u64(
+            "l1.max_value_size",
+            self.max_value_size,
+            DEFAULT_L1_MAX_VALUE_SIZE,
+        )?;
+        if max_value_size == 0 {
+            return Err(invalid(
+                "l1.max_value_size",
+                "must be greater than zero (0 would cache nothing): use e.g. \"1mb\"; to keep \
+                 some keys out of L1, give them a rule with cache = false",
+            ));
+        }
+        if max_value_size > max_memory {
+            return Err(invalid(
+                "l1.max_value_size",
+                format!(
+                    "{} is larger than l1.max_memory ({}): lower max_value_size or raise l1.max_memory",
+                    format_size(max_value_size),
+                    format_size(max_memory)
+                ),
+            ));
+        }
+        let sweep_interval = duration(
+            "l1.sweep_interval",
+            self.sweep_interval,
+            DEFAULT_L1_SWEEP_INTERVAL,
+        )?;
+        non_zero("l1.sweep_interval", sweep_interval)?;
+        Ok(L1Config {
+            max_memory,
+            max_value_size,
+            sweep_interval,
+        })
+    }
+}
+
+impl FileInvalidation {
+    fn validate(self) -> Result<InvalidationConfig, ConfigError> {
+        let tracking = match self.tracking.as_deref() {
+            None => DEFAULT_TRACKING,
+            Some("default") => TrackingMode::Default,
+            Some("bcast") => TrackingMode::Bcast,
+            Some("off") => TrackingMode::Off,
+            Some(other) => {
+                return Err(invalid(
+                    "invalidation.tracking",
+                    format!("unknown mode {other:?}: use \"default\", \"bcast\" or \"off\""),
+                ));
+            }
+        };
+        Ok(InvalidationConfig { tracking })
+    }
+}
+
+fn validate_rules(raw: Vec<FileRule>, l1: &L1Config) -> Result<Vec<RuleConfig>, ConfigError> {
+    if raw.len() > MAX_RULES {
+        return Err(invalid(
+            "rules",
+            format!(
+                "{} rules is too many: use at most {MAX_RULES} (merge rules with a broader match)",
+                raw.len()
+            ),
+        ));
+    }
+    let mut rules: Vec<RuleConfig> = Vec::with_capacity(raw.len());
+    for (index, file) in raw.into_iter().enumerate() {
+        let rule = file.validate(index)?;
+        // Names label metrics and CACHE.STATS rows, so two rules with one
+        // name would merge their figures. Quadratic, but MAX_RULES bounds it
+        // and real files have dozens of rules.
+        if let Some(first) = rules.iter().position(|r| r.name == rule.name) {
+            return Err(invalid(
+                &format!("rules[{index}].name"),
+                format!(
+                    "{:?} is already the name of rules[{first}]: rule names must be unique \
+                     (a rule without a name is named after its match pattern), so set a \
+                     different name on one of them",
+                    rule.name
+                ),
+            ));
+        }
+        rules.push(rule);
+    }
+    // The store carves each capped rule's cache out of the global cap, so
+    // the caps must fit in it; the uncapped rules share what is left.
+    let capped: Vec<u64> = rules.iter().filter_map(|r| r.max_memory).collect();
+    let reserved = capped
+        .iter()
+        .fold(0u64, |sum, cap| sum.saturating_add(*cap));
+    if reserved > l1.max_memory {
+        return Err(invalid(
+            "l1.max_memory",
+            format!(
+                "{} is less than the {} that the {} rules with a max_memory reserve in total: \
+                 raise l1.max_memory or lower the rules' max_memory",
+                format_size(l1.max_memory),
+                format_size(reserved),
+                capped.len()
+            ),
+        ));
+    }
+    Ok(rules)
+}
+
+impl FileRule {
+    fn validate(self, index: usize) -> Result<RuleConfig, ConfigError> {
+        let field = |name: &str| format!("rules[{index}].{name}");
+        let text = self.pattern.ok_or_else(|| {
+            invalid(
+                &field("match"),
+                "is required: give the keys this rule covers as a Redis glob, e.g. \
+                 match = \"user:{id}\"",
+            )
+        })?;
+        if text.is_empty() {
+            return Err(invalid(
+                &field("match"),
+                "is empty, which matches only the empty key: write a glob such as \"user:*\", or \
+                 \"*\" for every key",
+            ));
+        }
+        let pattern = Glob::new(&text)
+            .map_err(|err| invalid(&field("match"), format!("invalid pattern {text:?}: {err}")))?;
+        let name = match self.name {
+            None => text,
+            Some(name) if name.trim().is_empty() => {
+                return Err(invalid(
+                    &field("name"),
+                    "is empty: give the rule a name for metrics and CACHE.STATS, or remove name \
+                     to use the match pattern",
+                ));
+            }
+            Some(name) => name,
+        };
+        let cache = self.cache.unwrap_or(DEFAULT_RULE_CACHE);
+
+        if !cache {
+            // These only shape what a rule caches; on a rule that caches
+            // nothing they are a sign the author meant something else.
+            let set = [
+                ("ttl", self.ttl.is_some()),
+                ("max_memory", self.max_memory.is_some()),
+                ("negative", self.negative.is_some()),
+            ];
+            if let Some((key, _)) = set.into_iter().find(|(_, is_set)| *is_set) {
+                return Err(invalid(
+                    &field(key),
+                    format!("a rule with cache = false caches nothing: remove {key}"),
+                ));
+            }
+            return Ok(RuleConfig {
+                name,
+                pattern,
+                ttl: Duration::ZERO,
+                max_memory: None,
+                cache,
+                negative: false,
+            });
+        }
+
+        let ttl_field = field("ttl");
+        let ttl = match self.ttl {
+            None => {
+                return Err(invalid(
+                    &ttl_field,
+                    "is required: how long an entry may stay in L1, e.g. ttl = \"5m\" \
+                     (or cache = false to keep these keys out of L1)",
+                ));
+            }
+            raw => duration(&ttl_field, raw, Duration::ZERO)?,
+        };
+        if ttl.is_zero() {
+            return Err(invalid(
+                &ttl_field,
+                "must be greater than zero, or nothing would ever be served from L1: use e.g. \
+                 \"30s\", or cache = false to keep these keys out of L1",
+            ));
+        }
+
+        let cap_field = field("max_memory");
+        let max_memory = self
+            .max_memory
+            .map(|raw| byte_count(&cap_field, raw))
+            .transpose()?;
+        if max_memory == Some(0) {
+            return Err(invalid(
+                &cap_field,
+                "must be greater than zero: use e.g. \"64mb\", or remove max_memory to share \
+                 l1.max_memory with the other rules",
+            ));
+        }
+
+        Ok(RuleConfig {
+            name,
+            pattern,
+            ttl,
+            max_memory,
+            cache,
+            negative: self.negative.unwrap_or(DEFAULT_RULE_NEGATIVE),
+        })
     }
 }
 
@@ -850,12 +1286,26 @@ fn duration(field: &str, raw: Option<Scalar>, default: Duration) -> Result<Durat
     }
 }
 
+/// A size in bytes as written: a bare integer or a string with a unit.
+fn byte_count(field: &str, raw: Scalar) -> Result<u64, ConfigError> {
+    match raw {
+        Scalar::Int(v) => {
+            u64::try_from(v).map_err(|_| invalid(field, format!("must not be negative (got {v})")))
+        }
+        Scalar::Text(text) => parse_size(&text).map_err(|msg| invalid(field, msg)),
+    }
+}
+
+/// A byte size that is counted, not allocated at once, so it need not fit
+/// the address space.
+fn size_u64(field: &str, raw: Option<Scalar>, default: u64) -> Result<u64, ConfigError> {
+    raw.map_or(Ok(default), |raw| byte_count(field, raw))
+}
+
 fn size(field: &str, raw: Option<Scalar>, default: usize) -> Result<usize, ConfigError> {
     let bytes = match raw {
         None => return Ok(default),
-        Some(Scalar::Int(v)) => u64::try_from(v)
-            .map_err(|_| invalid(field, format!("must not be negative (got {v})")))?,
-        Some(Scalar::Text(text)) => parse_size(&text).map_err(|msg| invalid(field, msg))?,
+        Some(raw) => byte_count(field, raw)?,
     };
     usize::try_from(bytes).map_err(|_| {
         invalid(
@@ -1006,8 +1456,8 @@ fn format_duration(d: Duration) -> String {
 }
 
 /// Formats a size in the largest binary unit that represents it exactly.
-fn format_size(bytes: usize) -> String {
-    for (unit, per) in [("gb", GB), ("mb", MB), ("kb", KB)] {
+fn format_size(bytes: u64) -> String {
+    for (unit, per) in [("gb", GB as u64), ("mb", MB as u64), ("kb", KB as u64)] {
         if bytes != 0 && bytes % per == 0 {
             return format!("{}{unit}", bytes / per);
         }
@@ -1242,6 +1692,109 @@ mod tests {
         shipped.sort();
         all.sort();
         assert_eq!(shipped, all);
+
+        // There are no rules by default, so rules are shown by the commented
+        // example instead: between them its rules use every rule option.
+        let rule_keys = |config: &toml::Table| -> Vec<String> {
+            let mut out: Vec<String> = config["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|rule| rule.as_table().unwrap().keys().cloned())
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+        let mut full = Config::default();
+        full.rules.push(RuleConfig {
+            name: "n".into(),
+            pattern: Glob::new("k:*").unwrap(),
+            ttl: Duration::from_secs(1),
+            max_memory: Some(1 << 20),
+            cache: true,
+            negative: true,
+        });
+        let example = uncommented_example();
+        assert_eq!(
+            rule_keys(&example.parse().unwrap()),
+            rule_keys(&full.to_toml().parse().unwrap())
+        );
+    }
+
+    /// proxy.toml with its example rules uncommented: the lines between the
+    /// two markers lose their leading "# ".
+    fn uncommented_example() -> String {
+        let shipped = include_str!("../proxy.toml");
+        let begin = "# --- example rules: begin ---";
+        let end = "# --- example rules: end ---";
+        assert_eq!(shipped.matches(begin).count(), 1);
+        assert_eq!(shipped.matches(end).count(), 1);
+        let mut inside = false;
+        let mut out = String::new();
+        for line in shipped.lines() {
+            if line == end {
+                inside = false;
+            }
+            let line = if inside {
+                assert!(line == "#" || line.starts_with("# "), "{line:?}");
+                line.strip_prefix('#').unwrap().trim_start_matches(' ')
+            } else {
+                line
+            };
+            out.push_str(line);
+            out.push('\n');
+            if line == begin {
+                inside = true;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shipped_example_rules_validate() {
+        let c = load(&uncommented_example()).unwrap();
+        let summary: Vec<_> = c
+            .rules
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.pattern.pattern(),
+                    r.ttl.as_secs(),
+                    r.max_memory.map(|m| m >> 20),
+                    r.cache,
+                    r.negative,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("secret:*", "secret:*", 0, None, false, false),
+                ("users", "user:{id}", 3600, None, true, true),
+                (
+                    "project-stats",
+                    "project:{id}:stats",
+                    1800,
+                    None,
+                    true,
+                    true
+                ),
+                ("image-meta", "image:{id}:meta", 7200, Some(64), true, true),
+                ("segmentation", "seg:{id}:*", 86_400, Some(128), true, true),
+                ("sessions", "session:{id}", 86_400, None, true, true),
+                ("search", "search:*", 60, None, true, false),
+            ]
+        );
+        // Everything outside the example is still the defaults.
+        assert_eq!(
+            Config {
+                rules: Vec::new(),
+                ..c
+            },
+            Config::default()
+        );
     }
 
     #[test]
@@ -1268,6 +1821,11 @@ mod tests {
         assert_eq!(c.limits.max_reply_depth, 128);
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.l1.max_memory, 256 << 20);
+        assert_eq!(c.l1.max_value_size, 1 << 20);
+        assert_eq!(c.l1.sweep_interval, Duration::from_secs(1));
+        assert_eq!(c.invalidation.tracking, TrackingMode::Default);
+        assert!(c.rules.is_empty());
         let p = c.parse_limits();
         assert_eq!(
             (p.max_bulk_len, p.max_args, p.max_inline_len),
@@ -1292,6 +1850,10 @@ mod tests {
             ("[limits]\nmax_bulk = 3", "max_bulk"),
             ("[log]\nlevle = \"info\"", "levle"),
             ("[nosuch]\nx = 1", "nosuch"),
+            ("[l1]\nmax_mem = \"1gb\"", "max_mem"),
+            ("[invalidation]\nmode = \"off\"", "mode"),
+            ("[[rules]]\nmatch = \"a\"\nttl = 1\nttll = 2", "ttll"),
+            ("[[rules]]\npattern = \"a\"", "pattern"),
         ] {
             let err = load(text).unwrap_err();
             assert!(matches!(err, ConfigError::Parse { .. }), "{text}: {err:?}");
@@ -1370,12 +1932,258 @@ mod tests {
             ("[log]\nlevel = \"\"", "log.level"),
             ("[log]\nlevel = \"tierd=loud\"", "log.level"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            ("[l1]\nmax_memory = \"1kb\"", "l1.max_memory"),
+            ("[l1]\nmax_memory = -1", "l1.max_memory"),
+            ("[l1]\nmax_memory = \"lots\"", "l1.max_memory"),
+            ("[l1]\nmax_value_size = 0", "l1.max_value_size"),
+            ("[l1]\nmax_value_size = \"1gb\"", "l1.max_value_size"),
+            ("[l1]\nsweep_interval = 0", "l1.sweep_interval"),
+            ("[l1]\nsweep_interval = \"1.5s\"", "l1.sweep_interval"),
+            ("[invalidation]\ntracking = \"on\"", "invalidation.tracking"),
+            ("[[rules]]\nttl = \"1m\"", "rules[0].match"),
+            ("[[rules]]\nmatch = \"\"\nttl = 1", "rules[0].match"),
+            ("[[rules]]\nmatch = \"user:{id\"\nttl = 1", "rules[0].match"),
+            ("[[rules]]\nmatch = \"a\"", "rules[0].ttl"),
+            ("[[rules]]\nmatch = \"a\"\nttl = 0", "rules[0].ttl"),
+            ("[[rules]]\nmatch = \"a\"\nttl = \"-1s\"", "rules[0].ttl"),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = 0",
+                "rules[0].max_memory",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nname = \" \"\nttl = 1",
+                "rules[0].name",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nttl = \"1m\"",
+                "rules[0].ttl",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nmax_memory = \"1mb\"",
+                "rules[0].max_memory",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nnegative = false",
+                "rules[0].negative",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\n[[rules]]\nmatch = \"b\"",
+                "rules[1].ttl",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\n[[rules]]\nmatch = \"a\"\nttl = 2",
+                "rules[1].name",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"300mb\"",
+                "l1.max_memory",
+            ),
         ];
         for (text, field) in cases {
             assert_eq!(field_of(text), field, "{text}");
             let shown = load(text).unwrap_err().to_string();
             assert!(shown.starts_with(&format!("{field}: ")), "{shown}");
         }
+    }
+
+    fn message_of(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn l1_and_invalidation_accept_valid_values() {
+        let c = load(
+            "[l1]\nmax_memory = \"1mb\"\nmax_value_size = \"1mb\"\nsweep_interval = \"250ms\"\n\
+             [invalidation]\ntracking = \"bcast\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.l1,
+            L1Config {
+                max_memory: 1 << 20,
+                max_value_size: 1 << 20,
+                sweep_interval: Duration::from_millis(250),
+            }
+        );
+        assert_eq!(c.invalidation.tracking, TrackingMode::Bcast);
+        // Sizes are counted, not allocated, so they may exceed usize on
+        // 32-bit targets; any u64 that parses is kept exactly.
+        assert_eq!(
+            load("[l1]\nmax_memory = \"4096gb\"").unwrap().l1.max_memory,
+            4096 << 30
+        );
+        for mode in [
+            TrackingMode::Default,
+            TrackingMode::Bcast,
+            TrackingMode::Off,
+        ] {
+            let text = format!("[invalidation]\ntracking = \"{}\"", mode.as_str());
+            assert_eq!(load(&text).unwrap().invalidation.tracking, mode);
+        }
+    }
+
+    #[test]
+    fn l1_errors_say_how_to_fix() {
+        let msg = message_of("[l1]\nmax_memory = 1024");
+        assert!(msg.contains("1kb is too small: use at least 1mb"), "{msg}");
+        let msg = message_of("[l1]\nmax_value_size = \"512mb\"");
+        assert!(
+            msg.contains("512mb is larger than l1.max_memory (256mb)"),
+            "{msg}"
+        );
+        let msg = message_of("[l1]\nmax_value_size = \"0mb\"");
+        assert!(msg.contains("greater than zero"), "{msg}");
+        let msg = message_of("[invalidation]\ntracking = \"Bcast\"");
+        assert_eq!(
+            msg,
+            "invalidation.tracking: unknown mode \"Bcast\": use \"default\", \"bcast\" or \"off\""
+        );
+    }
+
+    #[test]
+    fn rules_keep_file_order_and_resolve_defaults() {
+        let c = load(
+            "[[rules]]\nmatch = \"secret:*\"\ncache = false\n\
+             [[rules]]\nname = \"users\"\nmatch = 'user:{id}:\\*'\nttl = \"1h\"\n\
+             [[rules]]\nmatch = \"search:*\"\nttl = 60\nmax_memory = \"8mb\"\nnegative = false\n\
+             [[rules]]\nmatch = \"*\"\nttl = \"500ms\"\ncache = true",
+        )
+        .unwrap();
+        let secret = &c.rules[0];
+        assert_eq!(secret.name, "secret:*");
+        assert_eq!(secret.pattern, Glob::new("secret:*").unwrap());
+        assert_eq!(secret.ttl, Duration::ZERO);
+        assert_eq!(secret.max_memory, None);
+        assert!(!secret.cache && !secret.negative);
+
+        let users = &c.rules[1];
+        assert_eq!(users.name, "users");
+        assert_eq!(users.pattern.pattern(), "user:{id}:\\*");
+        assert!(users.pattern.matches(b"user:42:*"));
+        assert!(!users.pattern.matches(b"user:42:x"));
+        assert_eq!(users.ttl, Duration::from_secs(3600));
+        assert_eq!(users.max_memory, None);
+        assert!(users.cache && users.negative);
+
+        let search = &c.rules[2];
+        assert_eq!(search.name, "search:*");
+        assert_eq!(search.ttl, Duration::from_secs(60));
+        assert_eq!(search.max_memory, Some(8 << 20));
+        assert!(search.cache && !search.negative);
+
+        assert_eq!(c.rules[3].name, "*");
+        assert_eq!(c.rules[3].ttl, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn rule_errors_say_how_to_fix() {
+        let cases = [
+            ("[[rules]]\nttl = \"1m\"", "rules[0].match: is required"),
+            (
+                "[[rules]]\nmatch = \"user:{id\"\nttl = 1",
+                "rules[0].match: invalid pattern \"user:{id\": unbalanced `{` at byte 5",
+            ),
+            (
+                "[[rules]]\nmatch = \"a:{}\"\nttl = 1",
+                "rules[0].match: invalid pattern \"a:{}\": empty capture",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"",
+                "rules[0].ttl: is required: how long an entry may stay in L1",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = \"0s\"",
+                "rules[0].ttl: must be greater than zero",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nttl = \"1m\"",
+                "rules[0].ttl: a rule with cache = false caches nothing: remove ttl",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nmax_memory = 1",
+                "rules[0].max_memory: a rule with cache = false caches nothing: remove max_memory",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nnegative = true",
+                "rules[0].negative: a rule with cache = false caches nothing: remove negative",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"0kb\"",
+                "rules[0].max_memory: must be greater than zero",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = message_of(text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn duplicate_rule_names_name_both_rules() {
+        // Explicit names.
+        let msg = message_of(
+            "[[rules]]\nname = \"x\"\nmatch = \"a\"\nttl = 1\n\
+             [[rules]]\nmatch = \"b\"\nttl = 1\n\
+             [[rules]]\nname = \"x\"\nmatch = \"c\"\nttl = 1",
+        );
+        assert!(
+            msg.starts_with("rules[2].name: \"x\" is already the name of rules[0]"),
+            "{msg}"
+        );
+        // A default name (the pattern) clashing with an explicit one.
+        let msg = message_of(
+            "[[rules]]\nname = \"b:*\"\nmatch = \"a\"\nttl = 1\n\
+             [[rules]]\nmatch = \"b:*\"\ncache = false",
+        );
+        assert!(
+            msg.starts_with("rules[1].name: \"b:*\" is already the name of rules[0]"),
+            "{msg}"
+        );
+        assert!(msg.contains("named after its match pattern"), "{msg}");
+        // The same pattern twice with different names is allowed (the second
+        // never matches, but that is for a linter, not a load error).
+        load(
+            "[[rules]]\nname = \"one\"\nmatch = \"a\"\nttl = 1\n\
+             [[rules]]\nname = \"two\"\nmatch = \"a\"\nttl = 1",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rule_caps_must_fit_the_global_cap() {
+        let rules = "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"100mb\"\n\
+                     [[rules]]\nmatch = \"b\"\nttl = 1\n\
+                     [[rules]]\nmatch = \"c\"\nttl = 1\nmax_memory = \"200mb\"\n";
+        assert_eq!(
+            message_of(rules),
+            "l1.max_memory: 256mb is less than the 300mb that the 2 rules with a max_memory \
+             reserve in total: raise l1.max_memory or lower the rules' max_memory"
+        );
+        let c = load(&format!("[l1]\nmax_memory = \"300mb\"\n{rules}")).unwrap();
+        assert_eq!(c.rules[0].max_memory, Some(100 << 20));
+        assert_eq!(c.rules[1].max_memory, None);
+        // Sums that would overflow u64 are still caught.
+        let huge = "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"16000000000gb\"\n\
+                    [[rules]]\nmatch = \"b\"\nttl = 1\nmax_memory = \"16000000000gb\"\n";
+        assert_eq!(field_of(huge), "l1.max_memory");
+    }
+
+    #[test]
+    fn too_many_rules_is_an_error() {
+        let l1 = L1Config::default();
+        let rules = |n: usize| {
+            (0..n)
+                .map(|i| FileRule {
+                    pattern: Some(format!("k{i}")),
+                    cache: Some(false),
+                    ..FileRule::default()
+                })
+                .collect::<Vec<_>>()
+        };
+        let err = validate_rules(rules(MAX_RULES + 1), &l1).unwrap_err();
+        assert_eq!(err.field(), Some("rules"));
+        assert!(err.to_string().contains("at most 65535"), "{err}");
+        assert_eq!(validate_rules(rules(3), &l1).unwrap().len(), 3);
     }
 
     #[test]
@@ -1656,6 +2464,32 @@ mod tests {
             Config::default()
         );
         assert!(plain.to_toml().starts_with('#'));
+    }
+
+    #[test]
+    fn to_toml_round_trips_l1_invalidation_and_rules() {
+        let text = "[l1]\nmax_memory = \"1gb\"\nmax_value_size = \"1000\"\nsweep_interval = \"1500ms\"\n\
+                    [invalidation]\ntracking = \"off\"\n\
+                    [[rules]]\nmatch = \"secret:*\"\ncache = false\n\
+                    [[rules]]\nname = \"users \\\"v2\\\"\"\nmatch = 'user:{id}:\\{x\\}[a-z]?'\nttl = \"1h\"\n\
+                    [[rules]]\nname = \"seg\"\nmatch = \"seg:{id}:*\"\nttl = \"1d\"\nmax_memory = \"200mb\"\n\
+                    [[rules]]\nmatch = \"search:*\"\nttl = 90\nnegative = false\n";
+        let original = load(text).unwrap();
+        assert_eq!(original.rules.len(), 4);
+        assert_eq!(original.rules[1].name, "users \"v2\"");
+        let printed = original.to_toml();
+        assert_eq!(load(&printed).unwrap(), original, "{printed}");
+        // Every rule is printed with its resolved name and all its fields,
+        // bar the ones a cache = false rule may not have.
+        assert!(printed.contains(
+            "\n[[rules]]\nname = \"secret:*\"\nmatch = \"secret:*\"\ncache = false\n\n[[rules]]"
+        ));
+        assert!(printed.contains(
+            "\n[[rules]]\nname = \"seg\"\nmatch = \"seg:{id}:*\"\nttl = \"1d\"\n\
+             max_memory = \"200mb\"\ncache = true\nnegative = true\n"
+        ));
+        assert!(printed.contains("\n[l1]\nmax_memory = \"1gb\"\nmax_value_size = \"1000b\"\n"));
+        assert!(printed.contains("\n[invalidation]\ntracking = \"off\"\n"));
     }
 
     #[test]

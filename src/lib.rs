@@ -14,12 +14,17 @@
 //!   arguments) into what the session must do with it. Never allocates.
 //! - [`session`]: one task per client. Ordered reply queue for pipelining,
 //!   protocol version, db, identity, and the pinned upstream connection.
-//! - [`dispatch`]: the one place that decides where a request goes (a local
-//!   reply, the shared pool or the client's pinned connection). The L1 tier
-//!   goes here, between classification and upstream.
-//! - [`cache`]: the L1 tier (so far: the Redis-compatible glob matcher rules use).
+//! - [`dispatch`]: the one place that decides where a request goes (an L1
+//!   hit, a local reply, the shared pool or the client's pinned connection),
+//!   and the invalidations that go with writes.
+//! - [`cache`]: the L1 tier: rules (Redis-compatible globs), the byte-capped
+//!   store with its fill marks and flush epochs. No I/O.
 //! - [`upstream`]: multiplexed, pipelined connections to Redis, pooled per
 //!   protocol version and identity, plus dedicated (pinned) connections.
+//!
+//! The control plane runs beside them: [`invalidation`] holds the tracking
+//! link (Redis `CLIENT TRACKING` reports → L1 invalidations) and reads the
+//! `COMMAND` table the classification uses.
 //!
 //! Around them: [`config`] and [`cli`] (loading and validating `proxy.toml`),
 //! [`server`] (accept loop, connection limit, shutdown), [`shutdown`] and
@@ -33,6 +38,7 @@ pub mod command;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod invalidation;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -70,6 +70,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let ctx = Arc::new(Ctx::new(config.clone()));
+    // Dropped when this function returns, which stops the control plane.
+    let (_control_alive, control_stop) = tokio::sync::watch::channel(());
+    start_control_plane(&ctx, &control_stop);
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(effective_max_clients(&config)));
@@ -96,6 +99,36 @@ pub async fn run(
     }
     tracing::info!("tierd stopped");
     result
+}
+
+/// Starts the background tasks that keep L1 coherent and tidy: the
+/// tracking link (which also reads the command table) and the periodic
+/// expiry sweep. Without a caching rule there is nothing for them to do.
+fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) {
+    let Some(l1) = ctx.l1.clone() else {
+        return;
+    };
+    let control = crate::invalidation::tracking::Control {
+        upstream: ctx.upstream.clone(),
+        table: ctx.table.clone(),
+        l1: l1.clone(),
+        tracking: ctx.tracking.clone(),
+    };
+    tokio::spawn(crate::invalidation::tracking::run(control, stop.clone()));
+    let interval = ctx.config.l1.sweep_interval;
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    l1.store.sweep(std::time::Instant::now());
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    });
 }
 
 async fn accept_loop(

@@ -25,8 +25,12 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::cache::L1;
+use crate::command::{CommandTable, TableCell};
 use crate::config::Config;
+use crate::dispatch::cache::{Hook, PendingFill, SIDE};
 use crate::dispatch::Flow;
+use crate::invalidation::Tracking;
 use crate::protocol::{reply, ParseLimits, Proto, Request, RequestParser};
 use crate::shutdown::Shutdown;
 use crate::upstream::{Conn, Identity, Inbox, Upstream, Upstreamed};
@@ -74,7 +78,13 @@ pub struct Ctx {
     /// The validated configuration.
     pub config: Arc<Config>,
     /// Upstream pools and identities.
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
+    /// The L1 tier; `None` when no rule caches anything.
+    pub l1: Option<Arc<L1>>,
+    /// The command table read from upstream.
+    pub table: Arc<TableCell>,
+    /// Whether upstream tracking is live, for fills.
+    pub tracking: Arc<Tracking>,
     /// Request parser limits, from the configuration.
     pub parse_limits: ParseLimits,
     next_client_id: AtomicU64,
@@ -86,9 +96,21 @@ pub struct Ctx {
 impl Ctx {
     /// Builds the shared context (and starts the default upstream pool).
     pub fn new(config: Arc<Config>) -> Ctx {
-        let upstream = Upstream::new(&config);
+        let upstream = Arc::new(Upstream::new(&config));
+        let l1 = match L1::new(&config) {
+            Ok(l1) => l1.map(Arc::new),
+            Err(e) => {
+                // Config validation checks the same limits; this would be a
+                // bug, and serving without L1 beats not serving.
+                tracing::error!(error = %e, "L1 tier disabled");
+                None
+            }
+        };
         Ctx {
             parse_limits: config.parse_limits(),
+            tracking: Arc::new(Tracking::new(config.invalidation.tracking)),
+            l1,
+            table: Arc::new(TableCell::default()),
             config,
             upstream,
             next_client_id: AtomicU64::new(CLIENT_ID_BASE),
@@ -326,6 +348,23 @@ pub struct Session {
     out: OutBuf,
     /// This session's entry in `Ctx::clients`.
     pub(crate) entry: Arc<ClientEntry>,
+    /// The command table this session classifies with, and its generation
+    /// in [`Ctx::table`].
+    pub(crate) table: Option<Arc<CommandTable>>,
+    pub(crate) table_gen: u64,
+    /// What to do when the reply to request `seq` arrives (L1 fills,
+    /// invalidation after a write), by queue sequence number.
+    pub(crate) hooks: std::collections::HashMap<u64, Hook>,
+    /// L1 fills waiting for their `PTTL` replies, by fill id.
+    pub(crate) fills: std::collections::HashMap<u64, PendingFill>,
+    pub(crate) next_fill: u64,
+    /// Writes sent and not yet answered: while there are any, this session
+    /// reads around L1, so that a reply cached by another client just
+    /// before the write ran cannot answer this client's next read.
+    pub(crate) writes_in_flight: usize,
+    /// Writes queued inside the current MULTI: their second invalidation
+    /// runs when EXEC's reply arrives.
+    pub(crate) multi_hooks: Vec<Hook>,
 }
 
 impl Drop for Session {
@@ -359,7 +398,25 @@ impl Session {
             reset_at: None,
             quit_on_stream: false,
             out: OutBuf::default(),
+            table: None,
+            table_gen: 0,
+            hooks: std::collections::HashMap::new(),
+            fills: std::collections::HashMap::new(),
+            next_fill: 0,
+            writes_in_flight: 0,
+            multi_hooks: Vec::new(),
         }
+    }
+
+    /// The current command table, refreshed when the control plane has read
+    /// a new one.
+    pub(crate) fn command_table(&mut self) -> Option<Arc<CommandTable>> {
+        let gen = self.ctx.table.generation();
+        if gen != self.table_gen {
+            self.table = self.ctx.table.get();
+            self.table_gen = gen;
+        }
+        self.table.clone()
     }
 
     /// What `id` names: a live tierd client, a tierd client that is gone, or
@@ -380,6 +437,7 @@ impl Session {
         self.identity = self.ctx.upstream.default_identity();
         self.pinned = None;
         self.spare = None;
+        self.multi_hooks.clear();
         self.note_pinned();
     }
 
@@ -601,7 +659,16 @@ impl Session {
     pub(crate) fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
         match ev {
             Upstreamed::Reply { seq, reply } => {
-                let frame = reply.unwrap_or_else(|e| e.to_resp());
+                if seq & SIDE != 0 {
+                    crate::dispatch::cache::side_reply(self, seq, reply);
+                    return;
+                }
+                let mut frame = reply.unwrap_or_else(|e| e.to_resp());
+                if !self.hooks.is_empty() {
+                    if let Some(hook) = self.hooks.remove(&seq) {
+                        frame = crate::dispatch::cache::after_reply(self, hook, frame);
+                    }
+                }
                 if self.queue.complete(seq, frame) {
                     self.inflight = self.inflight.saturating_sub(1);
                     if self.inflight == 0 {
@@ -625,6 +692,13 @@ impl Session {
                 tracing::debug!(client = self.id, source = err.source().as_str(), error = %err, "dedicated upstream connection lost");
                 let resp = err.to_resp();
                 let pending: Vec<u64> = (self.queue.base..self.queue.next_seq()).collect();
+                for seq in &pending {
+                    if let Some(hook) = self.hooks.remove(seq) {
+                        // The write may or may not have run: invalidate as
+                        // if it had.
+                        crate::dispatch::cache::after_reply(self, hook, resp.clone());
+                    }
+                }
                 for seq in pending {
                     if self.queue.complete(seq, resp.clone()) {
                         self.inflight = self.inflight.saturating_sub(1);

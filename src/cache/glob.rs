@@ -241,6 +241,17 @@ impl fmt::Display for Glob {
     }
 }
 
+// Two globs are equal when they were written the same: the compiled program,
+// the Redis form and the capture names are all derived from the text. This is
+// what lets the validated `Config`, which holds rule patterns, derive `Eq`.
+impl PartialEq for Glob {
+    fn eq(&self, other: &Self) -> bool {
+        self.pattern() == other.pattern()
+    }
+}
+
+impl Eq for Glob {}
+
 /// Index just past the run of `*` starting at `i`; Redis collapses a run
 /// into one star.
 fn skip_stars(pattern: &[u8], mut i: usize) -> usize {

@@ -8,4 +8,49 @@
 //! and the rule matcher be tested and benchmarked without a server.
 
 pub mod glob;
+pub mod rules;
 pub mod store;
+
+pub use rules::{Rule, Rules};
+pub use store::{FillToken, RuleStats, Store, StoreError, Variant};
+
+use crate::config::Config;
+
+/// The L1 tier as the rest of tierd sees it: the rules and the store they
+/// index into (rule `i` is store rule `i`).
+#[derive(Debug)]
+pub struct L1 {
+    /// Cached replies.
+    pub store: Store,
+    /// Which keys are cached, and how.
+    pub rules: Rules,
+}
+
+impl L1 {
+    /// The L1 tier for a configuration, or `None` when no rule caches
+    /// anything (then tierd is a plain proxy and skips every lookup).
+    ///
+    /// # Errors
+    ///
+    /// The store's own validation (caps, rule count), which config
+    /// validation already checks.
+    pub fn new(config: &Config) -> Result<Option<L1>, StoreError> {
+        let rules = Rules::from_config(&config.rules);
+        if !rules.any_cached() {
+            return Ok(None);
+        }
+        let store = Store::new(store::StoreConfig {
+            max_memory: config.l1.max_memory,
+            max_value_size: config.l1.max_value_size,
+            rules: config
+                .rules
+                .iter()
+                .map(|r| store::RuleCap {
+                    name: r.name.clone(),
+                    max_memory: r.max_memory,
+                })
+                .collect(),
+        })?;
+        Ok(Some(L1 { store, rules }))
+    }
+}

@@ -785,6 +785,28 @@ impl Store {
         found
     }
 
+    /// Like [`Store::get`] for the first of `variants` that is cached,
+    /// counting one hit or one miss in all.
+    pub fn get_any(
+        &self,
+        rule: usize,
+        key: &[u8],
+        variants: &[&Variant],
+        now: Instant,
+    ) -> Option<Bytes> {
+        let slot = self.rules.get(rule)?;
+        let found = variants
+            .iter()
+            .find_map(|v| self.lookup(slot.cache, key, v, now));
+        let counter = if found.is_some() {
+            &slot.counters.hits
+        } else {
+            &slot.counters.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
     fn lookup(&self, cache: usize, key: &[u8], variant: &Variant, now: Instant) -> Option<Bytes> {
         let all = self.all_floor.load(Ordering::SeqCst);
         if all == SUSPENDED {

@@ -49,9 +49,13 @@ pub enum Kind {
     /// `CLIENT TRACKING`, `CLIENT NO-EVICT`, `CLIENT NO-TOUCH`: state that
     /// lives on the upstream connection, so the client needs its own.
     ClientPinning,
-    /// `CLIENT CACHING yes|no`: only meaningful on the connection that has
-    /// tracking enabled.
+    /// `CLIENT CACHING`, `CLIENT TRACKINGINFO`, `CLIENT GETREDIR`: about
+    /// the client's own tracking, which only a client with a dedicated
+    /// connection has. (tierd's pooled connections may have tracking on for
+    /// L1, which must not show through.)
     ClientCaching,
+    /// `CACHE.*`: tierd's own commands.
+    Cache,
     /// Commands that would take over a shared connection (replication).
     Refused(&'static str),
 }
@@ -102,6 +106,7 @@ impl Kind {
             Kind::Client(_) => "client-local",
             Kind::ClientPinning => "client-pinning",
             Kind::ClientCaching => "client-caching",
+            Kind::Cache => "cache",
             Kind::Refused(_) => "refused",
         }
     }
@@ -115,6 +120,13 @@ fn is(name: &[u8], what: &str) -> bool {
 /// upstream's own error.
 pub fn classify(req: &Request) -> Kind {
     let name = req.name();
+    if name.len() > 6
+        && name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"CACHE."))
+    {
+        return Kind::Cache;
+    }
     // Dispatch on length first: the common commands (GET, SET, ...) fall
     // through after one or two comparisons.
     match name.len() {
@@ -276,7 +288,7 @@ fn classify_client(req: &Request) -> Kind {
         Kind::Client(ClientSub::Unblock)
     } else if is(sub, "TRACKING") || is(sub, "NO-EVICT") || is(sub, "NO-TOUCH") {
         Kind::ClientPinning
-    } else if is(sub, "CACHING") {
+    } else if is(sub, "CACHING") || is(sub, "TRACKINGINFO") || is(sub, "GETREDIR") {
         Kind::ClientCaching
     } else {
         Kind::Plain

@@ -571,6 +571,49 @@ impl Command {
         !self.tips.nondeterministic_output && !self.flags.random
     }
 
+    /// The one key of a request whose reply tierd may cache, or `None`.
+    ///
+    /// Cacheable means: [`Command::is_read_only`], [`Command::is_deterministic`]
+    /// (which rules out `TTL`, `PTTL`, `OBJECT …`, `SRANDMEMBER`, `SCAN` …),
+    /// not blocking or pub/sub, and exactly one key by a single key spec that
+    /// starts at an index (`GET k`, `HGETALL k`, `EXISTS k`, but not `EXISTS
+    /// a b` or `MGET a b`, which tierd splits itself). `TOUCH` is excluded
+    /// although it only reads: its whole point is its side effect on the
+    /// key's access time, which a cached reply would skip. So is `XINFO`,
+    /// whose reply changes without a tracking invalidation (see below).
+    pub fn cacheable_key<'a>(&self, args: &'a [Bytes]) -> Option<&'a [u8]> {
+        if !self.is_read_only()
+            || !self.is_deterministic()
+            || self.flags.blocking
+            || self.flags.pubsub
+            || self.name == "touch"
+            // Consumer-group changes (XGROUP, XREADGROUP, XACK …) and
+            // XSETID change what XINFO shows without Redis 7 sending a
+            // tracking invalidation for the stream, so a cached XINFO
+            // could not be kept coherent.
+            || self.name.starts_with("xinfo")
+            || !self.arity_allows(args.len())
+        {
+            return None;
+        }
+        let [spec] = self.key_specs.as_slice() else {
+            return None;
+        };
+        if spec.flags.not_key
+            || spec.flags.incomplete
+            || !matches!(spec.begin_search, BeginSearch::Index(_))
+        {
+            return None;
+        }
+        let argc = i64::try_from(args.len()).ok()?;
+        match spec_range(spec, args, argc) {
+            Found::Range { first, last, .. } if first == last => {
+                args.get(usize::try_from(first).ok()?).map(|k| &k[..])
+            }
+            _ => None,
+        }
+    }
+
     /// The subcommand called `name` (`get` finds `config|get`),
     /// case-insensitively. A linear scan: the largest container (`CLIENT`)
     /// has about twenty.

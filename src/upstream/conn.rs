@@ -18,6 +18,7 @@
 //! This module knows nothing of sessions, commands or the cache.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{Credentials, HelloInfo, Inbox, ReplyTo, Settings, UpstreamError, Upstreamed};
+use super::{
+    Credentials, HelloInfo, Inbox, ReplyTo, Settings, SetupHook, UpstreamError, Upstreamed,
+};
 use crate::protocol::{inspect, reply, Proto, ReplyFramer};
 
 /// How one request's reply gets back to the session that sent it.
@@ -92,6 +95,14 @@ struct Inner {
     wake_writer: Notify,
     /// Where pushes go; `Some` exactly for dedicated connections.
     pushes: Option<mpsc::Sender<Upstreamed>>,
+    /// Pooled connections of the default identity: the extra setup command.
+    hook: Option<Arc<SetupHook>>,
+    /// The hook generation upstream accepted on the current connection (0:
+    /// none). Cleared when the connection is lost.
+    setup_gen: AtomicU64,
+    /// Bumped on every (re)connect, so that a reply to a setup command sent
+    /// on an earlier connection is not credited to the current one.
+    incarnation: AtomicU64,
 }
 
 /// A handle to an upstream connection. Clones share the connection; when the
@@ -109,15 +120,18 @@ impl Conn {
         settings: Arc<Settings>,
         proto: Proto,
         creds: Option<Credentials>,
+        hook: Option<Arc<SetupHook>>,
     ) -> Conn {
         let (alive_tx, alive_rx) = watch::channel(());
-        let inner = Arc::new(Inner::new(
+        let mut inner = Inner::new(
             settings,
             proto,
             creds,
             None,
             Status::Connecting { queue: true },
-        ));
+        );
+        inner.hook = hook;
+        let inner = Arc::new(inner);
         tokio::spawn(supervise(inner.clone(), alive_rx));
         Conn {
             inner,
@@ -137,7 +151,8 @@ impl Conn {
         creds: Option<Credentials>,
         pushes: mpsc::Sender<Upstreamed>,
     ) -> Result<Conn, UpstreamError> {
-        let (stream, handshake) = connect_and_setup(&settings, proto, creds.as_ref()).await?;
+        let (stream, handshake, _) =
+            connect_and_setup(&settings, proto, creds.as_ref(), None).await?;
         let (alive_tx, mut alive_rx) = watch::channel(());
         let inner = Arc::new(Inner::new(
             settings,
@@ -171,6 +186,17 @@ impl Conn {
     /// `UpstreamError::Unavailable` at once when the connection is down; it
     /// never waits.
     pub fn send(&self, raw: &[u8], to: ReplyTo<'_>) -> Result<(), UpstreamError> {
+        self.send_all(&[(raw, to)])
+    }
+
+    /// Queues several requests back to back: no other sender's request can
+    /// come between them on the wire (a `CLIENT CACHING YES` must be
+    /// followed by the read it is for). Each reply goes to its own `ReplyTo`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Conn::send`]; then none of them was queued.
+    pub fn send_all(&self, requests: &[(&[u8], ReplyTo<'_>)]) -> Result<(), UpstreamError> {
         let was_empty;
         {
             let mut st = self.inner.state.lock();
@@ -182,33 +208,8 @@ impl Conn {
                 Status::Down(err) => return Err(err.clone()),
             }
             was_empty = st.out.is_empty();
-            st.out.extend_from_slice(raw);
-            let waiter = match to {
-                ReplyTo::Nobody => None,
-                ReplyTo::Inbox { seq, inbox, timed } => Some(Waiter {
-                    seq,
-                    inbox: Some(inbox.clone()),
-                    timed,
-                    until: None,
-                }),
-                ReplyTo::Owner { seq, timed } => Some(Waiter {
-                    seq,
-                    inbox: None,
-                    timed,
-                    until: None,
-                }),
-                ReplyTo::StreamEnd { seq, end } => Some(Waiter {
-                    seq,
-                    inbox: None,
-                    timed: false,
-                    until: Some(end),
-                }),
-            };
-            if let Some(w) = waiter {
-                if st.waiters.is_empty() {
-                    st.last_progress = Instant::now();
-                }
-                st.waiters.push_back(w);
+            for &(raw, to) in requests {
+                st.push(raw, to);
             }
         }
         // The writer takes the whole buffer each time it runs, so only the
@@ -245,9 +246,84 @@ impl Conn {
     pub fn proto(&self) -> Proto {
         self.inner.proto
     }
+
+    /// The [`SetupHook`] generation upstream accepted on the current
+    /// connection; 0 when none (no hook, not connected, or refused).
+    pub fn setup_gen(&self) -> u64 {
+        self.inner.setup_gen.load(Ordering::SeqCst)
+    }
+
+    /// Runs a new version of the setup command on this (already
+    /// established) connection and records `gen` once upstream accepts it.
+    /// Returns whether it did; a connection that reconnected meanwhile ran
+    /// the hook's current version in its handshake instead.
+    ///
+    /// # Errors
+    ///
+    /// When the connection is down or lost before the reply.
+    pub async fn apply_setup(&self, gen: u64, command: &[u8]) -> Result<bool, UpstreamError> {
+        let incarnation = self.inner.incarnation.load(Ordering::SeqCst);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.send(
+            command,
+            ReplyTo::Inbox {
+                seq: 0,
+                inbox: &tx,
+                timed: true,
+            },
+        )?;
+        let reply = match rx.recv().await {
+            Some(Upstreamed::Reply { reply, .. }) => reply?,
+            _ => return Err(UpstreamError::unavailable("connection lost")),
+        };
+        if !inspect::is_ok(&reply) {
+            tracing::warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "upstream refused a connection setup command");
+            return Ok(false);
+        }
+        let st = self.inner.state.lock();
+        if matches!(st.status, Status::Up)
+            && self.inner.incarnation.load(Ordering::SeqCst) == incarnation
+        {
+            self.inner.setup_gen.store(gen, Ordering::SeqCst);
+            return Ok(true);
+        }
+        Ok(false)
+    }
 }
 
 impl State {
+    /// Appends one request and registers who gets its reply, in wire order.
+    fn push(&mut self, raw: &[u8], to: ReplyTo<'_>) {
+        self.out.extend_from_slice(raw);
+        let waiter = match to {
+            ReplyTo::Nobody => None,
+            ReplyTo::Inbox { seq, inbox, timed } => Some(Waiter {
+                seq,
+                inbox: Some(inbox.clone()),
+                timed,
+                until: None,
+            }),
+            ReplyTo::Owner { seq, timed } => Some(Waiter {
+                seq,
+                inbox: None,
+                timed,
+                until: None,
+            }),
+            ReplyTo::StreamEnd { seq, end } => Some(Waiter {
+                seq,
+                inbox: None,
+                timed: false,
+                until: Some(end),
+            }),
+        };
+        if let Some(w) = waiter {
+            if self.waiters.is_empty() {
+                self.last_progress = Instant::now();
+            }
+            self.waiters.push_back(w);
+        }
+    }
+
     fn learn(&mut self, handshake: Handshake) {
         match handshake {
             Handshake::Hello(info) => {
@@ -286,6 +362,9 @@ impl Inner {
             }),
             wake_writer: Notify::new(),
             pushes,
+            hook: None,
+            setup_gen: AtomicU64::new(0),
+            incarnation: AtomicU64::new(0),
         }
     }
 
@@ -294,6 +373,7 @@ impl Inner {
     fn fail_all(&self, err: UpstreamError) {
         let waiters = {
             let mut st = self.state.lock();
+            self.setup_gen.store(0, Ordering::SeqCst);
             st.status = Status::Down(err.clone());
             st.out.clear();
             st.hello = None;
@@ -321,14 +401,17 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
     let mut failures: u32 = 0;
     loop {
         inner.state.lock().status = Status::Connecting { queue };
+        let setup = inner.hook.as_ref().and_then(|h| h.current());
         let attempt = tokio::select! {
-            res = connect_and_setup(&settings, inner.proto, inner.creds.as_ref()) => res,
+            res = connect_and_setup(&settings, inner.proto, inner.creds.as_ref(), setup) => res,
             _ = alive.changed() => return,
         };
         match attempt {
-            Ok((stream, handshake)) => {
+            Ok((stream, handshake, setup_gen)) => {
                 {
                     let mut st = inner.state.lock();
+                    inner.incarnation.fetch_add(1, Ordering::SeqCst);
+                    inner.setup_gen.store(setup_gen, Ordering::SeqCst);
                     st.status = Status::Up;
                     st.learn(handshake);
                     st.last_progress = Instant::now();
@@ -366,13 +449,29 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
     }
 }
 
+/// A control-plane connection: the handshake, then the bare socket.
+pub(super) async fn control(
+    settings: &Settings,
+    proto: Proto,
+    creds: Option<&Credentials>,
+) -> Result<(TcpStream, HelloInfo), UpstreamError> {
+    match connect_and_setup(settings, proto, creds, None).await? {
+        (stream, Handshake::Hello(info), _) => Ok((stream, info)),
+        (_, Handshake::NoAuth(reply), _) => Err(UpstreamError::Rejected(reply)),
+    }
+}
+
 /// Connects and runs the setup handshake: `HELLO proto [AUTH user pass]`,
-/// then `SELECT db` when the URL names one.
+/// then `SELECT db` when the URL names one, then the setup hook's command
+/// (`setup`: its generation and bytes) if there is one. Returns the
+/// generation upstream accepted, 0 if none or refused (the connection is
+/// still usable; the caller sees the generation does not match).
 async fn connect_and_setup(
     settings: &Settings,
     proto: Proto,
     creds: Option<&Credentials>,
-) -> Result<(TcpStream, Handshake), UpstreamError> {
+    setup: Option<(u64, Bytes)>,
+) -> Result<(TcpStream, Handshake, u64), UpstreamError> {
     let work = async {
         let mut stream = TcpStream::connect(settings.addr.as_str())
             .await
@@ -391,6 +490,9 @@ async fn connect_and_setup(
         let db = settings.db.to_string();
         if settings.db != 0 {
             req.extend_from_slice(&reply::encode_command(&[b"SELECT", db.as_bytes()]));
+        }
+        if let Some((_, command)) = &setup {
+            req.extend_from_slice(command);
         }
         stream.write_all(&req).await.map_err(io_lost)?;
 
@@ -414,12 +516,21 @@ async fn connect_and_setup(
                 return Err(UpstreamError::Rejected(select_reply));
             }
         }
+        let mut setup_gen = 0;
+        if let Some((gen, _)) = setup {
+            let reply = read_frame(&mut stream, &mut buf, settings.max_depth).await?;
+            if inspect::is_ok(&reply) {
+                setup_gen = gen;
+            } else if matches!(handshake, Handshake::Hello(_)) {
+                tracing::warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "upstream refused the connection setup command");
+            }
+        }
         if !buf.is_empty() {
             return Err(UpstreamError::unavailable(
                 "unexpected data after connection setup",
             ));
         }
-        Ok((stream, handshake))
+        Ok((stream, handshake, setup_gen))
     };
     match tokio::time::timeout(settings.connect_timeout, work).await {
         Ok(res) => res,
@@ -527,6 +638,12 @@ async fn read_loop(inner: &Inner, mut r: OwnedReadHalf) -> UpstreamError {
 /// Hands one reply frame to whoever is waiting for it.
 async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
     let push = reply::is_push(&frame);
+    if push && inner.pushes.is_none() && inner.hook.is_some() && is_tracking_push(&frame) {
+        // The setup hook turned tracking on for this shared connection; its
+        // pushes (a redirect that broke when the tracking link dropped) are
+        // tierd's, not the client's whose reply comes next.
+        return Ok(());
+    }
     if push && inner.pushes.is_none() {
         // On a shared connection a push (e.g. `DEBUG PROTOCOL push`) belongs
         // to the client whose request is being answered: Redis sends it just
@@ -599,6 +716,18 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
         (None, None) => {}
     }
     Ok(())
+}
+
+/// Whether a push is a client-tracking message (`invalidate`,
+/// `tracking-redir-broken`).
+fn is_tracking_push(frame: &[u8]) -> bool {
+    let Some(els) = inspect::elements(frame, 2) else {
+        return false;
+    };
+    matches!(
+        els.first().and_then(|k| inspect::string_payload(k)),
+        Some(b"invalidate" | b"tracking-redir-broken")
+    )
 }
 
 /// Delivers on a dedicated connection's bounded channel. While the channel

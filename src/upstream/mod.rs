@@ -25,6 +25,8 @@ use tokio::sync::mpsc;
 pub use conn::Conn;
 pub use pool::Pool;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::config::Config;
 use crate::protocol::{inspect, reply, Proto};
 
@@ -210,6 +212,42 @@ impl HelloInfo {
     }
 }
 
+/// One extra command that every pooled connection of the default identity
+/// runs right after its handshake, and again whenever the command changes:
+/// the control plane uses it to point each connection's `CLIENT TRACKING`
+/// at its tracking link. Each version of the command has a generation
+/// number; a connection remembers the generation upstream last accepted
+/// ([`Conn::setup_gen`]), so a caller can tell whether a connection runs the
+/// current version. Generation 0 means "none".
+///
+/// This module runs the command and reports the outcome; what it means is
+/// the caller's business.
+#[derive(Debug, Default)]
+pub struct SetupHook {
+    /// The current (generation, command). Sync lock, held only to copy it.
+    current: Mutex<Option<(u64, Bytes)>>,
+    next_gen: AtomicU64,
+}
+
+impl SetupHook {
+    /// Installs `command` as the new version and returns its generation.
+    pub fn set(&self, command: Bytes) -> u64 {
+        let gen = self.next_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.current.lock() = Some((gen, command));
+        gen
+    }
+
+    /// Removes the command: connections made from now on run none.
+    pub fn clear(&self) {
+        *self.current.lock() = None;
+    }
+
+    /// The current version, if any.
+    pub fn current(&self) -> Option<(u64, Bytes)> {
+        self.current.lock().clone()
+    }
+}
+
 /// Connection settings shared by every upstream connection.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -228,13 +266,27 @@ pub struct Identity {
     settings: Arc<Settings>,
     creds: Option<Credentials>,
     pools: [OnceLock<Pool>; 2],
+    /// The default identity's pooled connections run this after their
+    /// handshake; other identities have none.
+    hook: Option<Arc<SetupHook>>,
 }
 
 impl Identity {
     /// The shared pool for `proto`, started on first use.
     pub fn pool(&self, proto: Proto) -> &Pool {
-        self.pools[proto.index()]
-            .get_or_init(|| Pool::new(self.settings.clone(), proto, self.creds.clone()))
+        self.pools[proto.index()].get_or_init(|| {
+            Pool::new(
+                self.settings.clone(),
+                proto,
+                self.creds.clone(),
+                self.hook.clone(),
+            )
+        })
+    }
+
+    /// The pool for `proto` if it has been started.
+    pub fn started_pool(&self, proto: Proto) -> Option<&Pool> {
+        self.pools[proto.index()].get()
     }
 
     /// Opens a connection for one session's exclusive use.
@@ -257,11 +309,28 @@ impl Identity {
     }
 }
 
+/// Upstream timing settings, for control-plane tasks that keep their own
+/// connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `upstream.connect_timeout`.
+    pub connect: Duration,
+    /// `upstream.command_timeout`.
+    pub command: Duration,
+    /// `upstream.backoff_min`.
+    pub backoff_min: Duration,
+    /// `upstream.backoff_max`.
+    pub backoff_max: Duration,
+    /// `limits.max_reply_depth`.
+    pub max_depth: usize,
+}
+
 /// Everything upstream: the default identity (from the URL) and the
 /// identities clients authenticated as.
 pub struct Upstream {
     settings: Arc<Settings>,
     default: Arc<Identity>,
+    hook: Arc<SetupHook>,
     /// Identities in use by some session; an entry dies with its last user.
     /// Sync lock, held only to look up or insert.
     others: Mutex<HashMap<Credentials, Weak<Identity>>>,
@@ -295,16 +364,51 @@ impl Upstream {
                 Bytes::from(pass.clone().into_bytes()),
             )
         });
+        let hook = Arc::new(SetupHook::default());
         let default = Arc::new(Identity {
             settings: settings.clone(),
             creds,
             pools: [OnceLock::new(), OnceLock::new()],
+            hook: Some(hook.clone()),
         });
         default.pool(Proto::Resp2);
         Upstream {
             settings,
             default,
+            hook,
             others: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The setup hook of the default identity's pooled connections.
+    pub fn setup_hook(&self) -> &Arc<SetupHook> {
+        &self.hook
+    }
+
+    /// Opens a connection of the default identity for a control-plane task
+    /// (the tracking link, reading `COMMAND`): connected, authenticated and
+    /// past the `HELLO` handshake, then handed over as a plain socket with
+    /// upstream's `HELLO` reply. It is not pooled, supervised or timed.
+    ///
+    /// # Errors
+    ///
+    /// Connect, setup or timeout failures, as for any connection.
+    pub async fn control_connection(
+        &self,
+        proto: Proto,
+    ) -> Result<(tokio::net::TcpStream, HelloInfo), UpstreamError> {
+        conn::control(&self.settings, proto, self.default.creds.as_ref()).await
+    }
+
+    /// Settings the control plane needs: command timeout, reconnect backoff
+    /// and the reply depth cap.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.settings.connect_timeout,
+            command: self.settings.command_timeout,
+            backoff_min: self.settings.backoff_min,
+            backoff_max: self.settings.backoff_max,
+            max_depth: self.settings.max_depth,
         }
     }
 
@@ -312,6 +416,11 @@ impl Upstream {
     /// authenticate.
     pub fn default_identity(&self) -> Arc<Identity> {
         self.default.clone()
+    }
+
+    /// Whether `identity` is the default identity (the URL's credentials).
+    pub fn is_default(&self, identity: &Arc<Identity>) -> bool {
+        Arc::ptr_eq(identity, &self.default)
     }
 
     /// The identity for these credentials, shared by every session
@@ -329,6 +438,7 @@ impl Upstream {
             settings: self.settings.clone(),
             creds: Some(creds.clone()),
             pools: [OnceLock::new(), OnceLock::new()],
+            hook: None,
         });
         others.insert(creds, Arc::downgrade(&id));
         id

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{Conn, Credentials, Settings};
+use super::{Conn, Credentials, Settings, SetupHook};
 use crate::protocol::Proto;
 
 /// Multiplexed connections shared by every session of one identity and
@@ -18,9 +18,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(settings: Arc<Settings>, proto: Proto, creds: Option<Credentials>) -> Pool {
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        proto: Proto,
+        creds: Option<Credentials>,
+        hook: Option<Arc<SetupHook>>,
+    ) -> Pool {
         let conns = (0..settings.pool_size.max(1))
-            .map(|_| Conn::pooled(settings.clone(), proto, creds.clone()))
+            .map(|_| Conn::pooled(settings.clone(), proto, creds.clone(), hook.clone()))
             .collect();
         Pool {
             conns,
@@ -38,6 +43,11 @@ impl Pool {
             .map(|i| (start + i) % n)
             .find(|&i| self.conns[i].is_up())
             .unwrap_or(start)
+    }
+
+    /// Every connection of the pool.
+    pub fn conns(&self) -> &[Conn] {
+        &self.conns
     }
 
     /// Connection number `i` (as returned by [`Pool::pick`]).

@@ -5,6 +5,7 @@
 
 /// One command at a time on a [`Raw`] connection, with a reply limit.
 pub mod exchange;
+pub mod l1;
 /// Polling and Redis-side probes for the state and fault tests.
 pub mod probe;
 /// A throttled relay between tierd and Redis.

@@ -16,8 +16,13 @@
 //!   `HELLO`, `RESET`) wait for everything in flight, then run to completion
 //!   before the next request is looked at.
 //!
-//! This module calls down into `upstream` and `protocol`; it never touches
-//! sockets of its own.
+//! The L1 tier's side of this (lookups, fills, invalidation around writes)
+//! is in [`cache`].
+//!
+//! This module calls down into `cache`, `upstream` and `protocol`; it never
+//! touches sockets of its own.
+
+pub(crate) mod cache;
 
 use std::sync::Arc;
 
@@ -95,6 +100,11 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 s.state.multi_aborted = true;
                 Flow::Continue
             }
+            Kind::Cache => {
+                s.local(error("ERR CACHE commands inside MULTI are not supported"));
+                s.state.multi_aborted = true;
+                Flow::Continue
+            }
             Kind::Client(ClientSub::Reply) => {
                 // Redis would stop answering on the connection at EXEC,
                 // which a multiplexing proxy cannot follow.
@@ -108,6 +118,10 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 if let Some(effect) = queued_effect(kind, &req) {
                     s.state.queued_effects.push((s.state.queued, effect));
                 }
+                // Invalidated now and again when EXEC's reply arrives.
+                if let Some(hook) = cache::before_write(s, &req) {
+                    s.multi_hooks.push(hook);
+                }
                 s.state.queued += 1;
                 forward(s, req, Want::Pinned, true).await
             }
@@ -115,9 +129,22 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     }
 
     match kind {
-        Kind::Plain if req.raw.len() > LARGE_REQUEST => forward(s, req, Want::Pinned, true).await,
-        Kind::Plain => forward(s, req, Want::Any, true).await,
-        Kind::Blocking => forward(s, req, Want::Pinned, false).await,
+        Kind::Plain if req.raw.len() > LARGE_REQUEST => {
+            let hook = cache::before_write(s, &req);
+            forward_hooked(s, req, Want::Pinned, true, hook).await
+        }
+        Kind::Plain => {
+            let req = match cache::read(s, req) {
+                Ok(flow) => return flow,
+                Err(req) => req,
+            };
+            let hook = cache::before_write(s, &req);
+            forward_hooked(s, req, Want::Any, true, hook).await
+        }
+        Kind::Blocking => {
+            let hook = cache::before_write(s, &req);
+            forward_hooked(s, req, Want::Pinned, false, hook).await
+        }
         Kind::Multi => multi(s, req).await,
         Kind::Exec | Kind::Discard => {
             let flow = forward(s, req, Want::Any, true).await;
@@ -172,7 +199,15 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             }
             flow
         }
+        Kind::ClientCaching if !s.state.tracking => {
+            client_tracking_query(s, &req);
+            Flow::Continue
+        }
         Kind::ClientCaching => forward(s, req, Want::Any, true).await,
+        Kind::Cache => {
+            cache::command(s, &req);
+            Flow::Continue
+        }
         Kind::Client(sub) => client_local(s, sub, req).await,
         Kind::Select => select(s, req).await,
         Kind::Auth => auth(s, req).await,
@@ -361,20 +396,22 @@ async fn ensure_pinned(s: &mut Session) -> Result<(), UpstreamError> {
 
 /// Sends a request upstream on its route; its reply fills a queue slot.
 async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow {
+    forward_hooked(s, req, want, timed, None).await
+}
+
+/// [`forward`], with a hook to run when the reply arrives.
+async fn forward_hooked(
+    s: &mut Session,
+    req: Request,
+    want: Want,
+    timed: bool,
+    hook: Option<cache::Hook>,
+) -> Flow {
     let route = choose(s, want);
     if must_wait(s, Some(route)) {
         return Flow::Stall(req);
     }
-    if route != Route::Pinned && s.pinned.is_some() {
-        // Nothing in flight on it and no state needs it any more: keep it
-        // as a spare (unless it streams, which only RESET ends).
-        if let Some(p) = s.pinned.take() {
-            if !p.stream {
-                s.spare = Some(p);
-            }
-        }
-        s.note_pinned();
-    }
+    leave_pinned(s, route);
     let conn = match route {
         Route::Pinned => {
             if !pin_or_reply(s).await {
@@ -387,14 +424,38 @@ async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow
         }
         Route::Pool { proto, idx, .. } => s.identity.pool(proto).conn(idx).clone(),
     };
-    send(s, &conn, route, &req.raw, timed);
+    send_hooked(s, &conn, route, &req.raw, timed, hook);
     Flow::Continue
 }
 
-/// Sends on `conn` and accounts for the reply; a refused send is answered
-/// at once.
-fn send(s: &mut Session, conn: &Conn, route: Route, raw: &[u8], timed: bool) {
+/// A request goes to the pool: a dedicated connection with nothing in
+/// flight and no state that needs it is kept as a spare (unless it streams,
+/// which only RESET ends).
+fn leave_pinned(s: &mut Session, route: Route) {
+    if route != Route::Pinned && s.pinned.is_some() {
+        if let Some(p) = s.pinned.take() {
+            if !p.stream {
+                s.spare = Some(p);
+            }
+        }
+        s.note_pinned();
+    }
+}
+
+/// Sends on `conn` and accounts for the reply, registering `hook` for it;
+/// a refused send is answered at once.
+fn send_hooked(
+    s: &mut Session,
+    conn: &Conn,
+    route: Route,
+    raw: &[u8],
+    timed: bool,
+    hook: Option<cache::Hook>,
+) {
     let seq = s.pending_slot();
+    if let Some(hook) = hook {
+        cache::register(s, seq, hook);
+    }
     let to = match route {
         Route::Pinned => ReplyTo::Owner { seq, timed },
         Route::Pool { .. } => ReplyTo::Inbox {
@@ -409,9 +470,54 @@ fn send(s: &mut Session, conn: &Conn, route: Route, raw: &[u8], timed: bool) {
             s.inflight_route = Some(route);
         }
         Err(e) => {
-            s.queue.complete(seq, e.to_resp());
+            let mut frame = e.to_resp();
+            if let Some(hook) = s.hooks.remove(&seq) {
+                frame = cache::after_reply(s, hook, frame);
+            }
+            s.queue.complete(seq, frame);
         }
     }
+}
+
+/// `CLIENT CACHING`, `CLIENT TRACKINGINFO` and `CLIENT GETREDIR` from a
+/// client without tracking, answered as Redis answers them for such a
+/// client. (Forwarded, they would describe the tracking tierd's own pooled
+/// connections have for L1.) Malformed ones go upstream for Redis's exact
+/// error, which does not depend on tracking.
+fn client_tracking_query(s: &mut Session, req: &Request) {
+    let sub = req
+        .arg(1)
+        .map(|a| a.to_ascii_lowercase())
+        .unwrap_or_default();
+    let argc = req.args.len();
+    let mut out = BytesMut::new();
+    match (&sub[..], argc) {
+        (b"caching", 3) => reply::error(
+            &mut out,
+            b"ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
+        ),
+        (b"getredir", 2) => reply::integer(&mut out, -1),
+        (b"trackinginfo", 2) => {
+            reply::map_header(&mut out, 3, s.state.proto);
+            reply::bulk(&mut out, b"flags");
+            match s.state.proto {
+                Proto::Resp2 => reply::array_header(&mut out, 1),
+                Proto::Resp3 => out.extend_from_slice(b"~1\r\n"),
+            }
+            reply::bulk(&mut out, b"off");
+            reply::bulk(&mut out, b"redirect");
+            reply::integer(&mut out, -1);
+            reply::bulk(&mut out, b"prefixes");
+            reply::array_header(&mut out, 0);
+        }
+        _ => {
+            let name = String::from_utf8_lossy(&sub).into_owned();
+            out.extend_from_slice(&error(&format!(
+                "ERR wrong number of arguments for 'client|{name}' command"
+            )));
+        }
+    }
+    s.local(out.freeze());
 }
 
 /// Pub/sub and MONITOR mode: pass through, no reply slot.
@@ -584,14 +690,23 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
         return Flow::Continue;
     }
     if kind != Kind::Exec || s.state.queued_effects.is_empty() {
-        let flow = forward(s, req, Want::Pinned, true).await;
+        if must_wait(s, Some(Route::Pinned)) {
+            return Flow::Stall(req);
+        }
+        let hook = exec_hook(s, kind);
+        let flow = forward_hooked(s, req, Want::Pinned, true, hook).await;
         end_multi(s);
         return flow;
     }
     if must_wait(s, None) {
         return Flow::Stall(req);
     }
-    match alone(s, &req.raw).await {
+    let hook = exec_hook(s, kind);
+    let result = alone(s, &req.raw).await;
+    if let Some(hook) = hook {
+        cache::run_now(s, hook);
+    }
+    match result {
         Ok(reply) => {
             let results = inspect::elements(&reply, s.ctx.config.limits.max_reply_depth)
                 .filter(|_| reply.first() == Some(&b'*'))
@@ -612,8 +727,16 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
     Flow::Continue
 }
 
+/// The invalidations still owed for the writes queued in this transaction:
+/// run when EXEC's reply arrives; dropped by DISCARD.
+fn exec_hook(s: &mut Session, kind: Kind) -> Option<cache::Hook> {
+    let hooks = std::mem::take(&mut s.multi_hooks);
+    (kind == Kind::Exec && !hooks.is_empty()).then_some(cache::Hook::Many(hooks))
+}
+
 /// The transaction is over (EXEC or DISCARD): so is any WATCH.
 fn end_multi(s: &mut Session) {
+    s.multi_hooks.clear();
     s.state.multi = false;
     s.state.watching = false;
     s.state.multi_aborted = false;

@@ -1,0 +1,180 @@
+//! Caching rules: which keys go into L1, for how long, under which cap.
+//!
+//! Rules come from `[[rules]]` in the configuration and are tried in order;
+//! the first whose pattern matches a key decides for it, so a narrow
+//! `cache = false` rule placed first keeps sensitive keys out of a broad rule
+//! after it. This file matches keys to rules and derives the tracking
+//! prefixes for `BCAST` mode; it does no I/O and holds no cached data.
+
+use std::time::Duration;
+
+use crate::cache::glob::Glob;
+use crate::config::RuleConfig;
+
+/// One rule, ready for matching.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// The rule's name (stats, metrics, commands).
+    pub name: String,
+    /// The key pattern.
+    pub pattern: Glob,
+    /// L1 lifetime of an entry.
+    pub ttl: Duration,
+    /// Whether matching keys are cached at all.
+    pub cache: bool,
+    /// Whether nil replies are cached.
+    pub negative: bool,
+}
+
+/// The rules in match order. A rule's index here is its index in the L1
+/// store.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    rules: Vec<Rule>,
+}
+
+impl Rules {
+    /// The rules of a configuration, in file order.
+    pub fn from_config(rules: &[RuleConfig]) -> Rules {
+        Rules {
+            rules: rules
+                .iter()
+                .map(|r| Rule {
+                    name: r.name.clone(),
+                    pattern: r.pattern.clone(),
+                    ttl: r.ttl,
+                    cache: r.cache,
+                    negative: r.negative,
+                })
+                .collect(),
+        }
+    }
+
+    /// The rule that caches `key`: the first rule whose pattern matches,
+    /// if that rule caches. `None` when no rule matches or the first match
+    /// is a `cache = false` rule.
+    pub fn find(&self, key: &[u8]) -> Option<(usize, &Rule)> {
+        let (index, rule) = self
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.pattern.matches(key))?;
+        rule.cache.then_some((index, rule))
+    }
+
+    /// Whether any rule caches anything.
+    pub fn any_cached(&self) -> bool {
+        self.rules.iter().any(|r| r.cache)
+    }
+
+    /// All rules, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter()
+    }
+
+    /// How many rules there are.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The prefixes `CLIENT TRACKING … BCAST` needs so that every key a
+    /// caching rule can match is covered: each caching rule's literal
+    /// prefix, minus those another prefix already covers (Redis refuses
+    /// overlapping prefixes on one connection). An empty list means every
+    /// key: some caching rule starts with a wildcard.
+    pub fn bcast_prefixes(&self) -> Vec<Vec<u8>> {
+        let mut prefixes: Vec<Vec<u8>> = self
+            .rules
+            .iter()
+            .filter(|r| r.cache)
+            .map(|r| r.pattern.literal_prefix())
+            .collect();
+        if prefixes.iter().any(Vec::is_empty) {
+            return Vec::new();
+        }
+        prefixes.sort();
+        prefixes.dedup();
+        // Sorted, a prefix comes right before the strings it covers, and
+        // the last one kept is the only one that can cover the next.
+        let mut kept: Vec<Vec<u8>> = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            if kept.last().is_some_and(|k| p.starts_with(k)) {
+                continue;
+            }
+            kept.push(p);
+        }
+        kept
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rule(pattern: &str, cache: bool) -> RuleConfig {
+        RuleConfig {
+            name: pattern.to_owned(),
+            pattern: Glob::new(pattern).unwrap(),
+            ttl: if cache {
+                Duration::from_secs(60)
+            } else {
+                Duration::ZERO
+            },
+            max_memory: None,
+            cache,
+            negative: true,
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_cache_false_shields() {
+        let rules = Rules::from_config(&[
+            rule("secret:*", false),
+            rule("user:{id}", true),
+            rule("*", true),
+        ]);
+        assert_eq!(rules.find(b"secret:x"), None);
+        assert_eq!(rules.find(b"user:1").map(|(i, _)| i), Some(1));
+        assert_eq!(rules.find(b"other").map(|(i, _)| i), Some(2));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let rules = Rules::from_config(&[rule("user:*", true)]);
+        assert!(rules.find(b"users").is_none());
+        assert!(rules.find(b"user:").is_some());
+    }
+
+    #[test]
+    fn bcast_prefixes_drop_covered_ones() {
+        let rules = Rules::from_config(&[
+            rule("user:{id}:profile", true),
+            rule("user:*", true),
+            rule("us?r", true),
+            rule("image:{id}:meta", true),
+            rule("secret:*", false),
+        ]);
+        assert_eq!(
+            rules.bcast_prefixes(),
+            vec![b"image:".to_vec(), b"us".to_vec()]
+        );
+    }
+
+    #[test]
+    fn bcast_prefixes_empty_means_all() {
+        let rules = Rules::from_config(&[rule("user:*", true), rule("*:x", true)]);
+        assert!(rules.bcast_prefixes().is_empty());
+    }
+
+    impl PartialEq for Rule {
+        fn eq(&self, other: &Rule) -> bool {
+            self.name == other.name
+        }
+    }
+}

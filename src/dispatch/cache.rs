@@ -1,0 +1,780 @@
+//! Where dispatch meets the L1 tier: lookups, fills, and the invalidations
+//! that go with writes.
+//!
+//! - **Reads.** A read-only, deterministic, single-key command (by the
+//!   upstream's own `COMMAND` table) whose key a caching rule matches is
+//!   answered from L1 when the entry is there. Otherwise it goes upstream on
+//!   the session's pooled connection as part of a *fill*: `CLIENT CACHING
+//!   YES` (in `default` tracking mode, so Redis remembers the key for
+//!   tierd), the client's own request, then `PTTL key`, written back to back
+//!   ([`Conn::send_all`]). The client's reply passes through untouched; the
+//!   reply is cached once the `PTTL` arrives, for the shorter of the rule's
+//!   ttl and the key's remaining upstream TTL, and only if no invalidation
+//!   of the key arrived meanwhile (the store's fill marks).
+//! - **MGET** is split per key: hits answer locally, the misses go upstream
+//!   in one `MGET`, and the client's reply is assembled in key order.
+//! - **Writes** invalidate their keys (from the table's key specs) before
+//!   they are forwarded and again when their reply arrives. Writes whose
+//!   keys cannot be known flush L1; `FLUSHDB`, `FLUSHALL` and `SWAPDB` flush
+//!   exactly their dbs.
+//!
+//! Only the default identity's clients, outside MULTI and without a
+//! dedicated connection, read from or fill L1: what a reply holds may depend
+//! on who asks (ACLs) and on connection state. Everyone's writes
+//! invalidate.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{choose, error, leave_pinned, must_wait, needs_pin, Flow, Want};
+use crate::cache::{FillToken, Variant, L1};
+use crate::command::{Command, Keys};
+use crate::protocol::parse::string2ll;
+use crate::protocol::{inspect, reply, Proto, Request};
+use crate::session::{Route, Session};
+use crate::upstream::{Conn, ReplyTo, UpstreamError};
+
+/// Sequence numbers of the requests tierd adds to a fill (`CLIENT CACHING
+/// YES`, `PTTL`) have this bit set: their replies are tierd's, never a
+/// client's, and never occupy a slot in the reply queue.
+pub(crate) const SIDE: u64 = 1 << 63;
+
+/// A side request's sequence number: the fill id above this many bits, the
+/// key's index in the fill below.
+const SIDE_INDEX_BITS: u32 = 16;
+
+/// Most keys one `MGET` fills; further misses are fetched but not cached.
+const MAX_FILL_KEYS: usize = 1 << SIDE_INDEX_BITS;
+
+/// The side index of a fill's `CLIENT CACHING YES`, whose `+OK` is dropped.
+const CACHING_INDEX: u64 = (1 << SIDE_INDEX_BITS) - 1;
+
+/// What to do when the reply to a request arrives.
+pub(crate) enum Hook {
+    /// A write: invalidate its keys again, now that it ran.
+    Invalidate(Vec<Bytes>),
+    /// A write that empties dbs, or whose keys cannot be known.
+    Flush(Flush),
+    /// A single-key read being filled: the reply passes through and is kept
+    /// for fill `id`.
+    Fill(u64),
+    /// A split `MGET`: the client's reply is assembled from `parts` and the
+    /// upstream `MGET` of the misses; fill `id` caches what came back.
+    Mget {
+        /// The fill, if any key is being cached.
+        fill: Option<u64>,
+        /// One per key of the client's `MGET`.
+        parts: Vec<Part>,
+    },
+    /// `EXEC`: the hooks of the writes it ran.
+    Many(Vec<Hook>),
+}
+
+/// Which dbs a flush empties.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Flush {
+    /// Every db (`FLUSHALL`, or a write whose keys are unknown).
+    All,
+    /// One db (`FLUSHDB`).
+    Db(u32),
+    /// Two dbs (`SWAPDB a b`).
+    Swap(u32, u32),
+    /// Every db, unless the reply is an error: a command the table does not
+    /// know (upstream refuses it, unless a module was loaded since).
+    AllUnlessError,
+}
+
+/// One key of a split `MGET`.
+pub(crate) enum Part {
+    /// Answered from L1.
+    Hit(Bytes),
+    /// Element `n` of the upstream `MGET`'s reply.
+    Miss(usize),
+}
+
+/// A fill in flight: the replies, once they arrive, and their `PTTL`s.
+pub(crate) struct PendingFill {
+    /// When the requests were sent: expiries count from here, so they err
+    /// early.
+    sent: Instant,
+    entries: Vec<FillEntry>,
+    /// `PTTL` replies still to come.
+    pttls_left: usize,
+}
+
+struct FillEntry {
+    token: FillToken,
+    rule: usize,
+    ttl: Duration,
+    negative: bool,
+    variant: Variant,
+    /// For an `MGET`: which element of the upstream reply is this key's.
+    element: usize,
+    reply: Option<Bytes>,
+    pttl: Option<i64>,
+}
+
+/// Whether this session may use L1 at all: the default identity, no state
+/// that pins it, not a stream.
+fn eligible(s: &Session) -> bool {
+    s.ctx.upstream.is_default(&s.identity)
+        && !needs_pin(s)
+        && !s.pinned.as_ref().is_some_and(|p| p.stream)
+}
+
+/// Tries to answer a read from L1 or send it as a fill. `Err` gives the
+/// request back when L1 has nothing to do with it.
+pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
+    let Some(l1) = s.ctx.l1.clone() else {
+        return Err(req);
+    };
+    if !eligible(s) || s.writes_in_flight > 0 {
+        return Err(req);
+    }
+    let Some(table) = s.command_table() else {
+        return Err(req);
+    };
+    if req.name().eq_ignore_ascii_case(b"MGET") {
+        return mget(s, &l1, req);
+    }
+    let Some(command) = table.resolve(&req.args) else {
+        return Err(req);
+    };
+    let Some(key) = command.cacheable_key(&req.args) else {
+        return Err(req);
+    };
+    let Some((rule_index, rule)) = l1.rules.find(key) else {
+        return Err(req);
+    };
+    let variant = Variant::from_args(s.state.db, s.state.proto, &req.args);
+    if let Some(hit) = l1.store.get(rule_index, key, &variant, Instant::now()) {
+        s.local(hit);
+        return Ok(Flow::Continue);
+    }
+    let (ttl, negative) = (rule.ttl, rule.negative);
+    let key = Bytes::copy_from_slice(key);
+    let Some((conn, route)) = fill_conn(s) else {
+        return Err(req);
+    };
+    let Some(token) = l1.store.begin_fill(&key) else {
+        return Err(req);
+    };
+    let entry = FillEntry {
+        token,
+        rule: rule_index,
+        ttl,
+        negative,
+        variant,
+        element: 0,
+        reply: None,
+        pttl: None,
+    };
+    let id = s.next_fill;
+    s.next_fill += 1;
+    let seq = s.pending_slot();
+    s.fills.insert(
+        id,
+        PendingFill {
+            sent: Instant::now(),
+            entries: vec![entry],
+            pttls_left: 1,
+        },
+    );
+    register(s, seq, Hook::Fill(id));
+    send_fill(s, &conn, route, seq, Some(id), &req.raw, &[key]);
+    Ok(Flow::Continue)
+}
+
+/// The pooled connection a fill goes out on, if tracking will report
+/// changes to what is read on it. `None` means "forward normally".
+fn fill_conn(s: &mut Session) -> Option<(Conn, Route)> {
+    let route = choose(s, Want::Any);
+    let Route::Pool { proto, idx, .. } = route else {
+        return None;
+    };
+    if must_wait(s, Some(route)) {
+        return None;
+    }
+    let conn = s.identity.pool(proto).conn(idx).clone();
+    if !s.ctx.tracking.fill_allowed(&conn) {
+        return None;
+    }
+    leave_pinned(s, route);
+    Some((conn, route))
+}
+
+/// Writes a fill: `CLIENT CACHING YES` (when tracking opts in), the
+/// client's request (`raw`, answering queue slot `seq`, whose hook is
+/// registered), then one `PTTL` per key of fill `id`. Without a fill, just
+/// the request.
+fn send_fill(
+    s: &mut Session,
+    conn: &Conn,
+    route: Route,
+    seq: u64,
+    fill: Option<u64>,
+    raw: &[u8],
+    keys: &[Bytes],
+) {
+    let id = fill.unwrap_or(0);
+    let pttls: Vec<Bytes> = keys
+        .iter()
+        .map(|k| reply::encode_command(&[b"PTTL", k]))
+        .collect();
+    let inbox = s.inbox.clone();
+    let side = |index: u64| ReplyTo::Inbox {
+        seq: SIDE | (id << SIDE_INDEX_BITS) | index,
+        inbox: &inbox,
+        timed: true,
+    };
+    let mut requests: Vec<(&[u8], ReplyTo<'_>)> = Vec::with_capacity(keys.len() + 2);
+    if fill.is_some() && s.ctx.tracking.opt_in() {
+        requests.push((
+            b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n",
+            side(CACHING_INDEX),
+        ));
+    }
+    requests.push((
+        raw,
+        ReplyTo::Inbox {
+            seq,
+            inbox: &inbox,
+            timed: true,
+        },
+    ));
+    for (i, pttl) in pttls.iter().enumerate() {
+        requests.push((pttl, side(i as u64)));
+    }
+    match conn.send_all(&requests) {
+        Ok(()) => {
+            s.inflight += 1;
+            s.inflight_route = Some(route);
+        }
+        Err(e) => {
+            if let Some(id) = fill {
+                s.fills.remove(&id);
+            }
+            let mut frame = e.to_resp();
+            if let Some(hook) = s.hooks.remove(&seq) {
+                frame = after_reply(s, hook, frame);
+            }
+            s.queue.complete(seq, frame);
+        }
+    }
+}
+
+/// `MGET key [key ...]`, split: hits from L1, misses in one upstream `MGET`.
+fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
+    let keys = req.args.get(1..).unwrap_or_default();
+    if keys.is_empty() {
+        return Err(req);
+    }
+    let now = Instant::now();
+    let (db, proto) = (s.state.db, s.state.proto);
+    let mut parts = Vec::with_capacity(keys.len());
+    let mut misses: Vec<&Bytes> = Vec::new();
+    // Keys to cache: (key, rule, index of its element in the upstream reply).
+    let mut wanted: Vec<(&Bytes, usize, usize)> = Vec::new();
+    for key in keys {
+        let rule = l1.rules.find(key);
+        if let Some((rule_index, _)) = rule {
+            if let Some(hit) = mget_lookup(l1, rule_index, key, db, proto, now) {
+                parts.push(Part::Hit(hit));
+                continue;
+            }
+        }
+        if let Some((rule_index, _)) = rule {
+            if wanted.len() < MAX_FILL_KEYS && !wanted.iter().any(|(k, _, _)| *k == key) {
+                wanted.push((key, rule_index, misses.len()));
+            }
+        }
+        parts.push(Part::Miss(misses.len()));
+        misses.push(key);
+    }
+    if misses.is_empty() {
+        let mut out = BytesMut::new();
+        reply::array_header(&mut out, parts.len());
+        for part in &parts {
+            if let Part::Hit(bytes) = part {
+                out.extend_from_slice(bytes);
+            }
+        }
+        s.local(out.freeze());
+        return Ok(Flow::Continue);
+    }
+    if wanted.is_empty() && misses.len() == keys.len() {
+        // Nothing cached and nothing to cache: an ordinary MGET.
+        return Err(req);
+    }
+    let Some((conn, route)) = mget_conn(s) else {
+        return Ok(Flow::Stall(req));
+    };
+    let mut args: Vec<&[u8]> = Vec::with_capacity(misses.len() + 1);
+    args.push(b"MGET");
+    args.extend(misses.iter().map(|k| &k[..]));
+    let raw = reply::encode_command(&args);
+
+    let fill_allowed = s.ctx.tracking.fill_allowed(&conn);
+    let mut entries = Vec::new();
+    if fill_allowed {
+        for &(key, rule_index, element) in &wanted {
+            let Some(rule) = l1.rules.iter().nth(rule_index) else {
+                continue;
+            };
+            let Some(token) = l1.store.begin_fill(key) else {
+                break;
+            };
+            entries.push(FillEntry {
+                token,
+                rule: rule_index,
+                ttl: rule.ttl,
+                negative: rule.negative,
+                variant: get_variant(db, proto, key),
+                element,
+                reply: None,
+                pttl: None,
+            });
+        }
+    }
+    let seq = s.pending_slot();
+    let keys: Vec<Bytes> = entries
+        .iter()
+        .map(|e| Bytes::copy_from_slice(e.token.key()))
+        .collect();
+    let fill = if entries.is_empty() {
+        None
+    } else {
+        let id = s.next_fill;
+        s.next_fill += 1;
+        s.fills.insert(
+            id,
+            PendingFill {
+                sent: Instant::now(),
+                pttls_left: entries.len(),
+                entries,
+            },
+        );
+        Some(id)
+    };
+    register(s, seq, Hook::Mget { fill, parts });
+    // Without a fill, id 0 names nothing: no PTTL or CACHING reply is
+    // asked for.
+    send_fill(s, &conn, route, seq, fill, &raw, &keys);
+    Ok(Flow::Continue)
+}
+
+/// The pooled connection a split `MGET` goes out on; `None` while requests
+/// are in flight elsewhere.
+fn mget_conn(s: &mut Session) -> Option<(Conn, Route)> {
+    let route = choose(s, Want::Any);
+    let Route::Pool { proto, idx, .. } = route else {
+        return None;
+    };
+    if must_wait(s, Some(route)) {
+        return None;
+    }
+    leave_pinned(s, route);
+    Some((s.identity.pool(proto).conn(idx).clone(), route))
+}
+
+/// The variant an `MGET` element is cached under: `GET key`'s, whose reply
+/// is the same bulk string (or nil for a missing key). An `MGET` nil can
+/// also mean "not a string", which `GET` answers with an error, so nil
+/// elements are cached under their own `MGET key` variant instead.
+fn get_variant(db: u32, proto: Proto, key: &[u8]) -> Variant {
+    Variant::from_args(
+        db,
+        proto,
+        &[Bytes::from_static(b"GET"), Bytes::copy_from_slice(key)],
+    )
+}
+
+fn mget_nil_variant(db: u32, proto: Proto, key: &[u8]) -> Variant {
+    Variant::from_args(
+        db,
+        proto,
+        &[Bytes::from_static(b"MGET"), Bytes::copy_from_slice(key)],
+    )
+}
+
+fn mget_lookup(
+    l1: &L1,
+    rule: usize,
+    key: &[u8],
+    db: u32,
+    proto: Proto,
+    now: Instant,
+) -> Option<Bytes> {
+    l1.store.get_any(
+        rule,
+        key,
+        &[
+            &get_variant(db, proto, key),
+            &mget_nil_variant(db, proto, key),
+        ],
+        now,
+    )
+}
+
+fn is_nil(frame: &[u8]) -> bool {
+    matches!(frame, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n")
+}
+
+/// A reply Redis gives for a key that does not exist: nil, 0, an empty
+/// aggregate, or `TYPE`'s `none`.
+fn looks_absent(frame: &[u8]) -> bool {
+    is_nil(frame)
+        || matches!(
+            frame,
+            b":0\r\n" | b"*0\r\n" | b"~0\r\n" | b"%0\r\n" | b"+none\r\n"
+        )
+}
+
+impl Hook {
+    /// Whether the hook belongs to a write (counted in
+    /// `Session::writes_in_flight`).
+    fn is_write(&self) -> bool {
+        matches!(self, Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_))
+    }
+}
+
+/// Registers `hook` for the reply to request `seq`.
+pub(crate) fn register(s: &mut Session, seq: u64, hook: Hook) {
+    if hook.is_write() {
+        s.writes_in_flight += 1;
+    }
+    s.hooks.insert(seq, hook);
+}
+
+/// Runs a write's hook for a request that ran outside the queue (an `EXEC`
+/// run alone).
+pub(crate) fn run_now(s: &mut Session, hook: Hook) {
+    run(s, hook, Bytes::new());
+}
+
+/// Runs a request's hook when its reply arrives; returns the frame the
+/// client gets (an assembled `MGET`, or the reply unchanged).
+pub(crate) fn after_reply(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
+    if hook.is_write() {
+        s.writes_in_flight = s.writes_in_flight.saturating_sub(1);
+    }
+    run(s, hook, frame)
+}
+
+fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
+    match hook {
+        Hook::Invalidate(keys) => {
+            if let Some(l1) = &s.ctx.l1 {
+                for key in &keys {
+                    l1.store.invalidate(key);
+                }
+            }
+            frame
+        }
+        Hook::Flush(flush) => {
+            if !(matches!(flush, Flush::AllUnlessError) && inspect::is_error(&frame)) {
+                apply_flush(s, flush);
+            }
+            frame
+        }
+        Hook::Many(hooks) => {
+            for hook in hooks {
+                run(s, hook, Bytes::new());
+            }
+            frame
+        }
+        Hook::Fill(id) => {
+            if inspect::is_error(&frame) {
+                s.fills.remove(&id);
+            } else if let Some(entry) = s.fills.get_mut(&id).and_then(|f| f.entries.first_mut()) {
+                entry.reply = Some(frame.clone());
+            }
+            frame
+        }
+        Hook::Mget { fill, parts } => assemble_mget(s, fill, parts, frame),
+    }
+}
+
+/// The client's `MGET` reply from its hits and the upstream reply for the
+/// misses; keeps the elements being cached.
+fn assemble_mget(s: &mut Session, fill: Option<u64>, parts: Vec<Part>, frame: Bytes) -> Bytes {
+    let depth = s.ctx.config.limits.max_reply_depth;
+    let misses = parts.iter().filter(|p| matches!(p, Part::Miss(_))).count();
+    let elements = match inspect::elements(&frame, depth) {
+        Some(els) if frame.first() == Some(&b'*') && els.len() == misses => els,
+        _ => {
+            if let Some(id) = fill {
+                s.fills.remove(&id);
+            }
+            // An error (upstream down, -NOAUTH …) is the client's answer
+            // too; anything else would be a broken upstream.
+            if inspect::is_error(&frame) {
+                return frame;
+            }
+            return error("ERR upstream sent an unexpected reply to MGET");
+        }
+    };
+    let mut out = BytesMut::with_capacity(frame.len() + parts.len() * 16);
+    reply::array_header(&mut out, parts.len());
+    for part in &parts {
+        match part {
+            Part::Hit(bytes) => out.extend_from_slice(bytes),
+            Part::Miss(n) => out.extend_from_slice(elements.get(*n).copied().unwrap_or(b"")),
+        }
+    }
+    if let Some(pending) = fill.and_then(|id| s.fills.get_mut(&id)) {
+        for entry in &mut pending.entries {
+            if let Some(el) = elements.get(entry.element) {
+                let el = frame.slice_ref(el);
+                if is_nil(&el) {
+                    let key = entry.token.key();
+                    entry.variant = mget_nil_variant(entry.variant.db, entry.variant.proto, key);
+                }
+                entry.reply = Some(el);
+            }
+        }
+    }
+    out.freeze()
+}
+
+/// A reply to a request tierd added: `CLIENT CACHING YES`'s `+OK` is
+/// dropped, a `PTTL` completes its fill.
+pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, UpstreamError>) {
+    let index = seq & CACHING_INDEX;
+    let id = (seq & !SIDE) >> SIDE_INDEX_BITS;
+    if index == CACHING_INDEX {
+        if !matches!(&reply, Ok(r) if inspect::is_ok(r)) {
+            // Redis did not opt the read in: nothing it reads is tracked.
+            s.fills.remove(&id);
+        }
+        return;
+    }
+    let Some(pending) = s.fills.get_mut(&id) else {
+        return;
+    };
+    let pttl = reply.ok().and_then(|r| {
+        r.strip_prefix(b":")
+            .and_then(|r| r.strip_suffix(b"\r\n"))
+            .and_then(string2ll)
+    });
+    if let Some(entry) = usize::try_from(index)
+        .ok()
+        .and_then(|i| pending.entries.get_mut(i))
+    {
+        entry.pttl = pttl;
+    }
+    pending.pttls_left = pending.pttls_left.saturating_sub(1);
+    if pending.pttls_left > 0 {
+        return;
+    }
+    let Some(pending) = s.fills.remove(&id) else {
+        return;
+    };
+    let Some(l1) = s.ctx.l1.clone() else {
+        return;
+    };
+    let tracked = s.ctx.tracking.mode() != crate::config::TrackingMode::Off;
+    for entry in pending.entries {
+        let (Some(reply), Some(pttl)) = (entry.reply, entry.pttl) else {
+            continue;
+        };
+        if inspect::is_error(&reply) {
+            continue;
+        }
+        let nil = is_nil(&reply);
+        if nil && !entry.negative {
+            continue;
+        }
+        let life = match pttl {
+            // No TTL upstream: the rule decides.
+            -1 => entry.ttl,
+            // No key. If it vanished (expired) between the read and the
+            // PTTL, tracking reports it and the fill mark is gone; without
+            // tracking, only a reply that says "no such key" is safe.
+            -2 if tracked || looks_absent(&reply) => entry.ttl,
+            ms if ms >= 0 => entry.ttl.min(Duration::from_millis(ms.unsigned_abs())),
+            _ => continue,
+        };
+        l1.store.finish_fill(
+            entry.token,
+            entry.rule,
+            entry.variant,
+            reply,
+            pending.sent + life,
+        );
+    }
+}
+
+/// Invalidates what a write is about to change and returns the hook that
+/// invalidates it again once it ran. `None` for reads.
+pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
+    let l1 = s.ctx.l1.clone()?;
+    let table = s.command_table()?;
+    let hook = match table.resolve(&req.args) {
+        None => Hook::Flush(Flush::AllUnlessError),
+        Some(command) => write_hook(s, command, req)?,
+    };
+    match &hook {
+        Hook::Invalidate(keys) => {
+            for key in keys {
+                l1.store.invalidate(key);
+            }
+        }
+        Hook::Flush(Flush::AllUnlessError) => {}
+        Hook::Flush(flush) => apply_flush(s, *flush),
+        _ => {}
+    }
+    Some(hook)
+}
+
+fn write_hook(s: &Session, command: &Command, req: &Request) -> Option<Hook> {
+    let name = command.name.as_str();
+    match name {
+        "flushall" => return Some(Hook::Flush(Flush::All)),
+        "flushdb" => return Some(Hook::Flush(Flush::Db(s.state.db))),
+        "swapdb" => {
+            let db = |i| {
+                req.arg(i)
+                    .and_then(|a| string2ll(a))
+                    .and_then(|n| u32::try_from(n).ok())
+            };
+            return Some(match (db(1), db(2)) {
+                (Some(a), Some(b)) => Hook::Flush(Flush::Swap(a, b)),
+                _ => Hook::Flush(Flush::All),
+            });
+        }
+        // SORT writes only with STORE, and its key specs cannot say which
+        // argument that is.
+        "sort" => return sort_hook(req),
+        _ => {}
+    }
+    if !command.is_write() {
+        return None;
+    }
+    match command.keys(&req.args) {
+        Keys::Known(keys) => Some(Hook::Invalidate(
+            keys.iter().map(|k| Bytes::copy_from_slice(k.key)).collect(),
+        )),
+        Keys::Unknown => Some(Hook::Flush(Flush::All)),
+    }
+}
+
+/// `SORT key [BY p] [LIMIT o c] [GET p ...] [ASC|DESC] [ALPHA] [STORE dst]`:
+/// a write of `dst` with `STORE`, else a read.
+fn sort_hook(req: &Request) -> Option<Hook> {
+    let mut i = 2;
+    let mut dst = None;
+    while let Some(arg) = req.arg(i) {
+        let arg: &[u8] = arg;
+        if arg.eq_ignore_ascii_case(b"STORE") {
+            dst = req.arg(i + 1).cloned();
+            i += 2;
+        } else if arg.eq_ignore_ascii_case(b"LIMIT") {
+            i += 3;
+        } else if arg.eq_ignore_ascii_case(b"BY") || arg.eq_ignore_ascii_case(b"GET") {
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    dst.map(|d| Hook::Invalidate(vec![d]))
+}
+
+fn apply_flush(s: &Session, flush: Flush) {
+    let Some(l1) = &s.ctx.l1 else {
+        return;
+    };
+    match flush {
+        Flush::All | Flush::AllUnlessError => l1.store.flush_all(),
+        Flush::Db(db) => l1.store.flush_db(db),
+        Flush::Swap(a, b) => {
+            l1.store.flush_db(a);
+            l1.store.flush_db(b);
+        }
+    }
+}
+
+/// `CACHE.*`: tierd's own commands.
+///
+/// # Format
+///
+/// `CACHE.STATS [rule]`
+pub(crate) fn command(s: &mut Session, req: &Request) {
+    let name = req.name();
+    if name.eq_ignore_ascii_case(b"CACHE.STATS") {
+        let reply = stats(s, req);
+        s.local(reply);
+        return;
+    }
+    let shown = String::from_utf8_lossy(name);
+    s.local(error(&format!(
+        "ERR unknown command '{shown}', tierd's CACHE commands are: CACHE.STATS"
+    )));
+}
+
+/// `CACHE.STATS [rule]`: per rule, hits, misses, hit rate, entries, bytes,
+/// evictions and invalidations. One array (RESP2) or map (RESP3) per rule.
+fn stats(s: &Session, req: &Request) -> Bytes {
+    if req.args.len() > 2 {
+        return error("ERR wrong number of arguments for 'cache.stats' command");
+    }
+    let proto = s.state.proto;
+    let rules = s
+        .ctx
+        .l1
+        .as_ref()
+        .map(|l1| l1.store.stats())
+        .unwrap_or_default();
+    let rules: Vec<_> = match req.arg(1) {
+        None => rules,
+        Some(wanted) => {
+            let one: Vec<_> = rules
+                .into_iter()
+                .filter(|r| r.name.as_bytes() == &wanted[..])
+                .collect();
+            if one.is_empty() {
+                return error(&format!(
+                    "ERR no such rule '{}'",
+                    String::from_utf8_lossy(wanted)
+                ));
+            }
+            one
+        }
+    };
+    let mut out = BytesMut::new();
+    let one = req.args.len() == 2;
+    if !one {
+        reply::array_header(&mut out, rules.len());
+    }
+    for r in &rules {
+        reply::map_header(&mut out, 8, proto);
+        reply::bulk(&mut out, b"rule");
+        reply::bulk(&mut out, r.name.as_bytes());
+        for (field, value) in [("hits", r.hits), ("misses", r.misses)] {
+            reply::bulk(&mut out, field.as_bytes());
+            reply::integer(&mut out, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let lookups = r.hits + r.misses;
+        let rate = if lookups == 0 {
+            0.0
+        } else {
+            r.hits as f64 / lookups as f64
+        };
+        reply::bulk(&mut out, b"hit_rate");
+        match proto {
+            Proto::Resp2 => reply::bulk(&mut out, format!("{rate:.4}").as_bytes()),
+            Proto::Resp3 => out.extend_from_slice(format!(",{rate:.4}\r\n").as_bytes()),
+        }
+        for (field, value) in [
+            ("entries", r.entries),
+            ("bytes", r.bytes),
+            ("evictions", r.evictions),
+            ("invalidations", r.invalidations),
+        ] {
+            reply::bulk(&mut out, field.as_bytes());
+            reply::integer(&mut out, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+    out.freeze()
+}
