@@ -741,40 +741,32 @@ async fn coherence_fixture(tracking: TrackingMode) -> (RedisServer, Tierd) {
     (redis, tierd)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_write_command_through_tierd_invalidates_its_keys() {
-    let (redis, tierd) = coherence_fixture(TrackingMode::Off).await;
-    let failures = run_cases(&redis, &tierd, Via::Tierd).await;
+/// Runs the whole write table with `mode` tracking, the writes going `via`,
+/// and fails listing every deviation.
+async fn check_cases(mode: TrackingMode, via: Via) {
+    let (redis, tierd) = coherence_fixture(mode).await;
+    let failures = run_cases(&redis, &tierd, via).await;
     assert!(
         failures.is_empty(),
         "{} deviations:\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_command_through_tierd_invalidates_its_keys() {
+    check_cases(TrackingMode::Off, Via::Tierd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_direct_write_reaches_l1_within_50ms_with_default_tracking() {
-    let (redis, tierd) = coherence_fixture(TrackingMode::Default).await;
-    let failures = run_cases(&redis, &tierd, Via::Direct).await;
-    assert!(
-        failures.is_empty(),
-        "{} deviations:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    check_cases(TrackingMode::Default, Via::Direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_direct_write_reaches_l1_within_50ms_with_bcast_tracking() {
-    let (redis, tierd) = coherence_fixture(TrackingMode::Bcast).await;
-    let failures = run_cases(&redis, &tierd, Via::Direct).await;
-    assert!(
-        failures.is_empty(),
-        "{} deviations:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    check_cases(TrackingMode::Bcast, Via::Direct).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -774,15 +774,7 @@ impl Store {
     /// expired variant is removed on access). Counts a hit or a miss for
     /// `rule`; an unknown rule is a miss that counts nothing.
     pub fn get(&self, rule: usize, key: &[u8], variant: &Variant, now: Instant) -> Option<Bytes> {
-        let slot = self.rules.get(rule)?;
-        let found = self.lookup(slot.cache, key, variant, now);
-        let counter = if found.is_some() {
-            &slot.counters.hits
-        } else {
-            &slot.counters.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        found
+        self.get_any(rule, key, &[variant], now)
     }
 
     /// Like [`Store::get`] for the first of `variants` that is cached,

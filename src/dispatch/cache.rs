@@ -154,7 +154,7 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
     }
     let (ttl, negative) = (rule.ttl, rule.negative);
     let key = Bytes::copy_from_slice(key);
-    let Some((conn, route)) = fill_conn(s) else {
+    let Some((conn, route)) = fill_conn(s, true) else {
         return Err(req);
     };
     let Some(token) = l1.store.begin_fill(&key) else {
@@ -186,9 +186,10 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
     Ok(Flow::Continue)
 }
 
-/// The pooled connection a fill goes out on, if tracking will report
-/// changes to what is read on it. `None` means "forward normally".
-fn fill_conn(s: &mut Session) -> Option<(Conn, Route)> {
+/// The pooled connection a fill goes out on, if requests in flight
+/// elsewhere do not hold it up. With `tracked`, also only if tracking will
+/// report changes to what is read on it. `None` means "not now".
+fn fill_conn(s: &mut Session, tracked: bool) -> Option<(Conn, Route)> {
     let route = choose(s, Want::Any);
     let Route::Pool { proto, idx, .. } = route else {
         return None;
@@ -197,7 +198,7 @@ fn fill_conn(s: &mut Session) -> Option<(Conn, Route)> {
         return None;
     }
     let conn = s.identity.pool(proto).conn(idx).clone();
-    if !s.ctx.tracking.fill_allowed(&conn) {
+    if tracked && !s.ctx.tracking.fill_allowed(&conn) {
         return None;
     }
     leave_pinned(s, route);
@@ -307,7 +308,7 @@ fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
         // Nothing cached and nothing to cache: an ordinary MGET.
         return Err(req);
     }
-    let Some((conn, route)) = mget_conn(s) else {
+    let Some((conn, route)) = fill_conn(s, false) else {
         return Ok(Flow::Stall(req));
     };
     let mut args: Vec<&[u8]> = Vec::with_capacity(misses.len() + 1);
@@ -362,20 +363,6 @@ fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
     // asked for.
     send_fill(s, &conn, route, seq, fill, &raw, &keys);
     Ok(Flow::Continue)
-}
-
-/// The pooled connection a split `MGET` goes out on; `None` while requests
-/// are in flight elsewhere.
-fn mget_conn(s: &mut Session) -> Option<(Conn, Route)> {
-    let route = choose(s, Want::Any);
-    let Route::Pool { proto, idx, .. } = route else {
-        return None;
-    };
-    if must_wait(s, Some(route)) {
-        return None;
-    }
-    leave_pinned(s, route);
-    Some((s.identity.pool(proto).conn(idx).clone(), route))
 }
 
 /// The variant an `MGET` element is cached under: `GET key`'s, whose reply
