@@ -499,6 +499,21 @@ async fn mget_is_split_and_byte_exact(resp3: bool) {
     assert_eq!(calls(&after) - calls(&before), 0, "no upstream MGET or GET");
     assert_eq!(stats_after.hits - stats_before.hits, 6, "one hit per key");
 
+    // The mixed MGET again: every rule key hits, and only the key without a
+    // rule goes upstream, with nothing to cache (a regression: this split
+    // once queued its reply slot twice and never answered).
+    let want = probe.reference(mixed).await;
+    let before = commandstats(&mut probe.direct).await;
+    probe.tierd.send(&encode(mixed)).await;
+    let got = probe
+        .tierd
+        .try_frame(Duration::from_secs(5))
+        .await
+        .expect("the MGET is answered");
+    let after = commandstats(&mut probe.direct).await;
+    assert_eq!(text(&got), text(&want), "mixed MGET, rule keys cached");
+    assert_eq!(calls(&after) - calls(&before), 1, "one upstream MGET for n:1");
+
     // A write through tierd shows in the next MGET.
     assert_frame(&probe.tierd.cmd(&["SET", "c:2", "deux"]).await, b"+OK\r\n");
     let want = probe.reference(cached).await;
