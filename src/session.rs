@@ -193,6 +193,34 @@ impl ReplyQueue {
     }
 }
 
+/// Whether the next reply is dropped under `CLIENT REPLY OFF|SKIP`.
+fn take_discard(mode: &mut ReplyMode) -> bool {
+    match *mode {
+        ReplyMode::On => false,
+        ReplyMode::Off => true,
+        ReplyMode::SkipNext => {
+            *mode = ReplyMode::On;
+            true
+        }
+    }
+}
+
+/// A reply tierd produced, queued in order, honouring `CLIENT REPLY`: copied
+/// straight to the output when nothing is queued before it (an L1 hit with
+/// nothing in flight, the common case), else queued as a copy.
+pub(crate) fn answer(queue: &mut ReplyQueue, out: &mut OutBuf, mode: &mut ReplyMode, reply: &[u8]) {
+    if take_discard(mode) {
+        queue.push(Slot::Skip);
+    } else if queue.len() == 0 {
+        // Every earlier reply is already in `out`: order is kept. The slot
+        // is still counted, as `local` would.
+        queue.base += 1;
+        out.push_slice(reply);
+    } else {
+        queue.push(Slot::Ready(Bytes::copy_from_slice(reply)));
+    }
+}
+
 /// Output waiting to be written to the client: small replies are copied
 /// into one buffer, large ones are written from their own allocation.
 #[derive(Default)]
@@ -203,6 +231,15 @@ pub(crate) struct OutBuf {
 
 impl OutBuf {
     const COPY_MAX: usize = 16 * 1024;
+
+    pub(crate) fn push_slice(&mut self, bytes: &[u8]) {
+        if bytes.len() <= Self::COPY_MAX {
+            self.small.extend_from_slice(bytes);
+        } else {
+            self.seal();
+            self.chunks.push(Bytes::copy_from_slice(bytes));
+        }
+    }
 
     pub(crate) fn push(&mut self, bytes: Bytes) {
         if bytes.len() <= Self::COPY_MAX {
@@ -345,7 +382,10 @@ pub struct Session {
     /// the dedicated connection after its `+OK`, so that everything before it
     /// reaches the client first.
     pub(crate) quit_on_stream: bool,
-    out: OutBuf,
+    pub(crate) out: OutBuf,
+    /// The time at the start of this pass over the client's input: one
+    /// clock read per batch of pipelined requests, not one per L1 lookup.
+    pub(crate) now: std::time::Instant,
     /// This session's entry in `Ctx::clients`.
     pub(crate) entry: Arc<ClientEntry>,
     /// The command table this session classifies with, and its generation
@@ -365,6 +405,10 @@ pub struct Session {
     /// Writes queued inside the current MULTI: their second invalidation
     /// runs when EXEC's reply arrives.
     pub(crate) multi_hooks: Vec<Hook>,
+    /// Requests sent on a RESP3 pub/sub stream, oldest first, each with its
+    /// write's hook if it is one: replies there are not matched by sequence
+    /// number.
+    pub(crate) stream_hooks: VecDeque<Option<Hook>>,
 }
 
 impl Drop for Session {
@@ -398,6 +442,7 @@ impl Session {
             reset_at: None,
             quit_on_stream: false,
             out: OutBuf::default(),
+            now: std::time::Instant::now(),
             table: None,
             table_gen: 0,
             hooks: std::collections::HashMap::new(),
@@ -405,17 +450,23 @@ impl Session {
             next_fill: 0,
             writes_in_flight: 0,
             multi_hooks: Vec::new(),
+            stream_hooks: VecDeque::new(),
         }
     }
 
-    /// The current command table, refreshed when the control plane has read
-    /// a new one.
-    pub(crate) fn command_table(&mut self) -> Option<Arc<CommandTable>> {
+    /// Picks up the command table the control plane read last, if it is
+    /// newer than this session's.
+    pub(crate) fn refresh_table(&mut self) {
         let gen = self.ctx.table.generation();
         if gen != self.table_gen {
             self.table = self.ctx.table.get();
             self.table_gen = gen;
         }
+    }
+
+    /// The current command table.
+    pub(crate) fn command_table(&mut self) -> Option<Arc<CommandTable>> {
+        self.refresh_table();
         self.table.clone()
     }
 
@@ -438,6 +489,7 @@ impl Session {
         self.pinned = None;
         self.spare = None;
         self.multi_hooks.clear();
+        self.stream_hooks.clear();
         self.note_pinned();
     }
 
@@ -470,14 +522,7 @@ impl Session {
     }
 
     fn take_discard(&mut self) -> bool {
-        match self.state.reply_mode {
-            ReplyMode::On => false,
-            ReplyMode::Off => true,
-            ReplyMode::SkipNext => {
-                self.state.reply_mode = ReplyMode::On;
-                true
-            }
-        }
+        take_discard(&mut self.state.reply_mode)
     }
 
     /// Serves the client until it disconnects, sends `QUIT`, breaks the
@@ -507,6 +552,7 @@ impl Session {
             // Dispatch whatever complete requests we have, as far as the
             // pipeline rules allow.
             let mut need_input = false;
+            self.now = std::time::Instant::now();
             while !self.closing && self.queue.len() < MAX_PENDING_REPLIES {
                 let req = match self.stalled.take() {
                     Some(req) => req,
@@ -681,6 +727,9 @@ impl Session {
                 }
             }
             Upstreamed::Push(frame) => {
+                if from_pinned && !self.stream_hooks.is_empty() {
+                    crate::dispatch::cache::stream_reply(self, &frame);
+                }
                 // Everything still pending was sent after whatever produced
                 // this push, so the push goes right after the ready prefix.
                 self.queue.drain_ready(&mut self.out);

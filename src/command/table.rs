@@ -92,7 +92,10 @@ impl TableError {
 pub struct CommandTable {
     /// Top-level commands by lowercase name. Subcommands live inside their
     /// container ([`Command::subcommands`]).
-    commands: HashMap<Box<[u8]>, Command>,
+    /// Hashed with ahash (quick_cache's default): every cacheable request
+    /// looks its command up here, and ahash is several times cheaper than
+    /// std's SipHash on short names.
+    commands: HashMap<Box<[u8]>, Command, quick_cache::DefaultHashBuilder>,
     /// The longest name in `commands`: anything longer is unknown without
     /// looking, so a hostile 1 MB "command name" costs nothing.
     max_name_len: usize,
@@ -467,7 +470,7 @@ impl CommandTable {
             }
         };
         let mut table = CommandTable {
-            commands: HashMap::with_capacity(entries.len()),
+            commands: HashMap::with_capacity_and_hasher(entries.len(), Default::default()),
             max_name_len: 0,
         };
         for (n, entry) in entries.iter().enumerate() {
@@ -580,12 +583,18 @@ impl Command {
     /// a b` or `MGET a b`, which tierd splits itself). `TOUCH` is excluded
     /// although it only reads: its whole point is its side effect on the
     /// key's access time, which a cached reply would skip. So is `XINFO`,
-    /// whose reply changes without a tracking invalidation (see below).
+    /// whose reply changes without a tracking invalidation (see below), and
+    /// so are scripts (`EVAL_RO`, `FCALL_RO` …): a script may read keys it
+    /// did not declare, or the time.
     pub fn cacheable_key<'a>(&self, args: &'a [Bytes]) -> Option<&'a [u8]> {
         if !self.is_read_only()
             || !self.is_deterministic()
             || self.flags.blocking
             || self.flags.pubsub
+            // Scripts (EVAL_RO, FCALL_RO …) may read keys they did not
+            // declare, or the clock; their keys move with the arguments.
+            || self.flags.movablekeys
+            || self.acl_categories.iter().any(|c| c == "@scripting")
             || self.name == "touch"
             // Consumer-group changes (XGROUP, XREADGROUP, XACK …) and
             // XSETID change what XINFO shows without Redis 7 sending a

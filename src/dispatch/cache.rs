@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{choose, error, leave_pinned, must_wait, needs_pin, Flow, Want};
+use crate::cache::store::{RequestBuf, VariantRef};
 use crate::cache::{FillToken, Variant, L1};
-use crate::command::{Command, Keys};
+use crate::command::{Command, Keys, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Route, Session};
@@ -45,10 +46,15 @@ pub(crate) const SIDE: u64 = 1 << 63;
 const SIDE_INDEX_BITS: u32 = 16;
 
 /// Most keys one `MGET` fills; further misses are fetched but not cached.
-const MAX_FILL_KEYS: usize = 1 << SIDE_INDEX_BITS;
+/// Each costs a `PTTL` upstream, so a huge `MGET` must not fan out without
+/// bound. Below [`CACHING_INDEX`], which no key index may reach.
+const MAX_FILL_KEYS: usize = 1024;
 
 /// The side index of a fill's `CLIENT CACHING YES`, whose `+OK` is dropped.
 const CACHING_INDEX: u64 = (1 << SIDE_INDEX_BITS) - 1;
+
+/// The start of tierd's own error for a request upstream did not answer.
+const UNAVAILABLE: &[u8] = b"-ERR upstream unavailable";
 
 /// What to do when the reply to a request arrives.
 pub(crate) enum Hook {
@@ -125,36 +131,66 @@ fn eligible(s: &Session) -> bool {
 
 /// Tries to answer a read from L1 or send it as a fill. `Err` gives the
 /// request back when L1 has nothing to do with it.
+///
+/// A hit is the hot path: the request is encoded on the stack, the reply is
+/// copied straight from the entry into the client's output, and nothing is
+/// allocated.
 pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
-    let Some(l1) = s.ctx.l1.clone() else {
-        return Err(req);
-    };
-    if !eligible(s) || s.writes_in_flight > 0 {
+    if s.ctx.l1.is_none() || !eligible(s) || s.writes_in_flight > 0 {
         return Err(req);
     }
-    let Some(table) = s.command_table() else {
-        return Err(req);
-    };
+    s.refresh_table();
     if req.name().eq_ignore_ascii_case(b"MGET") {
-        return mget(s, &l1, req);
+        return mget(s, req);
     }
-    let Some(command) = table.resolve(&req.args) else {
-        return Err(req);
+    let (db, proto, now) = (s.state.db, s.state.proto, s.now);
+    // Field by field, so that the hit can write to the session's output
+    // while the table and the store are borrowed.
+    let miss = {
+        let (Some(l1), Some(table)) = (s.ctx.l1.as_deref(), s.table.as_deref()) else {
+            return Err(req);
+        };
+        let Some(key) = table
+            .resolve(&req.args)
+            .and_then(|c| c.cacheable_key(&req.args))
+        else {
+            return Err(req);
+        };
+        let Some((rule_index, rule)) = l1.rules.find(key) else {
+            return Err(req);
+        };
+        let request = RequestBuf::new(req.args.iter().map(|a| &a[..]));
+        let variant = VariantRef {
+            db,
+            proto,
+            request: request.as_slice(),
+        };
+        let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
+        let hit = l1
+            .store
+            .get_with(rule_index, key, &[variant], now, |reply| {
+                crate::session::answer(queue, out, mode, reply);
+            });
+        if hit.is_some() {
+            return Ok(Flow::Continue);
+        }
+        (
+            rule_index,
+            rule.ttl,
+            rule.negative,
+            Bytes::copy_from_slice(key),
+            Variant {
+                db,
+                proto,
+                request: Bytes::copy_from_slice(request.as_slice()),
+            },
+        )
     };
-    let Some(key) = command.cacheable_key(&req.args) else {
-        return Err(req);
-    };
-    let Some((rule_index, rule)) = l1.rules.find(key) else {
-        return Err(req);
-    };
-    let variant = Variant::from_args(s.state.db, s.state.proto, &req.args);
-    if let Some(hit) = l1.store.get(rule_index, key, &variant, Instant::now()) {
-        s.local(hit);
-        return Ok(Flow::Continue);
-    }
-    let (ttl, negative) = (rule.ttl, rule.negative);
-    let key = Bytes::copy_from_slice(key);
+    let (rule_index, ttl, negative, key, variant) = miss;
     let Some((conn, route)) = fill_conn(s, true) else {
+        return Err(req);
+    };
+    let Some(l1) = s.ctx.l1.clone() else {
         return Err(req);
     };
     let Some(token) = l1.store.begin_fill(&key) else {
@@ -176,7 +212,7 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
     s.fills.insert(
         id,
         PendingFill {
-            sent: Instant::now(),
+            sent: now,
             entries: vec![entry],
             pttls_left: 1,
         },
@@ -266,17 +302,22 @@ fn send_fill(
 }
 
 /// `MGET key [key ...]`, split: hits from L1, misses in one upstream `MGET`.
-fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
+fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
+    let Some(l1) = s.ctx.l1.clone() else {
+        return Err(req);
+    };
+    let l1 = &*l1;
     let keys = req.args.get(1..).unwrap_or_default();
     if keys.is_empty() {
         return Err(req);
     }
-    let now = Instant::now();
+    let now = s.now;
     let (db, proto) = (s.state.db, s.state.proto);
     let mut parts = Vec::with_capacity(keys.len());
     let mut misses: Vec<&Bytes> = Vec::new();
     // Keys to cache: (key, rule, index of its element in the upstream reply).
     let mut wanted: Vec<(&Bytes, usize, usize)> = Vec::new();
+    let mut seen: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     for key in keys {
         let rule = l1.rules.find(key);
         if let Some((rule_index, _)) = rule {
@@ -286,7 +327,7 @@ fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
             }
         }
         if let Some((rule_index, _)) = rule {
-            if wanted.len() < MAX_FILL_KEYS && !wanted.iter().any(|(k, _, _)| *k == key) {
+            if wanted.len() < MAX_FILL_KEYS && seen.insert(&key[..]) {
                 wanted.push((key, rule_index, misses.len()));
             }
         }
@@ -351,7 +392,7 @@ fn mget(s: &mut Session, l1: &L1, req: Request) -> Result<Flow, Request> {
         s.fills.insert(
             id,
             PendingFill {
-                sent: Instant::now(),
+                sent: now,
                 pttls_left: entries.len(),
                 entries,
             },
@@ -393,15 +434,35 @@ fn mget_lookup(
     proto: Proto,
     now: Instant,
 ) -> Option<Bytes> {
-    l1.store.get_any(
-        rule,
-        key,
-        &[
-            &get_variant(db, proto, key),
-            &mget_nil_variant(db, proto, key),
-        ],
-        now,
-    )
+    let get = RequestBuf::new([&b"GET"[..], key].into_iter());
+    let nil = RequestBuf::new([&b"MGET"[..], key].into_iter());
+    let variants = [
+        VariantRef {
+            db,
+            proto,
+            request: get.as_slice(),
+        },
+        VariantRef {
+            db,
+            proto,
+            request: nil.as_slice(),
+        },
+    ];
+    l1.store
+        .get_with(rule, key, &variants, now, |_| ())
+        .map(|(entry, range, ())| Bytes::from_owner(Reply { entry, range }))
+}
+
+/// A cached reply shared with its entry.
+struct Reply {
+    entry: std::sync::Arc<[u8]>,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for Reply {
+    fn as_ref(&self) -> &[u8] {
+        self.entry.get(self.range.clone()).unwrap_or_default()
+    }
 }
 
 fn is_nil(frame: &[u8]) -> bool {
@@ -460,7 +521,11 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
             frame
         }
         Hook::Flush(flush) => {
-            if !(matches!(flush, Flush::AllUnlessError) && inspect::is_error(&frame)) {
+            // A command the table does not know and Redis refused changed
+            // nothing; tierd's own "upstream unavailable" says nothing about
+            // whether it ran.
+            let refused = inspect::is_error(&frame) && !frame.starts_with(UNAVAILABLE);
+            if !(matches!(flush, Flush::AllUnlessError) && refused) {
                 apply_flush(s, flush);
             }
             frame
@@ -593,6 +658,34 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
     }
 }
 
+/// A request on a RESP3 pub/sub stream, where Redis accepts any command
+/// and answers each with one frame that is not a push (subscription
+/// changes are confirmed by pushes instead). A write there invalidates like
+/// any other; its hook waits in line for its reply
+/// ([`stream_reply`]). RESP2 subscribers and MONITOR clients cannot touch
+/// the keyspace (Redis refuses), so their requests need nothing.
+pub(crate) fn before_stream_request(s: &mut Session, kind: Kind, req: &Request) {
+    if s.ctx.l1.is_none()
+        || s.state.proto != Proto::Resp3
+        || matches!(kind, Kind::PubSub | Kind::Unsubscribe | Kind::Monitor)
+    {
+        return;
+    }
+    let hook = before_write(s, req);
+    s.stream_hooks.push_back(hook);
+}
+
+/// A frame on a RESP3 stream: a reply (not a push) answers the oldest
+/// request in line, and a write's hook runs.
+pub(crate) fn stream_reply(s: &mut Session, frame: &[u8]) {
+    if reply::is_push(frame) || s.stream_hooks.is_empty() {
+        return;
+    }
+    if let Some(Some(hook)) = s.stream_hooks.pop_front() {
+        run(s, hook, Bytes::new());
+    }
+}
+
 /// Invalidates what a write is about to change and returns the hook that
 /// invalidates it again once it ran. `None` for reads.
 pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
@@ -611,6 +704,12 @@ pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
         Hook::Flush(Flush::AllUnlessError) => {}
         Hook::Flush(flush) => apply_flush(s, *flush),
         _ => {}
+    }
+    // Inside MULTI the db a queued FLUSHDB or SWAPDB runs in depends on
+    // the SELECTs queued before it: flush them all.
+    if s.state.multi && matches!(hook, Hook::Flush(Flush::Db(_) | Flush::Swap(..))) {
+        apply_flush(s, Flush::All);
+        return Some(Hook::Flush(Flush::All));
     }
     Some(hook)
 }

@@ -76,7 +76,10 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 }
             }
             Kind::Reset => reset_stream(s, &req),
-            _ => forward_stream(s, req),
+            _ => {
+                cache::before_stream_request(s, kind, &req);
+                forward_stream(s, req)
+            }
         };
     }
 
@@ -190,11 +193,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             let flow = forward(s, req, Want::Pinned, true).await;
             if s.pinned.is_some() {
                 if let Some((which, on)) = flag {
-                    match which {
-                        PinFlag::Tracking => s.state.tracking = on,
-                        PinFlag::NoEvict => s.state.no_evict = on,
-                        PinFlag::NoTouch => s.state.no_touch = on,
-                    }
+                    set_flag(s, which, on);
                 }
             }
             flow
@@ -233,6 +232,8 @@ pub(crate) enum Effect {
     },
     Auth(Credentials),
     SetName(Bytes),
+    /// `CLIENT TRACKING|NO-EVICT|NO-TOUCH on|off`.
+    Flag(PinFlag, bool),
 }
 
 fn queued_effect(kind: Kind, req: &Request) -> Option<Effect> {
@@ -247,6 +248,7 @@ fn queued_effect(kind: Kind, req: &Request) -> Option<Effect> {
         Kind::Client(ClientSub::SetName) if req.args.len() == 3 => {
             req.arg(2).cloned().map(Effect::SetName)
         }
+        Kind::ClientPinning => client_flag(req).map(|(which, on)| Effect::Flag(which, on)),
         _ => None,
     }
 }
@@ -768,6 +770,7 @@ fn apply(s: &mut Session, effect: Effect) {
             switch_identity(s, identity);
         }
         Effect::SetName(name) => s.state.name = (!name.is_empty()).then_some(name),
+        Effect::Flag(which, on) => set_flag(s, which, on),
     }
 }
 
@@ -1032,11 +1035,19 @@ fn valid_client_name(name: &[u8]) -> bool {
     name.iter().all(|&c| (b'!'..=b'~').contains(&c))
 }
 
-#[derive(Clone, Copy)]
-enum PinFlag {
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PinFlag {
     Tracking,
     NoEvict,
     NoTouch,
+}
+
+fn set_flag(s: &mut Session, which: PinFlag, on: bool) {
+    match which {
+        PinFlag::Tracking => s.state.tracking = on,
+        PinFlag::NoEvict => s.state.no_evict = on,
+        PinFlag::NoTouch => s.state.no_touch = on,
+    }
 }
 
 /// `CLIENT TRACKING|NO-EVICT|NO-TOUCH on|off`.

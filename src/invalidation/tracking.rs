@@ -164,6 +164,16 @@ pub struct Control {
 /// start over.
 pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
     let timeouts = control.upstream.timeouts();
+    if control.tracking.mode == TrackingMode::Default {
+        // Redis forgets what it tracked for a connection when the connection
+        // goes: from then on a change to a key filled through it is never
+        // reported. Which entries those are is not known, so all go.
+        let l1 = control.l1.clone();
+        control
+            .upstream
+            .setup_hook()
+            .on_lost(Arc::new(move || l1.store.flush_all()));
+    }
     let mut backoff = timeouts.backoff_min;
     let mut failures = 0u32;
     loop {
@@ -257,8 +267,8 @@ async fn link_inner(
                 id.as_bytes(),
                 b"OPTIN",
             ]);
-            let gen = control.upstream.setup_hook().set(command.clone());
-            repoint(&control.upstream, gen, &command).await;
+            let gen = control.upstream.setup_hook().set(command);
+            repoint(&control.upstream).await;
             gen
         }
         TrackingMode::Off => 1,
@@ -332,16 +342,17 @@ async fn fetch_table(upstream: &Upstream, timeouts: Timeouts) -> Result<CommandT
 }
 
 /// Points every established pooled connection of the default identity at
-/// the new link. Connections that are down run the hook when they connect.
-async fn repoint(upstream: &Upstream, gen: u64, command: &Bytes) {
+/// the link, with the setup hook's current command. Connections that are
+/// down run it in their handshake when they connect.
+async fn repoint(upstream: &Upstream) {
     let identity = upstream.default_identity();
     for proto in [Proto::Resp2, Proto::Resp3] {
         let Some(pool) = identity.started_pool(proto) else {
             continue;
         };
         for conn in pool.conns() {
-            if conn.is_up() && conn.setup_gen() != gen {
-                if let Err(e) = conn.apply_setup(gen, command).await {
+            if conn.is_up() && conn.setup_gen() != upstream.setup_hook().current_gen() {
+                if let Err(e) = conn.apply_setup().await {
                     tracing::debug!(error = %e, "could not point a pooled connection at the tracking link");
                 }
             }
@@ -352,6 +363,9 @@ async fn repoint(upstream: &Upstream, gen: u64, command: &Bytes) {
 /// Re-points, in the background, pooled connections that missed the live
 /// setup (a RESP3 pool started later, a connection that reconnected while
 /// the hook was changing): until then they serve reads but fill nothing.
+/// The task sends whatever the hook holds when it gets to a connection,
+/// never a command of its own, so a task that outlives its link cannot
+/// point a connection at a dead one.
 fn heal(control: &Control, gen: u64) {
     let identity = control.upstream.default_identity();
     let stale = [Proto::Resp2, Proto::Resp3].iter().any(|&proto| {
@@ -362,16 +376,10 @@ fn heal(control: &Control, gen: u64) {
     if !stale || control.tracking.repointing.swap(true, Ordering::SeqCst) {
         return;
     }
-    let Some((hook_gen, command)) = control.upstream.setup_hook().current() else {
-        control.tracking.repointing.store(false, Ordering::SeqCst);
-        return;
-    };
     let upstream = control.upstream.clone();
     let tracking = control.tracking.clone();
     tokio::spawn(async move {
-        if hook_gen == gen {
-            repoint(&upstream, gen, &command).await;
-        }
+        repoint(&upstream).await;
         tracking.repointing.store(false, Ordering::SeqCst);
     });
 }

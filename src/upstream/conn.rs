@@ -253,25 +253,43 @@ impl Conn {
         self.inner.setup_gen.load(Ordering::SeqCst)
     }
 
-    /// Runs a new version of the setup command on this (already
-    /// established) connection and records `gen` once upstream accepts it.
-    /// Returns whether it did; a connection that reconnected meanwhile ran
-    /// the hook's current version in its handshake instead.
+    /// Runs the setup hook's current command on this established
+    /// connection, and records its generation once upstream accepted it, if
+    /// it is still the hook's current one and the connection did not
+    /// reconnect meanwhile (the handshake of a new connection runs the
+    /// current command itself). Returns whether it recorded it. A
+    /// connection that is not up is left to its handshake.
     ///
     /// # Errors
     ///
-    /// When the connection is down or lost before the reply.
-    pub async fn apply_setup(&self, gen: u64, command: &[u8]) -> Result<bool, UpstreamError> {
-        let incarnation = self.inner.incarnation.load(Ordering::SeqCst);
+    /// When the connection is lost before the reply.
+    pub async fn apply_setup(&self) -> Result<bool, UpstreamError> {
+        let Some(hook) = self.inner.hook.as_ref() else {
+            return Ok(false);
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
-        self.send(
-            command,
-            ReplyTo::Inbox {
-                seq: 0,
-                inbox: &tx,
-                timed: true,
-            },
-        )?;
+        let (gen, incarnation) = {
+            let mut st = self.inner.state.lock();
+            let Some((gen, command)) = hook.current() else {
+                return Ok(false);
+            };
+            if !matches!(st.status, Status::Up) {
+                return Ok(false);
+            }
+            let was_empty = st.out.is_empty();
+            st.push(
+                &command,
+                ReplyTo::Inbox {
+                    seq: 0,
+                    inbox: &tx,
+                    timed: true,
+                },
+            );
+            if was_empty {
+                self.inner.wake_writer.notify_one();
+            }
+            (gen, self.inner.incarnation.load(Ordering::SeqCst))
+        };
         let reply = match rx.recv().await {
             Some(Upstreamed::Reply { reply, .. }) => reply?,
             _ => return Err(UpstreamError::unavailable("connection lost")),
@@ -283,6 +301,7 @@ impl Conn {
         let st = self.inner.state.lock();
         if matches!(st.status, Status::Up)
             && self.inner.incarnation.load(Ordering::SeqCst) == incarnation
+            && hook.current_gen() == gen
         {
             self.inner.setup_gen.store(gen, Ordering::SeqCst);
             return Ok(true);
@@ -371,9 +390,13 @@ impl Inner {
     /// Marks the connection down and fails every request that was on it,
     /// and only those.
     fn fail_all(&self, err: UpstreamError) {
+        if self.setup_gen.swap(0, Ordering::SeqCst) != 0 {
+            if let Some(hook) = &self.hook {
+                hook.lost();
+            }
+        }
         let waiters = {
             let mut st = self.state.lock();
-            self.setup_gen.store(0, Ordering::SeqCst);
             st.status = Status::Down(err.clone());
             st.out.clear();
             st.hello = None;

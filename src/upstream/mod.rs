@@ -222,11 +222,26 @@ impl HelloInfo {
 ///
 /// This module runs the command and reports the outcome; what it means is
 /// the caller's business.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SetupHook {
     /// The current (generation, command). Sync lock, held only to copy it.
     current: Mutex<Option<(u64, Bytes)>>,
     next_gen: AtomicU64,
+    /// Called when a connection that had run the command is lost: whatever
+    /// the command made Redis keep for that connection is gone with it.
+    /// Sync lock, held only to clone the callback.
+    on_lost: Mutex<Option<LostCallback>>,
+}
+
+/// What [`SetupHook::on_lost`] runs.
+pub type LostCallback = Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for SetupHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetupHook")
+            .field("current", &self.current.lock())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SetupHook {
@@ -245,6 +260,25 @@ impl SetupHook {
     /// The current version, if any.
     pub fn current(&self) -> Option<(u64, Bytes)> {
         self.current.lock().clone()
+    }
+
+    /// The current generation, 0 if none.
+    pub fn current_gen(&self) -> u64 {
+        self.current.lock().as_ref().map_or(0, |(gen, _)| *gen)
+    }
+
+    /// Sets what runs when a connection that had run the command is lost.
+    /// It runs on that connection's task, synchronously, before the
+    /// connection's pending requests are failed.
+    pub fn on_lost(&self, callback: LostCallback) {
+        *self.on_lost.lock() = Some(callback);
+    }
+
+    fn lost(&self) {
+        let callback = self.on_lost.lock().clone();
+        if let Some(callback) = callback {
+            callback();
+        }
     }
 }
 
