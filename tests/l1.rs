@@ -512,7 +512,11 @@ async fn mget_is_split_and_byte_exact(resp3: bool) {
         .expect("the MGET is answered");
     let after = commandstats(&mut probe.direct).await;
     assert_eq!(text(&got), text(&want), "mixed MGET, rule keys cached");
-    assert_eq!(calls(&after) - calls(&before), 1, "one upstream MGET for n:1");
+    assert_eq!(
+        calls(&after) - calls(&before),
+        1,
+        "one upstream MGET for n:1"
+    );
 
     // A write through tierd shows in the next MGET.
     assert_frame(&probe.tierd.cmd(&["SET", "c:2", "deux"]).await, b"+OK\r\n");
