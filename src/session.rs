@@ -386,6 +386,9 @@ pub struct Session {
     /// The time at the start of this pass over the client's input: one
     /// clock read per batch of pipelined requests, not one per L1 lookup.
     pub(crate) now: std::time::Instant,
+    /// Reused for encoding L1 lookups and assembling split replies, so a
+    /// hit allocates nothing.
+    pub(crate) scratch: Vec<u8>,
     /// This session's entry in `Ctx::clients`.
     pub(crate) entry: Arc<ClientEntry>,
     /// The command table this session classifies with, and its generation
@@ -443,6 +446,7 @@ impl Session {
             quit_on_stream: false,
             out: OutBuf::default(),
             now: std::time::Instant::now(),
+            scratch: Vec::new(),
             table: None,
             table_gen: 0,
             hooks: std::collections::HashMap::new(),

@@ -176,7 +176,8 @@ impl Variant {
 }
 
 /// A [`Variant`] as a lookup sees it: borrowed, so that answering a hit
-/// allocates nothing. Build the request with [`RequestBuf`].
+/// allocates nothing. Build the request with [`encode_request`] into a
+/// buffer the caller reuses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct VariantRef<'a> {
     /// The db the client had selected.
@@ -187,53 +188,11 @@ pub struct VariantRef<'a> {
     pub request: &'a [u8],
 }
 
-/// A request's canonical encoding, on the stack when it is short (every
-/// `GET key` with a key under ~120 bytes): a hit is answered without a heap
-/// allocation.
-pub struct RequestBuf {
-    stack: [u8; REQUEST_STACK],
-    len: usize,
-    heap: Vec<u8>,
-}
-
-/// Encoded requests up to this long stay on the stack.
-const REQUEST_STACK: usize = 128;
-
-impl RequestBuf {
-    /// Encodes `args` (command name first) as [`Variant::from_args`] does.
-    pub fn new<'a>(args: impl Iterator<Item = &'a [u8]> + Clone) -> RequestBuf {
-        let mut buf = RequestBuf {
-            stack: [0; REQUEST_STACK],
-            len: 0,
-            heap: Vec::new(),
-        };
-        let len: usize = args.clone().map(|a| a.len() + varint_len(a.len())).sum();
-        if len <= REQUEST_STACK {
-            let mut out = StackWriter {
-                buf: &mut buf.stack,
-                len: 0,
-            };
-            encode_request(&mut out, args);
-            buf.len = out.len;
-        } else {
-            encode_request(&mut buf.heap, args);
-        }
-        buf
-    }
-
-    /// The encoded request.
-    pub fn as_slice(&self) -> &[u8] {
-        if self.heap.is_empty() {
-            self.stack.get(..self.len).unwrap_or_default()
-        } else {
-            &self.heap
-        }
-    }
-}
-
 /// Somewhere an encoded request goes.
-trait Sink {
+pub trait Sink {
+    /// Appends bytes.
     fn put(&mut self, bytes: &[u8]);
+    /// Appends bytes, ASCII-lowercased.
     fn put_lower(&mut self, bytes: &[u8]);
 }
 
@@ -246,32 +205,22 @@ impl Sink for Vec<u8> {
     }
 }
 
-/// Writes into a stack array the caller sized with the encoded length.
-struct StackWriter<'a> {
-    buf: &'a mut [u8; REQUEST_STACK],
-    len: usize,
+/// Appends one argument (not the command name) in the canonical encoding:
+/// its length as a LEB128 varint, then its bytes.
+pub fn encode_arg(out: &mut Vec<u8>, arg: &[u8]) {
+    let mut n = arg.len();
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+    out.extend_from_slice(arg);
 }
 
-impl Sink for StackWriter<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        if let Some(dst) = self.buf.get_mut(self.len..self.len + bytes.len()) {
-            dst.copy_from_slice(bytes);
-            self.len += bytes.len();
-        }
-    }
-    fn put_lower(&mut self, bytes: &[u8]) {
-        if let Some(dst) = self.buf.get_mut(self.len..self.len + bytes.len()) {
-            for (d, s) in dst.iter_mut().zip(bytes) {
-                *d = s.to_ascii_lowercase();
-            }
-            self.len += bytes.len();
-        }
-    }
-}
-
-/// The canonical encoding: each argument's length as a LEB128 varint, then
-/// its bytes; the command name lowercased.
-fn encode_request<'a>(out: &mut impl Sink, args: impl Iterator<Item = &'a [u8]>) {
+/// Appends the canonical encoding of a request ([`Variant::from_args`]) to
+/// `out`: each argument's length as a LEB128 varint, then its bytes; the
+/// command name lowercased.
+pub fn encode_request<'a>(out: &mut impl Sink, args: impl Iterator<Item = &'a [u8]>) {
     for (i, arg) in args.enumerate() {
         let mut n = arg.len();
         let mut len = [0u8; 10];
@@ -289,15 +238,6 @@ fn encode_request<'a>(out: &mut impl Sink, args: impl Iterator<Item = &'a [u8]>)
             out.put(arg);
         }
     }
-}
-
-fn varint_len(mut n: usize) -> usize {
-    let mut len = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        len += 1;
-    }
-    len
 }
 
 /// One rule as the store sees it.
@@ -901,9 +841,7 @@ impl Store {
         f: impl FnOnce(&[u8]) -> R,
     ) -> Option<(Arc<[u8]>, Range<usize>, R)> {
         let slot = self.rules.get(rule)?;
-        let found = variants
-            .iter()
-            .find_map(|v| self.lookup(slot.cache, key, *v, now));
+        let found = self.lookup(slot.cache, key, variants, now);
         let counter = if found.is_some() {
             &slot.counters.hits
         } else {
@@ -915,11 +853,13 @@ impl Store {
         Some((entry, range, out))
     }
 
+    /// The first of `variants` cached for `key`, found with one hash
+    /// lookup.
     fn lookup(
         &self,
         cache: usize,
         key: &[u8],
-        variant: VariantRef<'_>,
+        variants: &[VariantRef<'_>],
         now: Instant,
     ) -> Option<(Arc<[u8]>, Range<usize>)> {
         let all = self.all_floor.load(Ordering::SeqCst);
@@ -934,7 +874,9 @@ impl Store {
         if view.key != key {
             return None;
         }
-        let record = view.records().find(|r| r.is(key, variant))?;
+        let record = variants
+            .iter()
+            .find_map(|v| view.records().find(|r| r.is(key, *v)))?;
         let now = self.nanos(now);
         if view.born >= self.floor(all, record.db) && record.expires > now {
             let range = record.reply;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::{choose, error, leave_pinned, must_wait, needs_pin, Flow, Want};
-use crate::cache::store::{RequestBuf, VariantRef};
+use crate::cache::store::{encode_arg, encode_request, VariantRef};
 use crate::cache::{FillToken, Variant, L1};
 use crate::command::{Command, Keys, Kind};
 use crate::protocol::parse::string2ll;
@@ -94,7 +94,7 @@ pub(crate) enum Flush {
 /// One key of a split `MGET`.
 pub(crate) enum Part {
     /// Answered from L1.
-    Hit(Bytes),
+    Hit(Reply),
     /// Element `n` of the upstream `MGET`'s reply.
     Miss(usize),
 }
@@ -132,9 +132,9 @@ fn eligible(s: &Session) -> bool {
 /// Tries to answer a read from L1 or send it as a fill. `Err` gives the
 /// request back when L1 has nothing to do with it.
 ///
-/// A hit is the hot path: the request is encoded on the stack, the reply is
-/// copied straight from the entry into the client's output, and nothing is
-/// allocated.
+/// A hit is the hot path: the request is encoded into the session's scratch
+/// buffer, the reply is copied straight from the entry into the client's
+/// output, and nothing is allocated.
 pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
     if s.ctx.l1.is_none() || !eligible(s) || s.writes_in_flight > 0 {
         return Err(req);
@@ -159,11 +159,13 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
         let Some((rule_index, rule)) = l1.rules.find(key) else {
             return Err(req);
         };
-        let request = RequestBuf::new(req.args.iter().map(|a| &a[..]));
+        let mut scratch = std::mem::take(&mut s.scratch);
+        scratch.clear();
+        encode_request(&mut scratch, req.args.iter().map(|a| &a[..]));
         let variant = VariantRef {
             db,
             proto,
-            request: request.as_slice(),
+            request: &scratch,
         };
         let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
         let hit = l1
@@ -171,19 +173,17 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
             .get_with(rule_index, key, &[variant], now, |reply| {
                 crate::session::answer(queue, out, mode, reply);
             });
-        if hit.is_some() {
+        let request = hit.is_none().then(|| Bytes::copy_from_slice(&scratch));
+        s.scratch = scratch;
+        let Some(request) = request else {
             return Ok(Flow::Continue);
-        }
+        };
         (
             rule_index,
             rule.ttl,
             rule.negative,
             Bytes::copy_from_slice(key),
-            Variant {
-                db,
-                proto,
-                request: Bytes::copy_from_slice(request.as_slice()),
-            },
+            Variant { db, proto, request },
         )
     };
     let (rule_index, ttl, negative, key, variant) = miss;
@@ -318,10 +318,11 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
     // Keys to cache: (key, rule, index of its element in the upstream reply).
     let mut wanted: Vec<(&Bytes, usize, usize)> = Vec::new();
     let mut seen: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut scratch = std::mem::take(&mut s.scratch);
     for key in keys {
         let rule = l1.rules.find(key);
         if let Some((rule_index, _)) = rule {
-            if let Some(hit) = mget_lookup(l1, rule_index, key, db, proto, now) {
+            if let Some(hit) = mget_lookup(l1, rule_index, key, db, proto, now, &mut scratch) {
                 parts.push(Part::Hit(hit));
                 continue;
             }
@@ -335,16 +336,20 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
         misses.push(key);
     }
     if misses.is_empty() {
-        let mut out = BytesMut::new();
-        reply::array_header(&mut out, parts.len());
+        scratch.clear();
+        let mut header = BytesMut::new();
+        reply::array_header(&mut header, parts.len());
+        scratch.extend_from_slice(&header);
         for part in &parts {
-            if let Part::Hit(bytes) = part {
-                out.extend_from_slice(bytes);
+            if let Part::Hit(hit) = part {
+                scratch.extend_from_slice(hit.as_ref());
             }
         }
-        s.local(out.freeze());
+        crate::session::answer(&mut s.queue, &mut s.out, &mut s.state.reply_mode, &scratch);
+        s.scratch = scratch;
         return Ok(Flow::Continue);
     }
+    s.scratch = scratch;
     if wanted.is_empty() && misses.len() == keys.len() {
         // Nothing cached and nothing to cache: an ordinary MGET.
         return Err(req);
@@ -426,6 +431,8 @@ fn mget_nil_variant(db: u32, proto: Proto, key: &[u8]) -> Variant {
     )
 }
 
+/// An `MGET` element from L1: `GET key`'s reply, else a nil cached for
+/// this `MGET` form. `scratch` holds both encoded requests.
 fn mget_lookup(
     l1: &L1,
     rule: usize,
@@ -433,28 +440,36 @@ fn mget_lookup(
     db: u32,
     proto: Proto,
     now: Instant,
-) -> Option<Bytes> {
-    let get = RequestBuf::new([&b"GET"[..], key].into_iter());
-    let nil = RequestBuf::new([&b"MGET"[..], key].into_iter());
+    scratch: &mut Vec<u8>,
+) -> Option<Reply> {
+    // The canonical encodings of `GET key` and `MGET key`, spelled out:
+    // this runs once per key of every MGET.
+    scratch.clear();
+    scratch.extend_from_slice(b"\x03get");
+    encode_arg(scratch, key);
+    let split = scratch.len();
+    scratch.extend_from_slice(b"\x04mget");
+    encode_arg(scratch, key);
+    let (get, nil) = scratch.split_at(split);
     let variants = [
         VariantRef {
             db,
             proto,
-            request: get.as_slice(),
+            request: get,
         },
         VariantRef {
             db,
             proto,
-            request: nil.as_slice(),
+            request: nil,
         },
     ];
     l1.store
         .get_with(rule, key, &variants, now, |_| ())
-        .map(|(entry, range, ())| Bytes::from_owner(Reply { entry, range }))
+        .map(|(entry, range, ())| Reply { entry, range })
 }
 
 /// A cached reply shared with its entry.
-struct Reply {
+pub(crate) struct Reply {
     entry: std::sync::Arc<[u8]>,
     range: std::ops::Range<usize>,
 }
@@ -571,7 +586,7 @@ fn assemble_mget(s: &mut Session, fill: Option<u64>, parts: Vec<Part>, frame: By
     reply::array_header(&mut out, parts.len());
     for part in &parts {
         match part {
-            Part::Hit(bytes) => out.extend_from_slice(bytes),
+            Part::Hit(hit) => out.extend_from_slice(hit.as_ref()),
             Part::Miss(n) => out.extend_from_slice(elements.get(*n).copied().unwrap_or(b"")),
         }
     }
@@ -863,4 +878,35 @@ fn stats(s: &Session, req: &Request) -> Bytes {
         }
     }
     out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `mget_lookup` spells out the encodings of `GET key` and `MGET key`;
+    /// they must be exactly the variants fills store, or every MGET would
+    /// miss.
+    #[test]
+    fn mget_lookup_encodings_match_the_fill_variants() {
+        for len in [0, 1, 127, 128, 300, 20_000] {
+            let key = vec![b'k'; len];
+            let mut scratch = Vec::new();
+            scratch.extend_from_slice(b"\x03get");
+            encode_arg(&mut scratch, &key);
+            assert_eq!(
+                scratch,
+                get_variant(0, Proto::Resp2, &key).request,
+                "GET, key of {len}"
+            );
+            scratch.clear();
+            scratch.extend_from_slice(b"\x04mget");
+            encode_arg(&mut scratch, &key);
+            assert_eq!(
+                scratch,
+                mget_nil_variant(0, Proto::Resp2, &key).request,
+                "MGET, key of {len}"
+            );
+        }
+    }
 }
