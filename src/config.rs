@@ -223,7 +223,7 @@ impl LogFormat {
 
 /// Default `l1.max_memory`: room for a useful working set without surprising
 /// anyone who runs tierd next to Redis on the same host.
-pub const DEFAULT_L1_MAX_MEMORY: u64 = 256 * MB as u64;
+pub const DEFAULT_L1_MAX_MEMORY: u64 = 512 * MB as u64;
 /// Smallest accepted `l1.max_memory`. Below it the store's per-entry
 /// overhead and its sharding leave too little room to cache anything useful,
 /// and a smaller value is almost always a missing unit (`1024` is bytes).
@@ -1781,8 +1781,8 @@ mod tests {
                     true,
                     true
                 ),
-                ("image-meta", "image:{id}:meta", 7200, Some(64), true, true),
-                ("segmentation", "seg:{id}:*", 86_400, Some(128), true, true),
+                ("image-meta", "image:{id}:meta", 7200, Some(100), true, true),
+                ("segmentation", "seg:{id}:*", 86_400, Some(200), true, true),
                 ("sessions", "session:{id}", 86_400, None, true, true),
                 ("search", "search:*", 60, None, true, false),
             ]
@@ -1821,7 +1821,7 @@ mod tests {
         assert_eq!(c.limits.max_reply_depth, 128);
         assert_eq!(c.log.level, "info");
         assert_eq!(c.log.format, LogFormat::Text);
-        assert_eq!(c.l1.max_memory, 256 << 20);
+        assert_eq!(c.l1.max_memory, 512 << 20);
         assert_eq!(c.l1.max_value_size, 1 << 20);
         assert_eq!(c.l1.sweep_interval, Duration::from_secs(1));
         assert_eq!(c.invalidation.tracking, TrackingMode::Default);
@@ -1975,7 +1975,7 @@ mod tests {
                 "rules[1].name",
             ),
             (
-                "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"300mb\"",
+                "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"600mb\"",
                 "l1.max_memory",
             ),
         ];
@@ -2026,9 +2026,9 @@ mod tests {
     fn l1_errors_say_how_to_fix() {
         let msg = message_of("[l1]\nmax_memory = 1024");
         assert!(msg.contains("1kb is too small: use at least 1mb"), "{msg}");
-        let msg = message_of("[l1]\nmax_value_size = \"512mb\"");
+        let msg = message_of("[l1]\nmax_value_size = \"1gb\"");
         assert!(
-            msg.contains("512mb is larger than l1.max_memory (256mb)"),
+            msg.contains("1gb is larger than l1.max_memory (512mb)"),
             "{msg}"
         );
         let msg = message_of("[l1]\nmax_value_size = \"0mb\"");
@@ -2155,7 +2155,7 @@ mod tests {
                      [[rules]]\nmatch = \"b\"\nttl = 1\n\
                      [[rules]]\nmatch = \"c\"\nttl = 1\nmax_memory = \"200mb\"\n";
         assert_eq!(
-            message_of(rules),
+            message_of(&format!("[l1]\nmax_memory = \"256mb\"\n{rules}")),
             "l1.max_memory: 256mb is less than the 300mb that the 2 rules with a max_memory \
              reserve in total: raise l1.max_memory or lower the rules' max_memory"
         );
