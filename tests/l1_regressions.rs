@@ -58,6 +58,19 @@ async fn cache(probe: &mut L1Probe, key: &str, want: &str) {
     assert_frame(&reply, &bulk(want));
 }
 
+/// A Redis with `k:1 = old`, a tierd without tracking (so only its own
+/// invalidations can save a test) with `GET k:1` cached, a probe, and a
+/// direct connection.
+async fn k1_cached_without_tracking() -> (RedisServer, Tierd, L1Probe, Raw) {
+    let redis = RedisServer::start();
+    let mut d = direct(&redis).await;
+    must(&mut d, &["SET", "k:1", "old"]).await;
+    let tierd = start(&redis, TrackingMode::Off).await;
+    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
+    cache(&mut probe, "k:1", "old").await;
+    (redis, tierd, probe, d)
+}
+
 /// Reads `GET key` through `probe` every millisecond until the reply is
 /// `want`; fails once a read that started more than `limit` after `since`
 /// still got something else.
@@ -286,12 +299,7 @@ async fn a_split_mget_of_thousands_of_keys_is_prompt_exact_and_fills_at_most_102
 /// invalidate like any other client's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_from_a_resp3_subscriber_invalidates_l1() {
-    let redis = RedisServer::start();
-    let mut d = direct(&redis).await;
-    must(&mut d, &["SET", "k:1", "old"]).await;
-    let tierd = start(&redis, TrackingMode::Off).await;
-    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
-    cache(&mut probe, "k:1", "old").await;
+    let (_redis, tierd, mut probe, _d) = k1_cached_without_tracking().await;
 
     let mut sub = tierd.raw().await;
     assert_eq!(sub.cmd(&["HELLO", "3"]).await[0], b'%');
@@ -323,12 +331,7 @@ async fn a_write_from_a_resp3_subscriber_invalidates_l1() {
 /// runs in db 0, whose entries must go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushdb_after_a_select_queued_in_multi_flushes_the_db_it_ran_in() {
-    let redis = RedisServer::start();
-    let mut d = direct(&redis).await;
-    must(&mut d, &["SET", "k:1", "old"]).await;
-    let tierd = start(&redis, TrackingMode::Off).await;
-    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
-    cache(&mut probe, "k:1", "old").await;
+    let (_redis, tierd, mut probe, _d) = k1_cached_without_tracking().await;
 
     let mut m = tierd.raw().await;
     assert_frame(&m.cmd(&["SELECT", "5"]).await, b"+OK\r\n");
@@ -356,12 +359,7 @@ async fn flushdb_after_a_select_queued_in_multi_flushes_the_db_it_ran_in() {
 /// longer come from L1 (Redis must see them to track them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_tracking_on_queued_in_multi_takes_effect_after_exec() {
-    let redis = RedisServer::start();
-    let mut d = direct(&redis).await;
-    must(&mut d, &["SET", "k:1", "old"]).await;
-    let tierd = start(&redis, TrackingMode::Off).await;
-    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
-    cache(&mut probe, "k:1", "old").await;
+    let (_redis, tierd, mut probe, mut d) = k1_cached_without_tracking().await;
 
     let mut c = tierd.raw().await;
     assert_frame(&c.cmd(&["MULTI"]).await, b"+OK\r\n");

@@ -431,6 +431,19 @@ fn mget_nil_variant(db: u32, proto: Proto, key: &[u8]) -> Variant {
     )
 }
 
+/// The canonical encodings of `GET key` and `MGET key` (see
+/// [`get_variant`]), spelled out in `scratch`: this runs once per key of
+/// every MGET.
+fn mget_encodings<'s>(scratch: &'s mut Vec<u8>, key: &[u8]) -> (&'s [u8], &'s [u8]) {
+    scratch.clear();
+    scratch.extend_from_slice(b"\x03get");
+    encode_arg(scratch, key);
+    let split = scratch.len();
+    scratch.extend_from_slice(b"\x04mget");
+    encode_arg(scratch, key);
+    scratch.split_at(split)
+}
+
 /// An `MGET` element from L1: `GET key`'s reply, else a nil cached for
 /// this `MGET` form. `scratch` holds both encoded requests.
 fn mget_lookup(
@@ -442,15 +455,7 @@ fn mget_lookup(
     now: Instant,
     scratch: &mut Vec<u8>,
 ) -> Option<Reply> {
-    // The canonical encodings of `GET key` and `MGET key`, spelled out:
-    // this runs once per key of every MGET.
-    scratch.clear();
-    scratch.extend_from_slice(b"\x03get");
-    encode_arg(scratch, key);
-    let split = scratch.len();
-    scratch.extend_from_slice(b"\x04mget");
-    encode_arg(scratch, key);
-    let (get, nil) = scratch.split_at(split);
+    let (get, nil) = mget_encodings(scratch, key);
     let variants = [
         VariantRef {
             db,
@@ -892,18 +897,14 @@ mod tests {
         for len in [0, 1, 127, 128, 300, 20_000] {
             let key = vec![b'k'; len];
             let mut scratch = Vec::new();
-            scratch.extend_from_slice(b"\x03get");
-            encode_arg(&mut scratch, &key);
+            let (get, nil) = mget_encodings(&mut scratch, &key);
             assert_eq!(
-                scratch,
+                get,
                 get_variant(0, Proto::Resp2, &key).request,
                 "GET, key of {len}"
             );
-            scratch.clear();
-            scratch.extend_from_slice(b"\x04mget");
-            encode_arg(&mut scratch, &key);
             assert_eq!(
-                scratch,
+                nil,
                 mget_nil_variant(0, Proto::Resp2, &key).request,
                 "MGET, key of {len}"
             );
