@@ -39,6 +39,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod invalidation;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -101,20 +101,21 @@ pub async fn run(
     result
 }
 
-/// Starts the background tasks that keep L1 coherent and tidy: the
-/// tracking link (which also reads the command table) and the periodic
-/// expiry sweep. Without a caching rule there is nothing for them to do.
+/// Starts the background tasks: the tracking link, which also reads the
+/// command table (metrics and `INFO` need it even without caching rules),
+/// and, with L1, the periodic expiry sweep.
 fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) {
-    let Some(l1) = ctx.l1.clone() else {
-        return;
-    };
     let control = crate::invalidation::tracking::Control {
         upstream: ctx.upstream.clone(),
         table: ctx.table.clone(),
-        l1: l1.clone(),
+        l1: ctx.l1.clone(),
         tracking: ctx.tracking.clone(),
+        metrics: ctx.metrics.clone(),
     };
     tokio::spawn(crate::invalidation::tracking::run(control, stop.clone()));
+    let Some(l1) = ctx.l1.clone() else {
+        return;
+    };
     let interval = ctx.config.l1.sweep_interval;
     let mut stop = stop.clone();
     tokio::spawn(async move {

@@ -85,6 +85,8 @@ pub struct Ctx {
     pub table: Arc<TableCell>,
     /// Whether upstream tracking is live, for fills.
     pub tracking: Arc<Tracking>,
+    /// This server's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Request parser limits, from the configuration.
     pub parse_limits: ParseLimits,
     next_client_id: AtomicU64,
@@ -96,7 +98,11 @@ pub struct Ctx {
 impl Ctx {
     /// Builds the shared context (and starts the default upstream pool).
     pub fn new(config: Arc<Config>) -> Ctx {
-        let upstream = Arc::new(Upstream::new(&config));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let upstream = Arc::new(Upstream::new(
+            &config,
+            Some(metrics.upstream_latency.clone()),
+        ));
         let l1 = match L1::new(&config) {
             Ok(l1) => l1.map(Arc::new),
             Err(e) => {
@@ -108,7 +114,13 @@ impl Ctx {
         };
         Ctx {
             parse_limits: config.parse_limits(),
-            tracking: Arc::new(Tracking::new(config.invalidation.tracking)),
+            // Without L1 there is nothing to track for.
+            tracking: Arc::new(Tracking::new(if l1.is_some() {
+                config.invalidation.tracking
+            } else {
+                crate::config::TrackingMode::Off
+            })),
+            metrics,
             l1,
             table: Arc::new(TableCell::default()),
             config,

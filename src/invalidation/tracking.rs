@@ -51,6 +51,10 @@ use crate::upstream::{Conn, Timeouts, Upstream, UpstreamError};
 /// The client name of the tracking link upstream (`CLIENT LIST`).
 pub const LINK_NAME: &str = "tierd:tracking";
 
+/// The link's name when nothing is tracked (`off`, or no caching rule): it
+/// then only keeps the command table fresh.
+pub const CONTROL_NAME: &str = "tierd:control";
+
 /// How often the link is probed with `PING`.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -153,10 +157,13 @@ pub struct Control {
     pub upstream: Arc<Upstream>,
     /// Where the command table goes.
     pub table: Arc<TableCell>,
-    /// The L1 tier.
-    pub l1: Arc<L1>,
+    /// The L1 tier; without one (no caching rule) the task only reads the
+    /// command table and keeps a heartbeat, and the mode must be `off`.
+    pub l1: Option<Arc<L1>>,
     /// State shared with the sessions.
     pub tracking: Arc<Tracking>,
+    /// Where reports and link changes are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs the tracking link until `stop` changes or its sender is dropped:
@@ -164,15 +171,16 @@ pub struct Control {
 /// start over.
 pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
     let timeouts = control.upstream.timeouts();
-    if control.tracking.mode == TrackingMode::Default {
+    if let (TrackingMode::Default, Some(l1)) = (control.tracking.mode, &control.l1) {
         // Redis forgets what it tracked for a connection when the connection
         // goes: from then on a change to a key filled through it is never
         // reported. Which entries those are is not known, so all go.
-        let l1 = control.l1.clone();
-        control
-            .upstream
-            .setup_hook()
-            .on_lost(Arc::new(move || l1.store.flush_all()));
+        let l1 = l1.clone();
+        let metrics = control.metrics.clone();
+        control.upstream.setup_hook().on_lost(Arc::new(move || {
+            l1.store.flush_all();
+            metrics.flushed(None);
+        }));
     }
     let mut backoff = timeouts.backoff_min;
     let mut failures = 0u32;
@@ -210,7 +218,11 @@ fn lose_trust(control: &Control) {
     }
     control.tracking.ready.store(0, Ordering::SeqCst);
     control.upstream.setup_hook().clear();
-    control.l1.store.suspend();
+    if let Some(l1) = &control.l1 {
+        l1.store.suspend();
+    }
+    control.metrics.flushed(None);
+    control.metrics.set_tracking_up(false);
 }
 
 /// One link: set up, then serve until it fails. Only returns an error.
@@ -231,9 +243,13 @@ async fn link_inner(
     let (stream, hello) = control.upstream.control_connection(Proto::Resp3).await?;
     let id = hello.client_id().ok_or(LinkError::NoId)?;
     let mut link = Link::new(stream, timeouts.max_depth);
+    let name = match control.tracking.mode {
+        TrackingMode::Off => CONTROL_NAME,
+        _ => LINK_NAME,
+    };
     link.call(
         control,
-        &reply::encode_command(&[b"CLIENT", b"SETNAME", LINK_NAME.as_bytes()]),
+        &reply::encode_command(&[b"CLIENT", b"SETNAME", name.as_bytes()]),
         "CLIENT SETNAME",
         timeouts,
     )
@@ -242,7 +258,11 @@ async fn link_inner(
     let tracking = &control.tracking;
     let gen = match tracking.mode {
         TrackingMode::Bcast => {
-            let prefixes = control.l1.rules.bcast_prefixes();
+            let prefixes = control
+                .l1
+                .as_ref()
+                .map(|l1| l1.rules.bcast_prefixes())
+                .unwrap_or_default();
             let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"ON", b"BCAST"];
             for p in &prefixes {
                 args.push(b"PREFIX");
@@ -275,7 +295,12 @@ async fn link_inner(
     };
     tracking.links.fetch_add(1, Ordering::Relaxed);
     tracking.ready.store(gen, Ordering::SeqCst);
-    control.l1.store.resume();
+    if let Some(l1) = &control.l1 {
+        l1.store.resume();
+    }
+    if tracking.mode != TrackingMode::Off {
+        control.metrics.set_tracking_up(true);
+    }
     tracing::info!(mode = tracking.mode.as_str(), link = id, "tracking link up");
 
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -483,21 +508,32 @@ fn on_push(control: &Control, frame: &[u8]) {
     if inspect::string_payload(kind) != Some(b"invalidate") {
         return;
     }
-    let store = &control.l1.store;
+    let Some(l1) = &control.l1 else {
+        return;
+    };
+    let store = &l1.store;
     let tracking = &control.tracking;
     match inspect::elements(payload, 2) {
         Some(keys) => {
+            let mut n = 0;
             for key in keys {
                 if let Some(key) = inspect::string_payload(key) {
                     store.invalidate(key);
-                    tracking.invalidations.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
                 }
             }
+            tracking.invalidations.fetch_add(n, Ordering::Relaxed);
+            control
+                .metrics
+                .invalidated(crate::metrics::Source::Tracking, n);
         }
         None => {
             // `_` (or `*-1`): FLUSHALL/FLUSHDB. Redis does not say which db.
             store.flush_all();
             tracking.flushes.fetch_add(1, Ordering::Relaxed);
+            control
+                .metrics
+                .flushed(Some(crate::metrics::Source::Tracking));
         }
     }
 }

@@ -44,6 +44,8 @@ struct Waiter {
     /// In stream mode: the frame that answers this request; frames before it
     /// are pushes.
     until: Option<&'static [u8]>,
+    /// When it was queued, for one request in `LATENCY_SAMPLE`.
+    sent: Option<Instant>,
 }
 
 enum Status {
@@ -82,6 +84,8 @@ struct State {
     stream: bool,
     hello: Option<Arc<HelloInfo>>,
     noauth: Option<Bytes>,
+    /// Requests queued, for latency sampling.
+    queued: u64,
 }
 
 struct Inner {
@@ -321,21 +325,28 @@ impl State {
                 inbox: Some(inbox.clone()),
                 timed,
                 until: None,
+                sent: None,
             }),
             ReplyTo::Owner { seq, timed } => Some(Waiter {
                 seq,
                 inbox: None,
                 timed,
                 until: None,
+                sent: None,
             }),
             ReplyTo::StreamEnd { seq, end } => Some(Waiter {
                 seq,
                 inbox: None,
                 timed: false,
                 until: Some(end),
+                sent: None,
             }),
         };
-        if let Some(w) = waiter {
+        if let Some(mut w) = waiter {
+            self.queued = self.queued.wrapping_add(1);
+            if w.timed && self.queued % crate::metrics::LATENCY_SAMPLE == 0 {
+                w.sent = Some(Instant::now());
+            }
             if self.waiters.is_empty() {
                 self.last_progress = Instant::now();
             }
@@ -378,6 +389,7 @@ impl Inner {
                 stream: false,
                 hello: None,
                 noauth: None,
+                queued: 0,
             }),
             wake_writer: Notify::new(),
             pushes,
@@ -699,6 +711,12 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
             }
         }
     };
+    if let (Some(sent), Some(latency)) = (
+        waiter.as_ref().and_then(|w| w.sent),
+        inner.settings.latency.as_ref(),
+    ) {
+        latency.record(sent.elapsed());
+    }
     match (waiter, &inner.pushes) {
         (
             Some(Waiter {

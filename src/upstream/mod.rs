@@ -293,6 +293,8 @@ pub(crate) struct Settings {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub max_depth: usize,
+    /// Where sampled request latencies go.
+    pub latency: Option<Arc<crate::metrics::Latency>>,
 }
 
 /// The pools and dedicated connections of one identity.
@@ -373,7 +375,7 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the upstream side from the configuration and starts the
     /// default RESP2 pool, so that tierd connects (and logs) at start.
-    pub fn new(config: &Config) -> Upstream {
+    pub fn new(config: &Config, latency: Option<Arc<crate::metrics::Latency>>) -> Upstream {
         let url = &config.upstream.url;
         let host = if url.host.contains(':') && !url.host.starts_with('[') {
             format!("[{}]", url.host)
@@ -389,6 +391,7 @@ impl Upstream {
             backoff_min: config.upstream.backoff_min,
             backoff_max: config.upstream.backoff_max,
             max_depth: config.limits.max_reply_depth,
+            latency,
         });
         let creds = url.password.as_ref().map(|pass| {
             Credentials::new(

@@ -12,7 +12,7 @@ use tierd::cache::glob::Glob;
 use tierd::config::{Config, RuleConfig, TrackingMode};
 
 use super::exchange::text;
-use super::probe::{client_field, client_list};
+use super::probe::{all_clients, client_field};
 use super::{config_for, Raw, RedisServer, Tierd};
 
 pub const HOUR: Duration = Duration::from_secs(3600);
@@ -326,7 +326,7 @@ pub async fn upstream_calls(direct: &mut Raw, cmd: &str) -> u64 {
 
 /// The Redis client ids of connections named `name` (`CLIENT LIST`).
 pub async fn clients_named(direct: &mut Raw, name: &str) -> Vec<u64> {
-    client_list(direct)
+    all_clients(direct)
         .await
         .iter()
         .filter(|l| client_field(l, "name") == Some(name))

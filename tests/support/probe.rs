@@ -73,7 +73,24 @@ pub async fn direct_raw(redis: &RedisServer, password: Option<&str>) -> Raw {
 }
 
 /// `CLIENT LIST` on a direct connection, one entry per client line.
+/// The data path's clients: tierd's own control connection (`tierd:control`
+/// or `tierd:tracking`, which reads the command table and tracking reports)
+/// is left out, so that tests count what clients cause.
 pub async fn client_list(direct: &mut Raw) -> Vec<String> {
+    all_clients(direct)
+        .await
+        .into_iter()
+        .filter(|l| {
+            !matches!(
+                client_field(l, "name"),
+                Some("tierd:control" | "tierd:tracking")
+            )
+        })
+        .collect()
+}
+
+/// Every line of `CLIENT LIST`, tierd's control connection included.
+pub async fn all_clients(direct: &mut Raw) -> Vec<String> {
     let reply = direct.cmd(&["CLIENT", "LIST"]).await;
     bulk_text(&reply)
         .lines()

@@ -1,0 +1,1 @@
+//! tierd's HTTP listener: `/metrics`, `/health`, `/ready`. (Being built.)

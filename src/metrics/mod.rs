@@ -1,0 +1,404 @@
+//! What tierd counts, and how it is rendered for Prometheus.
+//!
+//! Every metric is recorded through the `metrics` facade's handles
+//! ([`::metrics::Counter`], [`::metrics::Gauge`], [`::metrics::Histogram`])
+//! into a `metrics-exporter-prometheus` recorder that belongs to this server
+//! instance, not to the process: tests run several tierds in one process,
+//! and each must report only its own traffic. `/metrics` is
+//! [`Metrics::render`], served by tierd's own HTTP listener
+//! ([`http`]); the exporter's catch-all listener is not used.
+//!
+//! Hot-path metrics are handles registered once and then bumped with one
+//! atomic add (requests per command are registered on first use of each
+//! command name and cached). Figures the L1 store already keeps (hits,
+//! misses, entries, bytes, evictions per rule) are copied into the registry
+//! when `/metrics` is scraped, so the hit path pays nothing for them.
+//!
+//! Labels come only from bounded sets: rule names from the configuration,
+//! command names from upstream's `COMMAND` table (anything else is counted as
+//! `other`), and fixed enumerations. Keys never become labels.
+//!
+//! The catalog of names is [`names`]; `docs/metrics.md` describes each one.
+
+pub mod http;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ::metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use parking_lot::RwLock;
+
+use crate::cache::RuleStats;
+
+/// Metric names. Every name has the `tierd_` prefix; counters end in
+/// `_total`, and values are in base units (`_seconds`, `_bytes`).
+pub mod names {
+    /// Counter, label `command`: requests received, by command name
+    /// (lowercase, as upstream's `COMMAND` spells it; `other` for names
+    /// upstream does not know).
+    pub const REQUESTS: &str = "tierd_requests_total";
+    /// Counter, label `rule`: L1 lookups answered from L1.
+    pub const L1_HITS: &str = "tierd_l1_hits_total";
+    /// Counter, label `rule`: L1 lookups that went upstream.
+    pub const L1_MISSES: &str = "tierd_l1_misses_total";
+    /// Gauge, label `rule`: replies cached.
+    pub const L1_ENTRIES: &str = "tierd_l1_entries";
+    /// Gauge, label `rule`: bytes charged for them, overhead included.
+    pub const L1_BYTES: &str = "tierd_l1_bytes";
+    /// Gauge: `[l1] max_memory`.
+    pub const L1_MAX_BYTES: &str = "tierd_l1_max_bytes";
+    /// Counter, label `rule`: replies evicted to make room.
+    pub const L1_EVICTIONS: &str = "tierd_l1_evictions_total";
+    /// Counter, label `source` (`write`, `tracking`): keys invalidated.
+    pub const INVALIDATIONS: &str = "tierd_invalidations_total";
+    /// Counter, label `source` (`write`, `tracking`, `link_lost`): times
+    /// L1 was flushed.
+    pub const FLUSHES: &str = "tierd_l1_flushes_total";
+    /// Histogram: upstream command latency in seconds, sampled (one request
+    /// in [`super::LATENCY_SAMPLE`] per connection).
+    pub const UPSTREAM_LATENCY: &str = "tierd_upstream_latency_seconds";
+    /// Counter: requests answered with tierd's own "upstream unavailable"
+    /// error.
+    pub const UPSTREAM_ERRORS: &str = "tierd_upstream_errors_total";
+    /// Gauge: 1 while the upstream answers, else 0.
+    pub const UPSTREAM_UP: &str = "tierd_upstream_up";
+    /// Gauge: 1 while the tracking link is live, else 0.
+    pub const TRACKING_UP: &str = "tierd_tracking_up";
+    /// Counter: tracking links established.
+    pub const TRACKING_LINKS: &str = "tierd_tracking_links_total";
+    /// Gauge: client connections open.
+    pub const CLIENTS: &str = "tierd_client_connections";
+    /// Counter: client connections accepted.
+    pub const CLIENTS_ACCEPTED: &str = "tierd_client_connections_total";
+    /// Counter: client connections refused at `max_clients`.
+    pub const CLIENTS_REJECTED: &str = "tierd_client_connections_rejected_total";
+}
+
+/// One upstream request in this many per connection has its latency
+/// recorded: enough for a histogram, without a clock read per request.
+pub const LATENCY_SAMPLE: u64 = 16;
+
+/// Histogram buckets for latencies, in seconds: 50 µs to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+static METADATA: Metadata<'static> = Metadata::new("tierd", Level::INFO, Some("tierd::metrics"));
+
+/// The command label for names upstream does not know.
+const OTHER: &str = "other";
+
+/// This server's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Request counters by command name, registered on first use. Sync lock,
+    /// read on every request (uncontended), written once per new name.
+    requests: RwLock<HashMap<Box<str>, Counter>>,
+    /// Totals kept as plain atomics too, for `/health` and `INFO`, which
+    /// need them as numbers.
+    requests_total: AtomicU64,
+    upstream_errors_total: AtomicU64,
+    /// Sampled upstream command latency.
+    pub upstream_latency: Arc<Latency>,
+    upstream_errors: Counter,
+    invalidations_write: Counter,
+    invalidations_tracking: Counter,
+    flushes_write: Counter,
+    flushes_tracking: Counter,
+    flushes_link_lost: Counter,
+    clients: Gauge,
+    clients_accepted: Counter,
+    clients_rejected: Counter,
+    upstream_up: Gauge,
+    tracking_up: Gauge,
+    tracking_links: Counter,
+}
+
+/// A latency histogram that also keeps its running count and sum, which
+/// `/health` turns into an average.
+#[derive(Debug)]
+pub struct Latency {
+    histogram: Histogram,
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Latency {
+    /// Records one latency.
+    pub fn record(&self, d: std::time::Duration) {
+        self.histogram.record(d.as_secs_f64());
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (samples, total nanoseconds) since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.sum_ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Where an invalidation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A write through this tierd.
+    Write,
+    /// Redis's client tracking.
+    Tracking,
+}
+
+impl Source {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Write => "write",
+            Source::Tracking => "tracking",
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric described.
+    pub fn new() -> Metrics {
+        // The buckets are constant and valid; should the builder still
+        // refuse them, histograms render as summaries instead.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder);
+        let counter = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            recorder.register_counter(&key(name, labels), &METADATA)
+        };
+        let gauge = |name: &'static str| recorder.register_gauge(&key(name, &[]), &METADATA);
+        Metrics {
+            upstream_latency: Arc::new(Latency {
+                histogram: recorder
+                    .register_histogram(&key(names::UPSTREAM_LATENCY, &[]), &METADATA),
+                sum_ns: AtomicU64::new(0),
+                count: AtomicU64::new(0),
+            }),
+            upstream_errors: counter(names::UPSTREAM_ERRORS, &[]),
+            invalidations_write: counter(names::INVALIDATIONS, &[("source", "write")]),
+            invalidations_tracking: counter(names::INVALIDATIONS, &[("source", "tracking")]),
+            flushes_write: counter(names::FLUSHES, &[("source", "write")]),
+            flushes_tracking: counter(names::FLUSHES, &[("source", "tracking")]),
+            flushes_link_lost: counter(names::FLUSHES, &[("source", "link_lost")]),
+            clients: gauge(names::CLIENTS),
+            clients_accepted: counter(names::CLIENTS_ACCEPTED, &[]),
+            clients_rejected: counter(names::CLIENTS_REJECTED, &[]),
+            upstream_up: gauge(names::UPSTREAM_UP),
+            tracking_up: gauge(names::TRACKING_UP),
+            tracking_links: counter(names::TRACKING_LINKS, &[]),
+            requests: RwLock::new(HashMap::new()),
+            requests_total: AtomicU64::new(0),
+            upstream_errors_total: AtomicU64::new(0),
+            recorder,
+            handle,
+        }
+    }
+
+    /// Counts one request of `command` (a name from the command table, or
+    /// `None` for one upstream does not know).
+    pub fn request(&self, command: Option<&str>) {
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        let name = command.unwrap_or(OTHER);
+        if let Some(c) = self.requests.read().get(name) {
+            c.increment(1);
+            return;
+        }
+        let c = self.recorder.register_counter(
+            &Key::from_parts(
+                names::REQUESTS,
+                vec![Label::new("command", name.to_owned())],
+            ),
+            &METADATA,
+        );
+        c.increment(1);
+        self.requests.write().insert(name.into(), c);
+    }
+
+    /// Requests received since start.
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request answered with tierd's "upstream unavailable" error.
+    pub fn upstream_error(&self) {
+        self.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
+        self.upstream_errors.increment(1);
+    }
+
+    /// Requests answered with "upstream unavailable" since start.
+    pub fn upstream_errors_total(&self) -> u64 {
+        self.upstream_errors_total.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` keys invalidated from `source`.
+    pub fn invalidated(&self, source: Source, n: u64) {
+        match source {
+            Source::Write => self.invalidations_write.increment(n),
+            Source::Tracking => self.invalidations_tracking.increment(n),
+        }
+    }
+
+    /// Counts an L1 flush: by a write (`FLUSHALL` …), by a tracking report,
+    /// or because the tracking link was lost (`source` = `None`).
+    pub fn flushed(&self, source: Option<Source>) {
+        match source {
+            Some(Source::Write) => self.flushes_write.increment(1),
+            Some(Source::Tracking) => self.flushes_tracking.increment(1),
+            None => self.flushes_link_lost.increment(1),
+        }
+    }
+
+    /// A client connected (`true`) or left.
+    pub fn client(&self, connected: bool) {
+        if connected {
+            self.clients.increment(1.0);
+            self.clients_accepted.increment(1);
+        } else {
+            self.clients.decrement(1.0);
+        }
+    }
+
+    /// A client was refused at `max_clients`.
+    pub fn client_rejected(&self) {
+        self.clients_rejected.increment(1);
+    }
+
+    /// Whether upstream answers.
+    pub fn set_upstream_up(&self, up: bool) {
+        self.upstream_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Whether the tracking link is live; `true` also counts a new link.
+    pub fn set_tracking_up(&self, up: bool) {
+        if up {
+            self.tracking_links.increment(1);
+        }
+        self.tracking_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// The Prometheus text exposition of everything, with the L1 store's
+    /// per-rule figures (`rules`) and cap copied in first.
+    pub fn render(&self, rules: &[RuleStats], l1_max_bytes: u64) -> String {
+        for r in rules {
+            let rule = [("rule", r.name.clone())];
+            let c = |name| {
+                self.recorder
+                    .register_counter(&owned_key(name, &rule), &METADATA)
+            };
+            c(names::L1_HITS).absolute(r.hits);
+            c(names::L1_MISSES).absolute(r.misses);
+            c(names::L1_EVICTIONS).absolute(r.evictions);
+            let g = |name| {
+                self.recorder
+                    .register_gauge(&owned_key(name, &rule), &METADATA)
+            };
+            g(names::L1_ENTRIES).set(r.entries as f64);
+            g(names::L1_BYTES).set(r.bytes as f64);
+        }
+        self.recorder
+            .register_gauge(&key(names::L1_MAX_BYTES, &[]), &METADATA)
+            .set(l1_max_bytes as f64);
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; call it every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|&(k, v)| Label::new(k, v)).collect();
+    Key::from_parts(name, labels)
+}
+
+fn owned_key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.clone()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+/// HELP texts, as Prometheus shows them.
+fn describe(r: &PrometheusRecorder) {
+    use names::*;
+    let counters: &[(&'static str, &'static str)] = &[
+        (REQUESTS, "Requests received, by command."),
+        (L1_HITS, "L1 lookups answered from L1, by rule."),
+        (L1_MISSES, "L1 lookups that went upstream, by rule."),
+        (L1_EVICTIONS, "L1 replies evicted to make room, by rule."),
+        (INVALIDATIONS, "Keys invalidated in L1, by source."),
+        (FLUSHES, "Times L1 was flushed, by source."),
+        (
+            UPSTREAM_ERRORS,
+            "Requests answered with tierd's upstream-unavailable error.",
+        ),
+        (TRACKING_LINKS, "Tracking links established."),
+        (CLIENTS_ACCEPTED, "Client connections accepted."),
+        (
+            CLIENTS_REJECTED,
+            "Client connections refused at max_clients.",
+        ),
+    ];
+    for &(name, help) in counters {
+        r.describe_counter(name.into(), None, help.into());
+    }
+    let gauges: &[(&'static str, Option<Unit>, &'static str)] = &[
+        (L1_ENTRIES, None, "Replies cached in L1, by rule."),
+        (
+            L1_BYTES,
+            Some(Unit::Bytes),
+            "Bytes charged for L1 entries, overhead included, by rule.",
+        ),
+        (
+            L1_MAX_BYTES,
+            Some(Unit::Bytes),
+            "The L1 memory cap ([l1] max_memory).",
+        ),
+        (UPSTREAM_UP, None, "1 while upstream Redis answers, else 0."),
+        (
+            TRACKING_UP,
+            None,
+            "1 while the tracking link is live, else 0.",
+        ),
+        (CLIENTS, None, "Client connections open."),
+    ];
+    for &(name, unit, help) in gauges {
+        r.describe_gauge(name.into(), unit, help.into());
+    }
+    r.describe_histogram(
+        UPSTREAM_LATENCY.into(),
+        Some(Unit::Seconds),
+        "Upstream command latency, sampled.".into(),
+    );
+}
+
+/// Shared handle type.
+pub type SharedMetrics = Arc<Metrics>;
