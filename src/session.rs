@@ -420,6 +420,9 @@ pub struct Session {
     /// Writes queued inside the current MULTI: their second invalidation
     /// runs when EXEC's reply arrives.
     pub(crate) multi_hooks: Vec<Hook>,
+    /// The request counter of the command this session saw last: (table
+    /// generation, the name as the client spelled it, the counter).
+    last_command: Option<(u64, Bytes, ::metrics::Counter)>,
     /// Requests sent on a RESP3 pub/sub stream, oldest first, each with its
     /// write's hook if it is one: replies there are not matched by sequence
     /// number.
@@ -429,6 +432,7 @@ pub struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.ctx.clients.lock().remove(&self.id);
+        self.ctx.metrics.client(false);
     }
 }
 
@@ -439,6 +443,7 @@ impl Session {
         let id = ctx.next_client_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(ClientEntry::default());
         ctx.clients.lock().insert(id, entry.clone());
+        ctx.metrics.client(true);
         Session {
             entry,
             id,
@@ -467,7 +472,34 @@ impl Session {
             writes_in_flight: 0,
             multi_hooks: Vec::new(),
             stream_hooks: VecDeque::new(),
+            last_command: None,
         }
+    }
+
+    /// Counts a request by command for `/metrics`.
+    fn count_request(&mut self, req: &Request) {
+        self.ctx.metrics.request();
+        let name = req.name();
+        if let Some((gen, cached, counter)) = &self.last_command {
+            if *gen == self.table_gen && cached[..] == *name {
+                counter.increment(1);
+                return;
+            }
+        }
+        self.refresh_table();
+        let counter = match self.table.as_deref() {
+            Some(table) => self
+                .ctx
+                .metrics
+                .command_counter(table.get(name).map(|c| c.name.as_str())),
+            // Until the table is read nothing is known: `other`, uncached.
+            None => {
+                self.ctx.metrics.command_counter(None).increment(1);
+                return;
+            }
+        };
+        counter.increment(1);
+        self.last_command = Some((self.table_gen, Bytes::copy_from_slice(name), counter));
     }
 
     /// Picks up the command table the control plane read last, if it is
@@ -573,7 +605,10 @@ impl Session {
                 let req = match self.stalled.take() {
                     Some(req) => req,
                     None => match parser.parse(&mut rbuf) {
-                        Ok(Some(req)) => req,
+                        Ok(Some(req)) => {
+                            self.count_request(&req);
+                            req
+                        }
                         Ok(None) => {
                             need_input = true;
                             break;
@@ -721,6 +756,9 @@ impl Session {
     pub(crate) fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
         match ev {
             Upstreamed::Reply { seq, reply } => {
+                if reply.is_err() {
+                    self.ctx.metrics.upstream_error();
+                }
                 if seq & SIDE != 0 {
                     crate::dispatch::cache::side_reply(self, seq, reply);
                     return;

@@ -289,6 +289,7 @@ fn send_fill(
             s.inflight_route = Some(route);
         }
         Err(e) => {
+            s.ctx.metrics.upstream_error();
             if let Some(id) = fill {
                 s.fills.remove(&id);
             }
@@ -720,6 +721,9 @@ pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
             for key in keys {
                 l1.store.invalidate(key);
             }
+            s.ctx
+                .metrics
+                .invalidated(crate::metrics::Source::Write, keys.len() as u64);
         }
         Hook::Flush(Flush::AllUnlessError) => {}
         Hook::Flush(flush) => apply_flush(s, *flush),
@@ -791,6 +795,7 @@ fn apply_flush(s: &Session, flush: Flush) {
     let Some(l1) = &s.ctx.l1 else {
         return;
     };
+    s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
     match flush {
         Flush::All | Flush::AllUnlessError => l1.store.flush_all(),
         Flush::Db(db) => l1.store.flush_db(db),

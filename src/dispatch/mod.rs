@@ -472,6 +472,7 @@ fn send_hooked(
             s.inflight_route = Some(route);
         }
         Err(e) => {
+            s.ctx.metrics.upstream_error();
             let mut frame = e.to_resp();
             if let Some(hook) = s.hooks.remove(&seq) {
                 frame = cache::after_reply(s, hook, frame);

@@ -220,14 +220,14 @@ impl Metrics {
         }
     }
 
-    /// Counts one request of `command` (a name from the command table, or
-    /// `None` for one upstream does not know).
-    pub fn request(&self, command: Option<&str>) {
-        self.requests_total.fetch_add(1, Ordering::Relaxed);
+    /// The request counter of `command` (a name from the command table, or
+    /// `None` for one upstream does not know). Sessions keep the handle of
+    /// the command they saw last, so a stream of the same command costs one
+    /// atomic add per request.
+    pub fn command_counter(&self, command: Option<&str>) -> Counter {
         let name = command.unwrap_or(OTHER);
         if let Some(c) = self.requests.read().get(name) {
-            c.increment(1);
-            return;
+            return c.clone();
         }
         let c = self.recorder.register_counter(
             &Key::from_parts(
@@ -236,8 +236,14 @@ impl Metrics {
             ),
             &METADATA,
         );
-        c.increment(1);
-        self.requests.write().insert(name.into(), c);
+        self.requests.write().insert(name.into(), c.clone());
+        c
+    }
+
+    /// Counts one request in the total (its per-command counter is bumped
+    /// by the caller).
+    pub fn request(&self) {
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests received since start.
@@ -402,3 +408,67 @@ fn describe(r: &PrometheusRecorder) {
 
 /// Shared handle type.
 pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn stats(name: &str, hits: u64) -> RuleStats {
+        RuleStats {
+            name: name.into(),
+            hits,
+            misses: 2,
+            entries: 3,
+            bytes: 400,
+            evictions: 5,
+            invalidations: 6,
+        }
+    }
+
+    #[test]
+    fn renders_counters_gauges_and_histograms_with_help() {
+        let m = Metrics::new();
+        m.command_counter(Some("get")).increment(3);
+        m.command_counter(Some("get")).increment(1);
+        m.command_counter(None).increment(1);
+        m.invalidated(Source::Tracking, 7);
+        m.upstream_latency
+            .record(std::time::Duration::from_micros(300));
+        m.client(true);
+        let text = m.render(&[stats("users", 10)], 1 << 20);
+        for line in [
+            "tierd_requests_total{command=\"get\"} 4",
+            "tierd_requests_total{command=\"other\"} 1",
+            "tierd_invalidations_total{source=\"tracking\"} 7",
+            "tierd_l1_hits_total{rule=\"users\"} 10",
+            "tierd_l1_misses_total{rule=\"users\"} 2",
+            "tierd_l1_entries{rule=\"users\"} 3",
+            "tierd_l1_bytes{rule=\"users\"} 400",
+            "tierd_l1_evictions_total{rule=\"users\"} 5",
+            "tierd_l1_max_bytes 1048576",
+            "tierd_client_connections 1",
+            "tierd_upstream_latency_seconds_bucket{le=\"0.0005\"} 1",
+            "tierd_upstream_latency_seconds_count 1",
+            "# HELP tierd_l1_hits_total L1 lookups answered from L1, by rule.",
+            "# TYPE tierd_upstream_latency_seconds histogram",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // The store's figures are absolute: a second scrape does not add.
+        let text = m.render(&[stats("users", 12)], 1 << 20);
+        assert!(
+            text.contains("tierd_l1_hits_total{rule=\"users\"} 12"),
+            "{text}"
+        );
+        assert_eq!(m.upstream_latency.totals(), (1, 300_000));
+    }
+
+    #[test]
+    fn two_servers_do_not_share_figures() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.command_counter(Some("set")).increment(1);
+        assert!(!b.render(&[], 0).contains("command=\"set\""));
+    }
+}
