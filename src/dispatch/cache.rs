@@ -796,6 +796,7 @@ fn apply_flush(s: &Session, flush: Flush) {
         return;
     };
     s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
+    tracing::info!(event = "invalidated", source = "write", kind = "flush", scope = ?flush, "a write flushed L1");
     match flush {
         Flush::All | Flush::AllUnlessError => l1.store.flush_all(),
         Flush::Db(db) => l1.store.flush_db(db),

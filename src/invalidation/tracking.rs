@@ -198,7 +198,7 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
         }
         failures += 1;
         if failures == 1 {
-            tracing::warn!(error = %err, "tracking link lost: L1 suspended until it is back");
+            tracing::warn!(event = "tracking_lost", error = %err, "tracking link lost: L1 flushed and suspended until it is back");
         } else {
             tracing::debug!(error = %err, failures, "tracking link still down");
         }
@@ -301,7 +301,12 @@ async fn link_inner(
     if tracking.mode != TrackingMode::Off {
         control.metrics.set_tracking_up(true);
     }
-    tracing::info!(mode = tracking.mode.as_str(), link = id, "tracking link up");
+    tracing::info!(
+        event = "tracking_up",
+        mode = tracking.mode.as_str(),
+        link = id,
+        "tracking link up"
+    );
 
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -523,6 +528,7 @@ fn on_push(control: &Control, frame: &[u8]) {
                 }
             }
             tracking.invalidations.fetch_add(n, Ordering::Relaxed);
+            tracing::trace!(event = "invalidated", source = "tracking", keys = n);
             control
                 .metrics
                 .invalidated(crate::metrics::Source::Tracking, n);
@@ -531,6 +537,12 @@ fn on_push(control: &Control, frame: &[u8]) {
             // `_` (or `*-1`): FLUSHALL/FLUSHDB. Redis does not say which db.
             store.flush_all();
             tracking.flushes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                event = "invalidated",
+                source = "tracking",
+                kind = "flush",
+                "upstream reported a flush: L1 flushed"
+            );
             control
                 .metrics
                 .flushed(Some(crate::metrics::Source::Tracking));

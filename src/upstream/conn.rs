@@ -451,14 +451,14 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
                     st.learn(handshake);
                     st.last_progress = Instant::now();
                 }
-                tracing::info!(upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
+                tracing::info!(event = "upstream_connected", upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
                 backoff = settings.backoff_min;
                 failures = 0;
                 let err = tokio::select! {
                     err = run(&inner, stream) => err,
                     _ = alive.changed() => return,
                 };
-                tracing::warn!(upstream = %settings.addr, error = %err, "upstream connection lost");
+                tracing::warn!(event = "upstream_lost", upstream = %settings.addr, error = %err, "upstream connection lost");
                 inner.fail_all(err);
                 // The next attempt is the first after a working connection:
                 // requests may wait for it (a restart is usually quick).
@@ -468,7 +468,7 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
             Err(err) => {
                 failures += 1;
                 if failures == 1 {
-                    tracing::warn!(upstream = %settings.addr, error = %err, "upstream unavailable");
+                    tracing::warn!(event = "upstream_unavailable", upstream = %settings.addr, error = %err, "upstream unavailable");
                 } else {
                     tracing::debug!(upstream = %settings.addr, error = %err, failures, "upstream still unavailable");
                 }
