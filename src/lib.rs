@@ -19,6 +19,8 @@
 //!   and the invalidations that go with writes.
 //! - [`cache`]: the L1 tier: rules (Redis-compatible globs), the byte-capped
 //!   store with its fill marks and flush epochs. No I/O.
+//! - [`admin`]: tierd's answers to operators, `CACHE.*` and its own `INFO`
+//!   sections, read from the server's state. No I/O of its own.
 //! - [`upstream`]: multiplexed, pipelined connections to Redis, pooled per
 //!   protocol version and identity, plus dedicated (pinned) connections.
 //!
@@ -32,6 +34,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, clippy::unwrap_used, clippy::panic)]
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod command;

@@ -87,6 +87,8 @@ pub struct Ctx {
     pub tracking: Arc<Tracking>,
     /// This server's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// When the server started (`INFO`'s uptime).
+    pub started: std::time::Instant,
     /// Request parser limits, from the configuration.
     pub parse_limits: ParseLimits,
     next_client_id: AtomicU64,
@@ -121,6 +123,7 @@ impl Ctx {
                 crate::config::TrackingMode::Off
             })),
             metrics,
+            started: std::time::Instant::now(),
             l1,
             table: Arc::new(TableCell::default()),
             config,

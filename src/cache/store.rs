@@ -307,6 +307,34 @@ pub struct RuleStats {
     pub invalidations: u64,
 }
 
+/// What L1 holds for one key, as `CACHE.INSPECT` shows it
+/// ([`Store::inspect`]): only the variants still live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// The rule the entry was cached under (its index).
+    pub rule: usize,
+    /// Bytes charged for the whole entry, overhead included (what
+    /// [`RuleStats::bytes`] counts).
+    pub bytes: u64,
+    /// The live cached replies, oldest first.
+    pub variants: Vec<VariantInfo>,
+}
+
+/// One cached reply of an [`EntryInfo`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantInfo {
+    /// The db it was read in.
+    pub db: u32,
+    /// The protocol its reply is encoded in.
+    pub proto: Proto,
+    /// The request's arguments, command name first and lowercased.
+    pub args: Vec<Bytes>,
+    /// How long it has left to live.
+    pub ttl: std::time::Duration,
+    /// The reply's length in bytes.
+    pub size: usize,
+}
+
 /// Permission to cache one reply for one key, from [`Store::begin_fill`].
 ///
 /// Dropping it without [`Store::finish_fill`] (the upstream read failed, the
@@ -1296,6 +1324,103 @@ impl Store {
         self.settle(evicted, Some(&entry), hash);
         dropped
     }
+
+    /// Visits the keys that have at least one live cached reply at `now`, in
+    /// no particular order, until `f` returns `false` (`CACHE.KEYS`).
+    /// Read-only: counts nothing and leaves eviction state alone. Like
+    /// [`Store::sweep`], the walk holds a shard's lock for one entry at a
+    /// time, so lookups and fills never wait for it; keys cached or dropped
+    /// while it runs may or may not be seen. Nothing is visited while the
+    /// store is suspended.
+    pub fn for_each_key(&self, now: Instant, mut f: impl FnMut(&[u8]) -> bool) {
+        let all = self.all_floor.load(Ordering::SeqCst);
+        if all == SUSPENDED {
+            return;
+        }
+        let now = self.nanos(now);
+        for cache in &self.caches {
+            for (_, entry) in cache.cache.iter() {
+                let Some(view) = EntryView::parse(&entry) else {
+                    continue;
+                };
+                let live = view
+                    .records()
+                    .any(|r| self.is_live(&view, &r, all, Some(now)));
+                if live && !f(view.key) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// What L1 holds for `key` at `now` (`CACHE.INSPECT`): its rule, the
+    /// entry's charged bytes and each live variant. `None` when no live reply
+    /// is cached for it. Read-only like [`Store::for_each_key`]: no hit or
+    /// miss is counted, and the entry is not made hotter for eviction.
+    pub fn inspect(&self, key: &[u8], now: Instant) -> Option<EntryInfo> {
+        let all = self.all_floor.load(Ordering::SeqCst);
+        if all == SUSPENDED {
+            return None;
+        }
+        let now = self.nanos(now);
+        let hash = self.hash_key(key);
+        // Which cache holds the key depends on its rule, which the caller
+        // need not know: look in each, as `invalidate` does.
+        for cache in &self.caches {
+            let Some(entry) = cache.cache.peek(&hash) else {
+                continue;
+            };
+            let Some(view) = EntryView::parse(&entry) else {
+                continue;
+            };
+            if view.key != key {
+                continue;
+            }
+            let variants: Vec<VariantInfo> = view
+                .records()
+                .filter(|r| self.is_live(&view, r, all, Some(now)))
+                .filter_map(|r| {
+                    Some(VariantInfo {
+                        db: r.db,
+                        proto: match r.proto & !KEY_ELIDED {
+                            3 => Proto::Resp3,
+                            _ => Proto::Resp2,
+                        },
+                        args: stored_args(&r, key)?,
+                        ttl: std::time::Duration::from_nanos(r.expires.saturating_sub(now)),
+                        size: r.reply.len(),
+                    })
+                })
+                .collect();
+            if variants.is_empty() {
+                return None;
+            }
+            return Some(EntryInfo {
+                rule: usize::from(view.rule),
+                bytes: entry_weight(&entry),
+                variants,
+            });
+        }
+        None
+    }
+}
+
+/// A record's request as arguments: the stored canonical encoding, with
+/// the key put back when it was elided. `None` if the bytes do not decode,
+/// which only a bug could cause.
+fn stored_args(record: &Record<'_>, key: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut rest = record.request;
+    while !rest.is_empty() {
+        let (len, at) = read_varint(rest)?;
+        let end = at.checked_add(len)?;
+        args.push(Bytes::copy_from_slice(rest.get(at..end)?));
+        rest = rest.get(end..)?;
+        if args.len() == 1 && record.proto & KEY_ELIDED != 0 {
+            args.push(Bytes::copy_from_slice(key));
+        }
+    }
+    Some(args)
 }
 
 fn db_slot(db: u32) -> usize {
@@ -2042,5 +2167,114 @@ mod tests {
             st.iter().all(|r| r.hits > 0),
             "the test exercised hits: {st:?}"
         );
+    }
+
+    #[test]
+    fn for_each_key_visits_live_keys_only_and_stops_when_asked() {
+        let s = store();
+        let now = Instant::now();
+        for (rule, key) in [(0, "user:1"), (0, "user:2"), (1, "img:1")] {
+            assert!(fill(
+                &s,
+                rule,
+                key,
+                &get_var(key),
+                "$1\r\nx\r\n",
+                now + HOUR
+            ));
+        }
+        // Expires before `now + 1s`: not listed, though not swept yet.
+        assert!(fill(
+            &s,
+            0,
+            "user:old",
+            &get_var("user:old"),
+            "$1\r\nx\r\n",
+            now + Duration::from_millis(10)
+        ));
+        let later = now + Duration::from_secs(1);
+        let mut keys = Vec::new();
+        s.for_each_key(later, |k| {
+            keys.push(String::from_utf8(k.to_vec()).unwrap());
+            true
+        });
+        keys.sort();
+        assert_eq!(keys, ["img:1", "user:1", "user:2"]);
+
+        let mut seen = 0;
+        s.for_each_key(later, |_| {
+            seen += 1;
+            seen < 2
+        });
+        assert_eq!(seen, 2, "stops at the first false");
+
+        let before = s.stats();
+        s.for_each_key(later, |_| true);
+        assert_eq!(s.stats(), before, "counts nothing");
+
+        s.suspend();
+        s.for_each_key(later, |_| panic!("nothing is live while suspended"));
+    }
+
+    #[test]
+    fn inspect_shows_each_live_variant_with_its_ttl_and_size() {
+        let s = store();
+        let now = Instant::now();
+        let get = get_var("img:1");
+        let usage = Variant::from_args(
+            2,
+            Proto::Resp3,
+            &[
+                Bytes::from_static(b"MEMORY"),
+                Bytes::from_static(b"USAGE"),
+                Bytes::from_static(b"img:1"),
+            ],
+        );
+        let range = Variant::from_args(
+            0,
+            Proto::Resp2,
+            &[
+                Bytes::from_static(b"getrange"),
+                Bytes::from_static(b"img:1"),
+                Bytes::from_static(b"0"),
+                Bytes::from_static(b"-1"),
+            ],
+        );
+        assert!(fill(&s, 1, "img:1", &get, "$3\r\npng\r\n", now + HOUR));
+        assert!(fill(&s, 1, "img:1", &usage, ":72\r\n", now + 2 * HOUR));
+        assert!(fill(
+            &s,
+            1,
+            "img:1",
+            &range,
+            "$3\r\npng\r\n",
+            now + Duration::from_millis(5)
+        ));
+        let at = now + Duration::from_secs(60);
+        let info = s.inspect(b"img:1", at).unwrap();
+        assert_eq!(info.rule, 1);
+        assert_eq!(info.bytes, s.stats()[1].bytes, "the one entry's charge");
+        let args = |v: &VariantInfo| {
+            v.args
+                .iter()
+                .map(|a| String::from_utf8(a.to_vec()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        // The expired GETRANGE is left out.
+        assert_eq!(info.variants.len(), 2, "{info:?}");
+        let (g, u) = (&info.variants[0], &info.variants[1]);
+        assert_eq!(args(g), ["get", "img:1"], "the elided key is put back");
+        assert_eq!((g.db, g.proto, g.size), (0, Proto::Resp2, 9));
+        assert_eq!(g.ttl, HOUR - Duration::from_secs(60));
+        assert_eq!(args(u), ["memory", "USAGE", "img:1"]);
+        assert_eq!((u.db, u.proto, u.size), (2, Proto::Resp3, 5));
+        assert_eq!(u.ttl, 2 * HOUR - Duration::from_secs(60));
+
+        let before = s.stats();
+        assert!(s.inspect(b"img:2", at).is_none());
+        assert!(s.inspect(b"img:1", now + 3 * HOUR).is_none(), "all expired");
+        assert_eq!(s.stats(), before, "counts nothing");
+        s.invalidate(b"img:1");
+        assert!(s.inspect(b"img:1", at).is_none());
     }
 }

@@ -56,6 +56,9 @@ pub enum Kind {
     ClientCaching,
     /// `CACHE.*`: tierd's own commands.
     Cache,
+    /// `INFO [section ...]`: upstream's sections with tierd's own added
+    /// (`tierd`, `cache`), which tierd answers alone.
+    Info,
     /// Commands that would take over a shared connection (replication).
     Refused(&'static str),
 }
@@ -107,6 +110,7 @@ impl Kind {
             Kind::ClientPinning => "client-pinning",
             Kind::ClientCaching => "client-caching",
             Kind::Cache => "cache",
+            Kind::Info => "info",
             Kind::Refused(_) => "refused",
         }
     }
@@ -137,6 +141,8 @@ pub fn classify(req: &Request) -> Kind {
                 Kind::Quit
             } else if is(name, "EXEC") {
                 Kind::Exec
+            } else if is(name, "INFO") {
+                Kind::Info
             } else if is(name, "WAIT") {
                 Kind::Blocking
             } else if is(name, "SYNC") {
@@ -326,6 +332,10 @@ mod tests {
         assert_eq!(classify(&req(&["sunsubscribe"])), Kind::Unsubscribe);
         assert_eq!(classify(&req(&["monitor"])), Kind::Monitor);
         assert_eq!(classify(&req(&["hello", "3"])), Kind::Hello);
+        assert_eq!(classify(&req(&["info"])), Kind::Info);
+        assert_eq!(classify(&req(&["INFO", "server", "tierd"])), Kind::Info);
+        assert_eq!(classify(&req(&["cache.keys", "*"])), Kind::Cache);
+        assert_eq!(classify(&req(&["CACHE."])), Kind::Plain);
         assert_eq!(
             classify(&req(&["psync", "?", "-1"])),
             Kind::Refused("PSYNC")

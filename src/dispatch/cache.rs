@@ -75,6 +75,8 @@ pub(crate) enum Hook {
     },
     /// `EXEC`: the hooks of the writes it ran.
     Many(Vec<Hook>),
+    /// `INFO`: tierd's own sections are appended to upstream's reply.
+    Info(crate::admin::Sections),
 }
 
 /// Which dbs a flush empties.
@@ -566,6 +568,7 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
             frame
         }
         Hook::Mget { fill, parts } => assemble_mget(s, fill, parts, frame),
+        Hook::Info(sections) => crate::admin::append_info(&s.ctx, sections, frame),
     }
 }
 
@@ -805,90 +808,6 @@ fn apply_flush(s: &Session, flush: Flush) {
             l1.store.flush_db(b);
         }
     }
-}
-
-/// `CACHE.*`: tierd's own commands.
-///
-/// # Format
-///
-/// `CACHE.STATS [rule]`
-pub(crate) fn command(s: &mut Session, req: &Request) {
-    let name = req.name();
-    if name.eq_ignore_ascii_case(b"CACHE.STATS") {
-        let reply = stats(s, req);
-        s.local(reply);
-        return;
-    }
-    let shown = String::from_utf8_lossy(name);
-    s.local(error(&format!(
-        "ERR unknown command '{shown}', tierd's CACHE commands are: CACHE.STATS"
-    )));
-}
-
-/// `CACHE.STATS [rule]`: per rule, hits, misses, hit rate, entries, bytes,
-/// evictions and invalidations. One array (RESP2) or map (RESP3) per rule.
-fn stats(s: &Session, req: &Request) -> Bytes {
-    if req.args.len() > 2 {
-        return error("ERR wrong number of arguments for 'cache.stats' command");
-    }
-    let proto = s.state.proto;
-    let rules = s
-        .ctx
-        .l1
-        .as_ref()
-        .map(|l1| l1.store.stats())
-        .unwrap_or_default();
-    let rules: Vec<_> = match req.arg(1) {
-        None => rules,
-        Some(wanted) => {
-            let one: Vec<_> = rules
-                .into_iter()
-                .filter(|r| r.name.as_bytes() == &wanted[..])
-                .collect();
-            if one.is_empty() {
-                return error(&format!(
-                    "ERR no such rule '{}'",
-                    String::from_utf8_lossy(wanted)
-                ));
-            }
-            one
-        }
-    };
-    let mut out = BytesMut::new();
-    let one = req.args.len() == 2;
-    if !one {
-        reply::array_header(&mut out, rules.len());
-    }
-    for r in &rules {
-        reply::map_header(&mut out, 8, proto);
-        reply::bulk(&mut out, b"rule");
-        reply::bulk(&mut out, r.name.as_bytes());
-        for (field, value) in [("hits", r.hits), ("misses", r.misses)] {
-            reply::bulk(&mut out, field.as_bytes());
-            reply::integer(&mut out, i64::try_from(value).unwrap_or(i64::MAX));
-        }
-        let lookups = r.hits + r.misses;
-        let rate = if lookups == 0 {
-            0.0
-        } else {
-            r.hits as f64 / lookups as f64
-        };
-        reply::bulk(&mut out, b"hit_rate");
-        match proto {
-            Proto::Resp2 => reply::bulk(&mut out, format!("{rate:.4}").as_bytes()),
-            Proto::Resp3 => out.extend_from_slice(format!(",{rate:.4}\r\n").as_bytes()),
-        }
-        for (field, value) in [
-            ("entries", r.entries),
-            ("bytes", r.bytes),
-            ("evictions", r.evictions),
-            ("invalidations", r.invalidations),
-        ] {
-            reply::bulk(&mut out, field.as_bytes());
-            reply::integer(&mut out, i64::try_from(value).unwrap_or(i64::MAX));
-        }
-    }
-    out.freeze()
 }
 
 #[cfg(test)]

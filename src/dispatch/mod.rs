@@ -29,6 +29,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use crate::admin::{InfoPlan, Sections};
 use crate::command::{classify, ClientSub, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
@@ -117,6 +118,8 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 s.state.multi_aborted = true;
                 Flow::Continue
             }
+            // INFO is queued like any other command: its result in EXEC's
+            // reply is upstream's alone, without tierd's sections.
             _ => {
                 if let Some(effect) = queued_effect(kind, &req) {
                     s.state.queued_effects.push((s.state.queued, effect));
@@ -204,9 +207,20 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
         }
         Kind::ClientCaching => forward(s, req, Want::Any, true).await,
         Kind::Cache => {
-            cache::command(s, &req);
+            crate::admin::command(s, &req);
             Flow::Continue
         }
+        Kind::Info => match crate::admin::info_plan(&req) {
+            InfoPlan::Local(sections) => {
+                let reply = crate::admin::info_local(&s.ctx, s.state.proto, sections);
+                s.local(reply);
+                Flow::Continue
+            }
+            InfoPlan::Upstream(sections) => {
+                let hook = (sections != Sections::default()).then_some(cache::Hook::Info(sections));
+                forward_hooked(s, req, Want::Any, true, hook).await
+            }
+        },
         Kind::Client(sub) => client_local(s, sub, req).await,
         Kind::Select => select(s, req).await,
         Kind::Auth => auth(s, req).await,
