@@ -282,7 +282,8 @@ start_tierd() {
 	local target=$1 config=${2:-} port tierd_args
 	free_port
 	port=$PORT
-	tierd_args=(--listen "127.0.0.1:$port" --upstream "redis://127.0.0.1:$REDIS_PORT" --log-level warn)
+	# Two tierds run side by side; neither needs the metrics listener.
+	tierd_args=(--listen "127.0.0.1:$port" --upstream "redis://127.0.0.1:$REDIS_PORT" --log-level warn --metrics-listen "")
 	if [ -n "$config" ]; then
 		tierd_args=(--config "$config" "${tierd_args[@]}")
 	fi

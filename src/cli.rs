@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Overrides;
 
 /// `tierd [--config FILE] [--listen ADDR] [--upstream URL] [--log-level LEVEL]
-/// [--print-config]`, or `tierd check-config FILE`.
+/// [--metrics-listen ADDR] [--print-config]`, or `tierd check-config FILE`.
 #[derive(Debug, Parser)]
 #[command(
     name = "tierd",
@@ -43,6 +43,11 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Address of the HTTP listener for /metrics, /health and /ready, as
+    /// IP:PORT, or "" to turn it off (replaces `metrics.listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     /// Print the effective configuration (file, flags and defaults) as TOML
     /// and exit without starting.
     #[arg(long)]
@@ -71,6 +76,7 @@ impl Cli {
             listen: self.listen.clone(),
             upstream: self.upstream.clone(),
             log_level: self.log_level.clone(),
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

@@ -87,6 +87,8 @@ pub struct Config {
     pub l1: L1Config,
     /// The `[invalidation]` section.
     pub invalidation: InvalidationConfig,
+    /// The `[metrics]` section.
+    pub metrics: MetricsConfig,
     /// The `[[rules]]` entries, in file order: the first rule whose pattern
     /// matches a key decides how that key is cached. A key that matches no
     /// rule is not cached. Empty by default.
@@ -289,6 +291,100 @@ impl TrackingMode {
     }
 }
 
+/// Default `metrics.listen`: loopback only, like [`DEFAULT_LISTEN`], so a
+/// fresh install exposes nothing; port 9121 as the issue that introduced
+/// the listener named it.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9121);
+/// Default `metrics.hit_rate_warning`: an L1 hit rate below 80% degrades
+/// `/health`.
+pub const DEFAULT_HIT_RATE_WARNING: Fraction = Fraction(0.80);
+/// Default `metrics.hit_rate_critical`: below 60% is unhealthy.
+pub const DEFAULT_HIT_RATE_CRITICAL: Fraction = Fraction(0.60);
+/// Default `metrics.error_rate_warning`: more than 1% of requests answered
+/// with "upstream unavailable" degrades `/health`.
+pub const DEFAULT_ERROR_RATE_WARNING: Fraction = Fraction(0.01);
+/// Default `metrics.error_rate_critical`: above 5% is unhealthy.
+pub const DEFAULT_ERROR_RATE_CRITICAL: Fraction = Fraction(0.05);
+/// Default `metrics.latency_warning`: an upstream `PING` slower than 10 ms
+/// degrades `/health`.
+pub const DEFAULT_LATENCY_WARNING: Duration = Duration::from_millis(10);
+/// Default `metrics.latency_critical`: slower than 50 ms is unhealthy.
+pub const DEFAULT_LATENCY_CRITICAL: Duration = Duration::from_millis(50);
+/// Default `metrics.memory_warning`: upstream memory above 80% of its
+/// `maxmemory` degrades `/health`.
+pub const DEFAULT_MEMORY_WARNING: Fraction = Fraction(0.80);
+/// Default `metrics.memory_critical`: above 95% is unhealthy.
+pub const DEFAULT_MEMORY_CRITICAL: Fraction = Fraction(0.95);
+/// Default `metrics.probe_interval`: how often upstream is probed.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `metrics.window`: the span the rates in `/health` cover.
+pub const DEFAULT_HEALTH_WINDOW: Duration = Duration::from_secs(60);
+
+/// The `[metrics]` section: the HTTP listener for `/metrics`, `/health` and
+/// `/ready`, and the thresholds `/health` judges by. Each measure has a
+/// warning level (the status becomes `degraded`) and a critical one
+/// (`unhealthy`); for the hit rate lower is worse, for the others higher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where the HTTP listener binds (`metrics.listen`); `None` when the file
+    /// sets `""`, which turns the listener and the upstream prober off.
+    /// Port 0 picks a free port.
+    pub listen: Option<SocketAddr>,
+    /// L1 hit rate below which `/health` warns; at least
+    /// `hit_rate_critical`.
+    pub hit_rate_warning: Fraction,
+    /// L1 hit rate below which `/health` is critical.
+    pub hit_rate_critical: Fraction,
+    /// Share of requests answered with "upstream unavailable" above which
+    /// `/health` warns; at most `error_rate_critical`.
+    pub error_rate_warning: Fraction,
+    /// The same share above which `/health` is critical.
+    pub error_rate_critical: Fraction,
+    /// Upstream `PING` round trip above which `/health` warns; never zero,
+    /// at most `latency_critical`.
+    pub latency_warning: Duration,
+    /// Round trip above which `/health` is critical; never zero.
+    pub latency_critical: Duration,
+    /// Upstream memory use (of `maxmemory`, or of the host's memory when
+    /// Redis has no `maxmemory`) above which `/health` warns; at most
+    /// `memory_critical`.
+    pub memory_warning: Fraction,
+    /// Memory use above which `/health` is critical.
+    pub memory_critical: Fraction,
+    /// How often the prober sends `PING` and `INFO memory` upstream; never
+    /// zero.
+    pub probe_interval: Duration,
+    /// The span the hit rate, error rate and average latency in `/health`
+    /// are computed over; at least `probe_interval`.
+    pub window: Duration,
+}
+
+/// A number from 0 to 1 inclusive: a rate or a share. Never NaN, which is
+/// what makes it [`Eq`] (and so lets [`Config`] stay comparable).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Fraction(f64);
+
+impl Eq for Fraction {}
+
+impl Fraction {
+    /// `value` if it lies in 0..=1; `None` otherwise, and for NaN.
+    pub fn new(value: f64) -> Option<Fraction> {
+        (0.0..=1.0).contains(&value).then_some(Fraction(value))
+    }
+
+    /// The value, from 0 to 1.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Fraction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Most `[[rules]]` entries accepted. A cache entry names its rule in 16
 /// bits (the store's `MAX_RULES`); far fewer is already hard to read.
 pub const MAX_RULES: usize = u16::MAX as usize;
@@ -336,6 +432,9 @@ pub struct Overrides {
     pub upstream: Option<String>,
     /// `--log-level`, replaces `log.level`.
     pub log_level: Option<String>,
+    /// `--metrics-listen`, replaces `metrics.listen` (`""` turns the
+    /// listener off).
+    pub metrics_listen: Option<String>,
 }
 
 /// Why a configuration could not be loaded.
@@ -399,6 +498,7 @@ impl Default for Config {
             log: LogConfig::default(),
             l1: L1Config::default(),
             invalidation: InvalidationConfig::default(),
+            metrics: MetricsConfig::default(),
             rules: Vec::new(),
         }
     }
@@ -469,6 +569,24 @@ impl Default for InvalidationConfig {
     }
 }
 
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: Some(DEFAULT_METRICS_LISTEN),
+            hit_rate_warning: DEFAULT_HIT_RATE_WARNING,
+            hit_rate_critical: DEFAULT_HIT_RATE_CRITICAL,
+            error_rate_warning: DEFAULT_ERROR_RATE_WARNING,
+            error_rate_critical: DEFAULT_ERROR_RATE_CRITICAL,
+            latency_warning: DEFAULT_LATENCY_WARNING,
+            latency_critical: DEFAULT_LATENCY_CRITICAL,
+            memory_warning: DEFAULT_MEMORY_WARNING,
+            memory_critical: DEFAULT_MEMORY_CRITICAL,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            window: DEFAULT_HEALTH_WINDOW,
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates a TOML document, with `overrides` applied on top.
     ///
@@ -524,7 +642,10 @@ impl Config {
         let size = |bytes: u64| toml_string(&format_size(bytes));
         // usize is at most 64 bits on every platform tierd builds for.
         let usize_size = |bytes: usize| size(bytes as u64);
-        let (up, lim) = (&self.upstream, &self.limits);
+        // toml's float encoder always writes a decimal point, so 1 reads
+        // back as the float 1.0.
+        let fraction = |f: Fraction| toml::Value::Float(f.get()).to_string();
+        let (up, lim, m) = (&self.upstream, &self.limits, &self.metrics);
         let sections = [
             (
                 None,
@@ -575,6 +696,25 @@ impl Config {
             (
                 Some("[invalidation]"),
                 vec![("tracking", toml_string(self.invalidation.tracking.as_str()))],
+            ),
+            (
+                Some("[metrics]"),
+                vec![
+                    (
+                        "listen",
+                        toml_string(&m.listen.map(|a| a.to_string()).unwrap_or_default()),
+                    ),
+                    ("hit_rate_warning", fraction(m.hit_rate_warning)),
+                    ("hit_rate_critical", fraction(m.hit_rate_critical)),
+                    ("error_rate_warning", fraction(m.error_rate_warning)),
+                    ("error_rate_critical", fraction(m.error_rate_critical)),
+                    ("latency_warning", duration(m.latency_warning)),
+                    ("latency_critical", duration(m.latency_critical)),
+                    ("memory_warning", fraction(m.memory_warning)),
+                    ("memory_critical", fraction(m.memory_critical)),
+                    ("probe_interval", duration(m.probe_interval)),
+                    ("window", duration(m.window)),
+                ],
             ),
         ];
         let rules = self.rules.iter().map(|rule| {
@@ -645,6 +785,8 @@ struct FileConfig {
     #[serde(default)]
     invalidation: FileInvalidation,
     #[serde(default)]
+    metrics: FileMetrics,
+    #[serde(default)]
     rules: Vec<FileRule>,
 }
 
@@ -688,6 +830,24 @@ struct FileL1 {
 #[serde(deny_unknown_fields)]
 struct FileInvalidation {
     tracking: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: Option<String>,
+    // Fractions are TOML floats; serde also takes an integer (0 or 1) for
+    // them.
+    hit_rate_warning: Option<f64>,
+    hit_rate_critical: Option<f64>,
+    error_rate_warning: Option<f64>,
+    error_rate_critical: Option<f64>,
+    latency_warning: Option<Scalar>,
+    latency_critical: Option<Scalar>,
+    memory_warning: Option<f64>,
+    memory_critical: Option<f64>,
+    probe_interval: Option<Scalar>,
+    window: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -798,6 +958,7 @@ impl FileConfig {
         let log = self.log.validate(overrides)?;
         let l1 = self.l1.validate()?;
         let invalidation = self.invalidation.validate()?;
+        let metrics = self.metrics.validate(overrides)?;
         let rules = validate_rules(self.rules, &l1)?;
 
         Ok(Config {
@@ -811,6 +972,7 @@ impl FileConfig {
             log,
             l1,
             invalidation,
+            metrics,
             rules,
         })
     }
@@ -1046,6 +1208,187 @@ impl FileInvalidation {
         };
         Ok(InvalidationConfig { tracking })
     }
+}
+
+impl FileMetrics {
+    fn validate(self, overrides: &Overrides) -> Result<MetricsConfig, ConfigError> {
+        let (listen, listen_field) = pick(
+            self.listen,
+            "metrics.listen",
+            "--metrics-listen",
+            overrides.metrics_listen.clone(),
+        );
+        let listen = match listen.as_deref().map(str::trim) {
+            None => Some(DEFAULT_METRICS_LISTEN),
+            Some("") => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid(
+                    listen_field,
+                    format!(
+                        "{text:?} is not an IP:PORT address: write e.g. \"127.0.0.1:9121\" or \
+                         \"0.0.0.0:9121\" (host names are not resolved), or \"\" to turn the \
+                         metrics listener off"
+                    ),
+                )
+            })?),
+        };
+
+        let hit_rate_warning = fraction(
+            "metrics.hit_rate_warning",
+            self.hit_rate_warning,
+            DEFAULT_HIT_RATE_WARNING,
+        )?;
+        let hit_rate_critical = fraction(
+            "metrics.hit_rate_critical",
+            self.hit_rate_critical,
+            DEFAULT_HIT_RATE_CRITICAL,
+        )?;
+        // A low hit rate is the bad direction: critical sits below warning.
+        if hit_rate_critical > hit_rate_warning {
+            return Err(invalid(
+                "metrics.hit_rate_critical",
+                format!(
+                    "{hit_rate_critical} is above metrics.hit_rate_warning ({hit_rate_warning}): \
+                     a hit rate is critical below hit_rate_critical and a warning below \
+                     hit_rate_warning, so lower hit_rate_critical or raise hit_rate_warning"
+                ),
+            ));
+        }
+        let error_rate_warning = fraction(
+            "metrics.error_rate_warning",
+            self.error_rate_warning,
+            DEFAULT_ERROR_RATE_WARNING,
+        )?;
+        let error_rate_critical = fraction(
+            "metrics.error_rate_critical",
+            self.error_rate_critical,
+            DEFAULT_ERROR_RATE_CRITICAL,
+        )?;
+        above_warning(
+            "metrics.error_rate_critical",
+            error_rate_critical,
+            "metrics.error_rate_warning",
+            error_rate_warning,
+            |f| f.to_string(),
+        )?;
+        let latency_warning = duration(
+            "metrics.latency_warning",
+            self.latency_warning,
+            DEFAULT_LATENCY_WARNING,
+        )?;
+        non_zero("metrics.latency_warning", latency_warning)?;
+        let latency_critical = duration(
+            "metrics.latency_critical",
+            self.latency_critical,
+            DEFAULT_LATENCY_CRITICAL,
+        )?;
+        non_zero("metrics.latency_critical", latency_critical)?;
+        above_warning(
+            "metrics.latency_critical",
+            latency_critical,
+            "metrics.latency_warning",
+            latency_warning,
+            format_duration,
+        )?;
+        let memory_warning = fraction(
+            "metrics.memory_warning",
+            self.memory_warning,
+            DEFAULT_MEMORY_WARNING,
+        )?;
+        let memory_critical = fraction(
+            "metrics.memory_critical",
+            self.memory_critical,
+            DEFAULT_MEMORY_CRITICAL,
+        )?;
+        above_warning(
+            "metrics.memory_critical",
+            memory_critical,
+            "metrics.memory_warning",
+            memory_warning,
+            |f| f.to_string(),
+        )?;
+
+        let probe_interval = duration(
+            "metrics.probe_interval",
+            self.probe_interval,
+            DEFAULT_PROBE_INTERVAL,
+        )?;
+        non_zero("metrics.probe_interval", probe_interval)?;
+        let window = duration("metrics.window", self.window, DEFAULT_HEALTH_WINDOW)?;
+        non_zero("metrics.window", window)?;
+        // Rates are differences between samples taken at each probe: a
+        // window shorter than one probe would hold no difference at all.
+        if window < probe_interval {
+            return Err(invalid(
+                "metrics.window",
+                format!(
+                    "{} is shorter than metrics.probe_interval ({}): rates are measured between \
+                     probes, so raise window or lower probe_interval",
+                    format_duration(window),
+                    format_duration(probe_interval)
+                ),
+            ));
+        }
+
+        Ok(MetricsConfig {
+            listen,
+            hit_rate_warning,
+            hit_rate_critical,
+            error_rate_warning,
+            error_rate_critical,
+            latency_warning,
+            latency_critical,
+            memory_warning,
+            memory_critical,
+            probe_interval,
+            window,
+        })
+    }
+}
+
+/// A fraction from 0 to 1, or `default` when absent.
+fn fraction(field: &str, raw: Option<f64>, default: Fraction) -> Result<Fraction, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(v) => Fraction::new(v).ok_or_else(|| {
+            let hint = if v > 1.0 && v <= 100.0 {
+                format!(" ({v}% is {})", v / 100.0)
+            } else {
+                String::new()
+            };
+            invalid(
+                field,
+                format!("{v} is not between 0 and 1: write a fraction, e.g. 0.8 for 80%{hint}"),
+            )
+        }),
+    }
+}
+
+/// Checks that a critical level where higher is worse is at least its
+/// warning level.
+fn above_warning<T: PartialOrd + Copy>(
+    critical_field: &str,
+    critical: T,
+    warning_field: &str,
+    warning: T,
+    show: impl Fn(T) -> String,
+) -> Result<(), ConfigError> {
+    if critical >= warning {
+        return Ok(());
+    }
+    let (short_c, short_w) = (
+        critical_field.trim_start_matches("metrics."),
+        warning_field.trim_start_matches("metrics."),
+    );
+    Err(invalid(
+        critical_field,
+        format!(
+            "{} is below {warning_field} ({}): a value is a warning above {short_w} and \
+             critical above {short_c}, so raise {short_c} or lower {short_w}",
+            show(critical),
+            show(warning)
+        ),
+    ))
 }
 
 fn validate_rules(raw: Vec<FileRule>, l1: &L1Config) -> Result<Vec<RuleConfig>, ConfigError> {
@@ -2388,6 +2731,7 @@ mod tests {
             listen: Some("127.0.0.1:7001".into()),
             upstream: Some("redis://b:2/5".into()),
             log_level: Some("tierd=debug".into()),
+            metrics_listen: Some("".into()),
         };
         let c = Config::from_toml_str(file, &overrides).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7001".parse().unwrap());
@@ -2490,6 +2834,151 @@ mod tests {
         ));
         assert!(printed.contains("\n[l1]\nmax_memory = \"1gb\"\nmax_value_size = \"1000b\"\n"));
         assert!(printed.contains("\n[invalidation]\ntracking = \"off\"\n"));
+    }
+
+    #[test]
+    fn metrics_defaults() {
+        let m = Config::default().metrics;
+        assert_eq!(m.listen, Some("127.0.0.1:9121".parse().unwrap()));
+        let fractions = [
+            m.hit_rate_warning,
+            m.hit_rate_critical,
+            m.error_rate_warning,
+            m.error_rate_critical,
+            m.memory_warning,
+            m.memory_critical,
+        ]
+        .map(Fraction::get);
+        assert_eq!(fractions, [0.80, 0.60, 0.01, 0.05, 0.80, 0.95]);
+        assert_eq!(m.latency_warning, Duration::from_millis(10));
+        assert_eq!(m.latency_critical, Duration::from_millis(50));
+        assert_eq!(m.probe_interval, Duration::from_secs(1));
+        assert_eq!(m.window, Duration::from_secs(60));
+        assert_eq!(load("[metrics]").unwrap().metrics, m);
+    }
+
+    #[test]
+    fn metrics_listen_can_be_turned_off_or_pick_a_port() {
+        let c = load("[metrics]\nlisten = \"\"").unwrap();
+        assert_eq!(c.metrics.listen, None);
+        let c = load("[metrics]\nlisten = \"[::1]:0\"").unwrap();
+        assert_eq!(c.metrics.listen, Some("[::1]:0".parse().unwrap()));
+        let msg = message_of("[metrics]\nlisten = \"localhost:9121\"");
+        assert!(
+            msg.starts_with("metrics.listen: \"localhost:9121\""),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("\"\" to turn the metrics listener off"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn metrics_thresholds_are_fractions() {
+        let c =
+            load("[metrics]\nhit_rate_warning = 1\nhit_rate_critical = 0\nmemory_critical = 1.0")
+                .unwrap();
+        assert_eq!(c.metrics.hit_rate_warning.get(), 1.0);
+        assert_eq!(c.metrics.hit_rate_critical.get(), 0.0);
+        assert_eq!(c.metrics.memory_critical.get(), 1.0);
+        for key in [
+            "hit_rate_warning",
+            "hit_rate_critical",
+            "error_rate_warning",
+            "error_rate_critical",
+            "memory_warning",
+            "memory_critical",
+        ] {
+            assert_eq!(
+                field_of(&format!("[metrics]\n{key} = -0.1")),
+                format!("metrics.{key}")
+            );
+            assert_eq!(
+                field_of(&format!("[metrics]\n{key} = nan")),
+                format!("metrics.{key}")
+            );
+        }
+        // A percentage where a fraction belongs gets the conversion spelled
+        // out.
+        assert_eq!(
+            message_of("[metrics]\nmemory_warning = 80"),
+            "metrics.memory_warning: 80 is not between 0 and 1: write a fraction, e.g. 0.8 \
+             for 80% (80% is 0.8)"
+        );
+        assert!(matches!(
+            load("[metrics]\nhit_rate_warning = \"80%\""),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn metrics_warning_and_critical_are_ordered() {
+        assert_eq!(
+            message_of("[metrics]\nhit_rate_warning = 0.5\nhit_rate_critical = 0.7"),
+            "metrics.hit_rate_critical: 0.7 is above metrics.hit_rate_warning (0.5): a hit rate \
+             is critical below hit_rate_critical and a warning below hit_rate_warning, so lower \
+             hit_rate_critical or raise hit_rate_warning"
+        );
+        assert_eq!(
+            message_of("[metrics]\nerror_rate_warning = 0.1"),
+            "metrics.error_rate_critical: 0.05 is below metrics.error_rate_warning (0.1): a \
+             value is a warning above error_rate_warning and critical above \
+             error_rate_critical, so raise error_rate_critical or lower error_rate_warning"
+        );
+        assert_eq!(
+            field_of("[metrics]\nmemory_warning = 0.99"),
+            "metrics.memory_critical"
+        );
+        let msg = message_of("[metrics]\nlatency_warning = \"1s\"");
+        assert!(
+            msg.starts_with("metrics.latency_critical: 50ms is below metrics.latency_warning (1s)"),
+            "{msg}"
+        );
+        // Equal levels are allowed: the warning then never shows.
+        let c = load(
+            "[metrics]\nhit_rate_warning = 0.6\nerror_rate_warning = 0.05\n\
+             latency_warning = \"50ms\"\nmemory_warning = 0.95",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.hit_rate_warning, c.metrics.hit_rate_critical);
+        assert_eq!(c.metrics.latency_warning, c.metrics.latency_critical);
+    }
+
+    #[test]
+    fn metrics_durations_are_positive_and_the_window_holds_a_probe() {
+        for key in [
+            "latency_warning",
+            "latency_critical",
+            "probe_interval",
+            "window",
+        ] {
+            let msg = message_of(&format!("[metrics]\n{key} = 0"));
+            assert!(msg.starts_with(&format!("metrics.{key}: ")), "{msg}");
+        }
+        assert_eq!(
+            message_of("[metrics]\nprobe_interval = \"2m\""),
+            "metrics.window: 1m is shorter than metrics.probe_interval (2m): rates are \
+             measured between probes, so raise window or lower probe_interval"
+        );
+        let c = load("[metrics]\nprobe_interval = \"250ms\"\nwindow = \"250ms\"").unwrap();
+        assert_eq!(c.metrics.window, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn to_toml_round_trips_metrics() {
+        let text = "[metrics]\nlisten = \"\"\nhit_rate_warning = 1\nhit_rate_critical = 0.125\n\
+                    error_rate_warning = 0\nerror_rate_critical = 0.3\nlatency_warning = \"1ms\"\n\
+                    latency_critical = \"2s\"\nmemory_warning = 0.5\nmemory_critical = 1\n\
+                    probe_interval = \"100ms\"\nwindow = \"5m\"\n";
+        let original = load(text).unwrap();
+        let printed = original.to_toml();
+        assert_eq!(load(&printed).unwrap(), original, "{printed}");
+        assert!(printed.contains(
+            "\n[metrics]\nlisten = \"\"\nhit_rate_warning = 1.0\nhit_rate_critical = 0.125\n"
+        ));
+        let c = load("[metrics]\nlisten = \"0.0.0.0:0\"").unwrap();
+        assert_eq!(load(&c.to_toml()).unwrap(), c);
     }
 
     #[test]

@@ -31,6 +31,18 @@ pub enum ServerError {
     /// descriptors or memory, for [`ACCEPT_GIVE_UP`].
     #[error("accept failed")]
     Accept(#[source] io::Error),
+    /// The metrics listener (`[metrics] listen`) could not be bound.
+    #[error(
+        "metrics.listen: cannot listen on {addr}: set [metrics] listen to a free address, \
+         or to \"\" to turn the metrics listener off"
+    )]
+    MetricsListen {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The reply a client over `max_clients` gets before it is closed.
@@ -59,20 +71,34 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// `shutdown_timeout`, and returns. Clients still connected after that are
 /// dropped when the caller's runtime ends.
 ///
+/// The metrics listener (`[metrics] listen`) is bound first, and it, the
+/// upstream prober and metrics upkeep stop when this function returns, so
+/// `/metrics` stays up while sessions drain.
+///
 /// # Errors
 ///
-/// [`ServerError::Accept`] when accepting keeps failing for about a minute
-/// with an error other than running out of descriptors, socket buffers or
-/// memory (those are retried for as long as they last).
+/// [`ServerError::MetricsListen`] when the metrics listener cannot be
+/// bound; [`ServerError::Accept`] when accepting keeps failing for about a
+/// minute with an error other than running out of descriptors, socket
+/// buffers or memory (those are retried for as long as they last).
 pub async fn run(
     listener: TcpListener,
     config: Arc<Config>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let ctx = Arc::new(Ctx::new(config.clone()));
     // Dropped when this function returns, which stops the control plane.
     let (_control_alive, control_stop) = tokio::sync::watch::channel(());
     start_control_plane(&ctx, &control_stop);
+    start_metrics(&ctx, metrics_listener, &control_stop);
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(effective_max_clients(&config)));
@@ -130,6 +156,28 @@ fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) 
             }
         }
     });
+}
+
+/// Starts metrics upkeep and, with a listener, the HTTP endpoints and the
+/// upstream prober behind `/health` and `/ready`. Without a listener there
+/// is no prober: nothing would read what it finds, and its connection would
+/// only be one more upstream client.
+fn start_metrics(
+    ctx: &Arc<Ctx>,
+    listener: Option<TcpListener>,
+    stop: &tokio::sync::watch::Receiver<()>,
+) {
+    use crate::metrics::{health, http};
+    tokio::spawn(http::upkeep(ctx.clone(), stop.clone()));
+    let Some(listener) = listener else {
+        return;
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "metrics listening");
+    }
+    let health = Arc::new(health::Health::new(&ctx.config.metrics));
+    tokio::spawn(health::run(ctx.clone(), health.clone(), stop.clone()));
+    tokio::spawn(http::serve(listener, ctx.clone(), health, stop.clone()));
 }
 
 async fn accept_loop(
@@ -368,6 +416,16 @@ Max realtime timeout      unlimited            unlimited            us
         assert_eq!(err.to_string(), "accept failed");
         let source = std::error::Error::source(&err).map(ToString::to_string);
         assert!(source.is_some_and(|s| s.contains("open files")));
+        let err = ServerError::MetricsListen {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9121)),
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        };
+        assert!(
+            err.to_string()
+                .starts_with("metrics.listen: cannot listen on 127.0.0.1:9121: "),
+            "{err}"
+        );
+        assert!(std::error::Error::source(&err).is_some());
     }
 
     /// An accept that fails with `error` until `ok_after` has passed.

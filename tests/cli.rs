@@ -129,7 +129,7 @@ fn a_bad_flag_value_is_named_like_a_bad_file_value() {
 fn an_address_in_use_is_reported_by_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("local addr").to_string();
-    let out = tierd(&["--listen", &addr]);
+    let out = tierd(&["--listen", &addr, "--metrics-listen", ""]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains(&addr), "{err}");

@@ -42,6 +42,9 @@ impl Proxy {
             .arg(redis.url())
             .arg("--log-level")
             .arg("info")
+            // Two of these run at once; the default metrics port fits one.
+            .arg("--metrics-listen")
+            .arg("")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

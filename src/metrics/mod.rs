@@ -20,6 +20,7 @@
 //!
 //! The catalog of names is [`names`]; `docs/metrics.md` describes each one.
 
+pub mod health;
 pub mod http;
 
 use std::collections::HashMap;

@@ -198,12 +198,16 @@ pub struct Tierd {
     task: Option<tokio::task::JoinHandle<Result<(), tierd::server::ServerError>>>,
 }
 
-/// The default configuration pointed at `upstream`, listening on a free port.
+/// The default configuration pointed at `upstream`, listening on a free port,
+/// with the metrics listener off: many tierds run in one test process, and
+/// they would all want the default metrics port (tests/metrics_http.rs turns
+/// it on where it is tested).
 pub fn config_for(upstream: &str) -> Config {
     let overrides = Overrides {
         listen: Some("127.0.0.1:0".into()),
         upstream: Some(upstream.into()),
         log_level: None,
+        metrics_listen: Some(String::new()),
     };
     Config::from_toml_str("", &overrides).unwrap()
 }
