@@ -4,7 +4,8 @@
 #
 # Integration tests start their own redis-server processes on free loopback
 # ports, so Redis's tools must be installed; this script installs them (and
-# twemproxy's nutcracker, used by scripts/bench.sh) with apt when any is missing.
+# twemproxy's nutcracker, used by scripts/bench.sh) with apt when any is missing,
+# along with redis-py (python3-redis), which tests/info_redis_py.rs runs.
 #
 # Usage: scripts/test.sh [ARGS...]   ARGS go to `cargo test`, e.g.
 #        scripts/test.sh --test passthrough -- --nocapture
@@ -45,8 +46,11 @@ missing=()
 for tool in redis-server redis-cli redis-benchmark nutcracker; do
 	has "$tool" || missing+=("$tool")
 done
+# Debian's redis-py goes with Debian's python3, which the test falls back to
+# when the python3 first on PATH (pyenv, a venv) cannot import it.
+/usr/bin/python3 -c 'import redis' >/dev/null 2>&1 || missing+=(python3-redis)
 if [ "${#missing[@]}" -gt 0 ]; then
-	step "installing redis-server redis-tools nutcracker (missing: ${missing[*]})"
+	step "installing redis-server redis-tools nutcracker python3-redis (missing: ${missing[*]})"
 	# The packages' own services (redis-server on 6379, nutcracker) are not
 	# needed: tests start their own processes on free ports. Keep apt from
 	# starting them with a temporary policy-rc.d, unless the machine already has
@@ -59,7 +63,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 		POLICY_RC_OURS=1
 	fi
 	as_root apt-get update
-	as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools nutcracker
+	as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools nutcracker python3-redis
 	remove_policy_rc
 fi
 redis-server --version

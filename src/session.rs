@@ -40,6 +40,12 @@ use crate::upstream::{Conn, Identity, Inbox, Upstream, Upstreamed};
 /// cannot make tierd buffer without bound.
 const MAX_PENDING_REPLIES: usize = 16 * 1024;
 
+/// The session stops dispatching once this much output waits (replies
+/// answered from L1 go straight to the output, outside the reply queue's
+/// count) and writes it first: a pipeline of reads of a big cached value
+/// must not make tierd hold all of their replies at once.
+const OUT_BUDGET: usize = 4 * 1024 * 1024;
+
 /// The session keeps reading while its unparsed input is below this, even
 /// when it cannot dispatch yet, so that it notices a client that hangs up
 /// while blocked. Beyond it, input is read only to complete a request.
@@ -208,6 +214,15 @@ impl ReplyQueue {
     }
 }
 
+/// Gives a session's scratch buffer back for the next lookup, unless one
+/// huge key grew it: an idle session must not keep that memory.
+pub(crate) fn keep_scratch(slot: &mut Vec<u8>, scratch: Vec<u8>) {
+    const KEEP: usize = 64 * 1024;
+    if scratch.capacity() <= KEEP {
+        *slot = scratch;
+    }
+}
+
 /// Whether the next reply is dropped under `CLIENT REPLY OFF|SKIP`.
 fn take_discard(mode: &mut ReplyMode) -> bool {
     match *mode {
@@ -223,14 +238,31 @@ fn take_discard(mode: &mut ReplyMode) -> bool {
 /// A reply tierd produced, queued in order, honouring `CLIENT REPLY`: copied
 /// straight to the output when nothing is queued before it (an L1 hit with
 /// nothing in flight, the common case), else queued as a copy.
-pub(crate) fn answer(queue: &mut ReplyQueue, out: &mut OutBuf, mode: &mut ReplyMode, reply: &[u8]) {
+pub(crate) fn answer(
+    queue: &mut ReplyQueue,
+    out: &mut OutBuf,
+    mode: &mut ReplyMode,
+    reply: &[u8],
+    shared: impl FnOnce() -> Bytes,
+) {
     if take_discard(mode) {
         queue.push(Slot::Skip);
-    } else if queue.len() == 0 {
+        return;
+    }
+    // A large reply is written from the cache entry itself (`shared`), never
+    // copied: a pipeline of GETs of a big value must not multiply it.
+    let large = reply.len() > OutBuf::COPY_MAX;
+    if queue.len() == 0 {
         // Every earlier reply is already in `out`: order is kept. The slot
         // is still counted, as `local` would.
         queue.base += 1;
-        out.push_slice(reply);
+        if large {
+            out.push(shared());
+        } else {
+            out.push_slice(reply);
+        }
+    } else if large {
+        queue.push(Slot::Ready(shared()));
     } else {
         queue.push(Slot::Ready(Bytes::copy_from_slice(reply)));
     }
@@ -242,6 +274,8 @@ pub(crate) fn answer(queue: &mut ReplyQueue, out: &mut OutBuf, mode: &mut ReplyM
 pub(crate) struct OutBuf {
     chunks: Vec<Bytes>,
     small: BytesMut,
+    /// Bytes in `chunks` (not counting `small`).
+    chunked: usize,
 }
 
 impl OutBuf {
@@ -251,8 +285,7 @@ impl OutBuf {
         if bytes.len() <= Self::COPY_MAX {
             self.small.extend_from_slice(bytes);
         } else {
-            self.seal();
-            self.chunks.push(Bytes::copy_from_slice(bytes));
+            self.push(Bytes::copy_from_slice(bytes));
         }
     }
 
@@ -261,18 +294,26 @@ impl OutBuf {
             self.small.extend_from_slice(&bytes);
         } else {
             self.seal();
+            self.chunked += bytes.len();
             self.chunks.push(bytes);
         }
     }
 
     fn seal(&mut self) {
         if !self.small.is_empty() {
-            self.chunks.push(self.small.split().freeze());
+            let small = self.small.split().freeze();
+            self.chunked += small.len();
+            self.chunks.push(small);
         }
     }
 
     fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.small.is_empty()
+    }
+
+    /// Bytes waiting to be written.
+    pub(crate) fn len(&self) -> usize {
+        self.chunked + self.small.len()
     }
 
     async fn write_to(&mut self, w: &mut OwnedWriteHalf) -> std::io::Result<()> {
@@ -286,6 +327,7 @@ impl OutBuf {
         for chunk in self.chunks.drain(..) {
             w.write_all(&chunk).await?;
         }
+        self.chunked = 0;
         Ok(())
     }
 }
@@ -603,8 +645,10 @@ impl Session {
             // Dispatch whatever complete requests we have, as far as the
             // pipeline rules allow.
             let mut need_input = false;
-            self.now = std::time::Instant::now();
-            while !self.closing && self.queue.len() < MAX_PENDING_REPLIES {
+            while !self.closing
+                && self.queue.len() < MAX_PENDING_REPLIES
+                && self.out.len() < OUT_BUDGET
+            {
                 let req = match self.stalled.take() {
                     Some(req) => req,
                     None => match parser.parse(&mut rbuf) {
@@ -626,6 +670,10 @@ impl Session {
                         }
                     },
                 };
+                // Per request: a dispatch may wait (a MULTI run alone, a
+                // connect), and an L1 lookup must not judge expiry by a
+                // time from before that.
+                self.now = std::time::Instant::now();
                 match crate::dispatch::dispatch(&mut self, req).await {
                     Flow::Continue => {}
                     Flow::Stall(req) => {
@@ -635,6 +683,10 @@ impl Session {
                     Flow::Close => self.closing = true,
                 }
             }
+
+            // Stopped for the output budget, not for lack of input: dispatch
+            // the rest once this output is written.
+            let budget_hit = self.out.len() >= OUT_BUDGET;
 
             // Collect every reply that has already arrived, then write once.
             while let Ok(ev) = self.inbox_rx.try_recv() {
@@ -673,6 +725,9 @@ impl Session {
             // Collecting replies may have released a stalled request: retry
             // it now rather than wait for an event that may never come.
             if self.stalled.is_some() && self.inflight == 0 && !self.closing && !draining {
+                continue;
+            }
+            if budget_hit && !self.closing && !draining {
                 continue;
             }
             let all_done = self.stalled.is_none() && self.queue.len() == 0;
@@ -759,12 +814,12 @@ impl Session {
     pub(crate) fn on_upstream(&mut self, ev: Upstreamed, from_pinned: bool) {
         match ev {
             Upstreamed::Reply { seq, reply } => {
-                if reply.is_err() {
-                    self.ctx.metrics.upstream_error();
-                }
                 if seq & SIDE != 0 {
                     crate::dispatch::cache::side_reply(self, seq, reply);
                     return;
+                }
+                if reply.is_err() {
+                    self.ctx.metrics.upstream_error();
                 }
                 let mut frame = reply.unwrap_or_else(|e| e.to_resp());
                 if !self.hooks.is_empty() {
@@ -805,6 +860,7 @@ impl Session {
                         crate::dispatch::cache::after_reply(self, hook, resp.clone());
                     }
                 }
+                crate::dispatch::cache::stream_lost(self);
                 for seq in pending {
                     if self.queue.complete(seq, resp.clone()) {
                         self.inflight = self.inflight.saturating_sub(1);

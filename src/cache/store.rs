@@ -852,21 +852,22 @@ impl Store {
     /// expired variant is removed on access). Counts a hit or a miss for
     /// `rule`; an unknown rule is a miss that counts nothing.
     pub fn get(&self, rule: usize, key: &[u8], variant: &Variant, now: Instant) -> Option<Bytes> {
-        self.get_with(rule, key, &[variant.as_ref()], now, |_| ())
+        self.get_with(rule, key, &[variant.as_ref()], now, |_, _| ())
             .map(|(entry, range, ())| Bytes::from_owner(ReplySlice { entry, range }))
     }
 
     /// The hit path: finds the first of `variants` that is cached and hands
-    /// its reply bytes to `f` in place, without copying or allocating.
-    /// Counts one hit or one miss for `rule` in all. Returns the entry, the
-    /// reply's range in it and what `f` returned.
+    /// `f` the entry and the reply's range in it, without copying or
+    /// allocating (`f` may share the entry, e.g. for a large reply). Counts
+    /// one hit or one miss for `rule` in all. Returns the entry, the range
+    /// and what `f` returned.
     pub fn get_with<R>(
         &self,
         rule: usize,
         key: &[u8],
         variants: &[VariantRef<'_>],
         now: Instant,
-        f: impl FnOnce(&[u8]) -> R,
+        f: impl FnOnce(&Arc<[u8]>, Range<usize>) -> R,
     ) -> Option<(Arc<[u8]>, Range<usize>, R)> {
         let slot = self.rules.get(rule)?;
         let found = self.lookup(slot.cache, key, variants, now);
@@ -877,7 +878,7 @@ impl Store {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let (entry, range) = found?;
-        let out = f(entry.get(range.clone()).unwrap_or_default());
+        let out = f(&entry, range.clone());
         Some((entry, range, out))
     }
 
@@ -997,8 +998,6 @@ impl Store {
         let mut kept = Vec::new();
         if let Some(view) = old.as_deref().and_then(EntryView::parse) {
             if view.key == &token.key[..] && usize::from(view.rule) == rule {
-                // One stamp covers every record: the older one.
-                born = born.min(view.born);
                 kept.extend(
                     view.records()
                         .filter(|r| {
@@ -1007,6 +1006,10 @@ impl Store {
                         })
                         .map(|r| r.span),
                 );
+                if !kept.is_empty() {
+                    // One stamp covers every record: the older one.
+                    born = born.min(view.born);
+                }
             }
         }
         // Make room: the oldest variants go first.

@@ -138,7 +138,11 @@ fn eligible(s: &Session) -> bool {
 /// buffer, the reply is copied straight from the entry into the client's
 /// output, and nothing is allocated.
 pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
-    if s.ctx.l1.is_none() || !eligible(s) || s.writes_in_flight > 0 {
+    // A request in flight on the dedicated connection (a blocking read,
+    // say) runs before this one in Redis: a hit now would answer with a
+    // value from before it.
+    let pinned_busy = s.inflight > 0 && s.inflight_route == Some(Route::Pinned);
+    if s.ctx.l1.is_none() || !eligible(s) || s.writes_in_flight > 0 || pinned_busy {
         return Err(req);
     }
     s.refresh_table();
@@ -172,11 +176,18 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
         let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
         let hit = l1
             .store
-            .get_with(rule_index, key, &[variant], now, |reply| {
-                crate::session::answer(queue, out, mode, reply);
+            .get_with(rule_index, key, &[variant], now, |entry, range| {
+                let reply = entry.get(range.clone()).unwrap_or_default();
+                let shared = || {
+                    Bytes::from_owner(Reply {
+                        entry: entry.clone(),
+                        range,
+                    })
+                };
+                crate::session::answer(queue, out, mode, reply, shared);
             });
         let request = hit.is_none().then(|| Bytes::copy_from_slice(&scratch));
-        s.scratch = scratch;
+        crate::session::keep_scratch(&mut s.scratch, scratch);
         let Some(request) = request else {
             return Ok(Flow::Continue);
         };
@@ -338,21 +349,33 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
         parts.push(Part::Miss(misses.len()));
         misses.push(key);
     }
+    crate::session::keep_scratch(&mut s.scratch, scratch);
     if misses.is_empty() {
-        scratch.clear();
-        let mut header = BytesMut::new();
-        reply::array_header(&mut header, parts.len());
-        scratch.extend_from_slice(&header);
+        let len: usize = parts
+            .iter()
+            .map(|p| match p {
+                Part::Hit(hit) => hit.as_ref().len(),
+                Part::Miss(_) => 0,
+            })
+            .sum();
+        let mut assembled = BytesMut::with_capacity(len + 16);
+        reply::array_header(&mut assembled, parts.len());
         for part in &parts {
             if let Part::Hit(hit) = part {
-                scratch.extend_from_slice(hit.as_ref());
+                assembled.extend_from_slice(hit.as_ref());
             }
         }
-        crate::session::answer(&mut s.queue, &mut s.out, &mut s.state.reply_mode, &scratch);
-        s.scratch = scratch;
+        let assembled = assembled.freeze();
+        let shared = || assembled.clone();
+        crate::session::answer(
+            &mut s.queue,
+            &mut s.out,
+            &mut s.state.reply_mode,
+            &assembled,
+            shared,
+        );
         return Ok(Flow::Continue);
     }
-    s.scratch = scratch;
     if wanted.is_empty() && misses.len() == keys.len() {
         // Nothing cached and nothing to cache: an ordinary MGET.
         return Err(req);
@@ -472,7 +495,7 @@ fn mget_lookup(
         },
     ];
     l1.store
-        .get_with(rule, key, &variants, now, |_| ())
+        .get_with(rule, key, &variants, now, |_, _| ())
         .map(|(entry, range, ())| Reply { entry, range })
 }
 
@@ -689,14 +712,40 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
 /// ([`stream_reply`]). RESP2 subscribers and MONITOR clients cannot touch
 /// the keyspace (Redis refuses), so their requests need nothing.
 pub(crate) fn before_stream_request(s: &mut Session, kind: Kind, req: &Request) {
-    if s.ctx.l1.is_none()
-        || s.state.proto != Proto::Resp3
-        || matches!(kind, Kind::PubSub | Kind::Unsubscribe | Kind::Monitor)
-    {
+    /// Most requests waiting for their reply on a stream; past it L1 is
+    /// flushed instead of remembering more (a client that sends and never
+    /// reads must not grow tierd's memory).
+    const MAX_STREAM_HOOKS: usize = 1024;
+    if s.ctx.l1.is_none() || s.state.proto != Proto::Resp3 {
+        return;
+    }
+    // Subscription changes are confirmed by pushes, except a SUBSCRIBE
+    // without channels, which gets an error reply.
+    let confirmed_by_push = match kind {
+        Kind::PubSub => req.args.len() > 1,
+        Kind::Unsubscribe | Kind::Monitor => true,
+        _ => false,
+    };
+    if confirmed_by_push {
         return;
     }
     let hook = before_write(s, req);
+    if s.stream_hooks.len() >= MAX_STREAM_HOOKS {
+        // Every key those writes touched: all of L1.
+        s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
+        apply_flush(s, Flush::All);
+        s.stream_hooks.clear();
+    }
     s.stream_hooks.push_back(hook);
+}
+
+/// The stream ended with requests unanswered: they may have run.
+pub(crate) fn stream_lost(s: &mut Session) {
+    while let Some(hook) = s.stream_hooks.pop_front() {
+        if let Some(hook) = hook {
+            run(s, hook, Bytes::new());
+        }
+    }
 }
 
 /// A frame on a RESP3 stream: a reply (not a push) answers the oldest
@@ -729,7 +778,13 @@ pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
                 .invalidated(crate::metrics::Source::Write, keys.len() as u64);
         }
         Hook::Flush(Flush::AllUnlessError) => {}
-        Hook::Flush(flush) => apply_flush(s, *flush),
+        Hook::Flush(flush) => {
+            // Counted and logged once, here; the flush again on the reply
+            // is the same event.
+            s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
+            tracing::info!(event = "invalidated", source = "write", kind = "flush", scope = ?flush, "a write flushed L1");
+            apply_flush(s, *flush);
+        }
         _ => {}
     }
     // Inside MULTI the db a queued FLUSHDB or SWAPDB runs in depends on
@@ -798,8 +853,6 @@ fn apply_flush(s: &Session, flush: Flush) {
     let Some(l1) = &s.ctx.l1 else {
         return;
     };
-    s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
-    tracing::info!(event = "invalidated", source = "write", kind = "flush", scope = ?flush, "a write flushed L1");
     match flush {
         Flush::All | Flush::AllUnlessError => l1.store.flush_all(),
         Flush::Db(db) => l1.store.flush_db(db),

@@ -77,6 +77,17 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 }
             }
             Kind::Reset => reset_stream(s, &req),
+            // A RESP3 subscriber may send any command, but these two would
+            // stop its replies from lining up with its requests, which is
+            // how tierd knows when a write it sent on the stream has run.
+            // (RESP2 subscribers get Redis's own refusal.)
+            Kind::Multi | Kind::Client(ClientSub::Reply) if s.state.proto == Proto::Resp3 => {
+                let name = String::from_utf8_lossy(req.name()).to_uppercase();
+                s.local(error(&format!(
+                    "ERR {name} on a subscribed connection is not supported by tierd"
+                )));
+                Flow::Continue
+            }
             _ => {
                 cache::before_stream_request(s, kind, &req);
                 forward_stream(s, req)

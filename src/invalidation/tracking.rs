@@ -328,6 +328,7 @@ async fn link_inner(
                 link.pings.push_back(Instant::now());
                 if tracking.mode == TrackingMode::Default {
                     heal(control, gen);
+                    keep_alive(&control.upstream);
                 }
             }
         }
@@ -412,6 +413,27 @@ fn heal(control: &Control, gen: u64) {
         repoint(&upstream).await;
         tracking.repointing.store(false, Ordering::SeqCst);
     });
+}
+
+/// Pings the tracked pooled connections, so that a Redis `timeout` never
+/// closes an idle one: losing a tracked connection flushes all of L1.
+fn keep_alive(upstream: &Upstream) {
+    let identity = upstream.default_identity();
+    // Nobody reads the replies; the channel only keeps them in order.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    for proto in [Proto::Resp2, Proto::Resp3] {
+        let Some(pool) = identity.started_pool(proto) else {
+            continue;
+        };
+        for conn in pool.conns().iter().filter(|c| c.is_up()) {
+            let to = crate::upstream::ReplyTo::Inbox {
+                seq: 0,
+                inbox: &tx,
+                timed: true,
+            };
+            let _ = conn.send(b"*1\r\n$4\r\nPING\r\n", to);
+        }
+    }
 }
 
 /// The link's socket and what it is waiting for.

@@ -472,4 +472,146 @@ mod tests {
         a.command_counter(Some("set")).increment(1);
         assert!(!b.render(&[], 0).contains("command=\"set\""));
     }
+
+    /// The `(IDENT, "value")` pairs of every `pub const` in `mod names`,
+    /// read from this file's source, so that a constant added later is
+    /// checked without being listed here.
+    fn declared_names() -> Vec<(String, String)> {
+        let src = include_str!("mod.rs");
+        let start = src.find("\npub mod names {").unwrap();
+        let body = &src[start..];
+        let body = &body[..body.find("\n}\n").unwrap()];
+        body.split(';')
+            .filter_map(|item| {
+                let item = &item[item.find("pub const ")? + "pub const ".len()..];
+                let (ident, rest) = item.split_once(':').unwrap();
+                let (ty, value) = rest.split_once('=').unwrap();
+                assert_eq!(ty.trim(), "&str", "{ident}: names are &str");
+                let value = value.trim();
+                assert!(
+                    value.len() > 2 && value.starts_with('"') && value.ends_with('"'),
+                    "{ident}: not a plain string literal: {value}"
+                );
+                Some((
+                    ident.trim().to_owned(),
+                    value[1..value.len() - 1].to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn no_metric_name_is_declared_twice() {
+        use std::collections::{BTreeMap, BTreeSet};
+
+        let declared = declared_names();
+        assert!(declared.len() >= 17, "names found: {declared:?}");
+        let mut idents = BTreeSet::new();
+        let mut values = BTreeMap::new();
+        for (ident, value) in &declared {
+            assert!(idents.insert(ident.as_str()), "names::{ident} twice");
+            let other = values.insert(value.as_str(), ident.as_str());
+            assert!(
+                other.is_none(),
+                "names::{} and names::{ident} are both {value:?}",
+                other.unwrap_or_default()
+            );
+            assert!(value.starts_with("tierd_"), "names::{ident} = {value:?}");
+        }
+        // The constants read from the source are the ones compiled.
+        for (ident, value) in [
+            ("REQUESTS", names::REQUESTS),
+            ("UPSTREAM_LATENCY", names::UPSTREAM_LATENCY),
+            ("CLIENTS_REJECTED", names::CLIENTS_REJECTED),
+        ] {
+            assert_eq!(values.get(value), Some(&ident));
+        }
+
+        // Every metric touched once, then rendered (twice: the second render
+        // re-registers the store's per-rule figures).
+        let m = Metrics::new();
+        m.request();
+        m.command_counter(Some("get")).increment(1);
+        m.command_counter(None).increment(1);
+        m.upstream_error();
+        m.invalidated(Source::Write, 1);
+        m.invalidated(Source::Tracking, 1);
+        m.flushed(Some(Source::Write));
+        m.flushed(Some(Source::Tracking));
+        m.flushed(None);
+        m.client(true);
+        m.client_rejected();
+        m.set_upstream_up(true);
+        m.set_tracking_up(true);
+        m.upstream_latency
+            .record(std::time::Duration::from_micros(100));
+        let rules = [stats("users", 1), stats("orders", 2)];
+        m.render(&rules, 1 << 20);
+        let text = m.render(&rules, 1 << 20);
+
+        let mut types: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut helps: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut sampled = BTreeSet::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                types.entry(name).or_default().push(kind);
+            } else if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                assert!(!help.trim().is_empty(), "empty HELP for {name}");
+                *helps.entry(name).or_default() += 1;
+            } else {
+                assert!(!line.starts_with('#'), "{line}");
+                let end = line.find(['{', ' ']).unwrap();
+                sampled.insert(&line[..end]);
+            }
+        }
+        let declared: BTreeSet<&str> = values.keys().copied().collect();
+        for (name, kinds) in &types {
+            assert_eq!(kinds.len(), 1, "{name} has TYPE lines {kinds:?}:\n{text}");
+            assert!(
+                declared.contains(name),
+                "{name} is rendered but not declared in `names`:\n{text}"
+            );
+            assert_eq!(
+                helps.get(name),
+                Some(&1),
+                "{name} needs exactly one HELP line (see describe()):\n{text}"
+            );
+            // Prometheus conventions: counters, and only counters, end in
+            // `_total`.
+            assert_eq!(
+                kinds[0] == "counter",
+                name.ends_with("_total"),
+                "{name} is a {}",
+                kinds[0]
+            );
+        }
+        for name in &declared {
+            assert!(
+                types.contains_key(name),
+                "{name} did not render: touch it in this test\n{text}"
+            );
+        }
+        assert_eq!(
+            helps.keys().copied().collect::<BTreeSet<_>>(),
+            declared,
+            "HELP lines"
+        );
+        // Every sample belongs to a declared family (a histogram's series
+        // carry the suffixes `_bucket`, `_sum` and `_count`).
+        for sample in sampled {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = sample.strip_suffix(suffix)?;
+                    (types.get(base)? == &["histogram"]).then_some(base)
+                })
+                .unwrap_or(sample);
+            assert!(
+                types.contains_key(family),
+                "{sample} has no TYPE line:\n{text}"
+            );
+        }
+    }
 }
