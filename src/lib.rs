@@ -26,7 +26,9 @@
 //!
 //! The control plane runs beside them: [`invalidation`] holds the tracking
 //! link (Redis `CLIENT TRACKING` reports → L1 invalidations) and reads the
-//! `COMMAND` table the classification uses.
+//! `COMMAND` table the classification uses; [`metrics`] keeps the server's
+//! Prometheus registry and serves `/metrics`, `/health` and `/ready` over its
+//! own small HTTP listener, with an upstream health prober.
 //!
 //! Around them: [`config`] and [`cli`] (loading and validating `proxy.toml`),
 //! [`server`] (accept loop, connection limit, shutdown), [`shutdown`] and
