@@ -694,8 +694,7 @@ mod tests {
     use super::*;
 
     fn req(args: &[&str]) -> Request {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        Request::from_args(&args)
+        Request::from_strs(args)
     }
 
     const BOTH: Sections = Sections {

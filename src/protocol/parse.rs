@@ -106,6 +106,13 @@ impl Request {
         self.args.get(i)
     }
 
+    /// [`Request::from_args`] for text arguments (tests and tierd's own
+    /// commands).
+    pub fn from_strs(args: &[&str]) -> Request {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        Request::from_args(&args)
+    }
+
     /// Builds a request from arguments, encoding them as a RESP multibulk of
     /// bulk strings. Used for tierd's own upstream commands and for inline
     /// requests.
