@@ -1,8 +1,11 @@
-//! Regressions from the review of the L1 tier, one scenario each: a pooled
+//! Regressions from the reviews of the L1 tier, one scenario each: a pooled
 //! connection that loses its tracking, read-only scripts, a huge split
 //! `MGET`, writes from a RESP3 subscriber, `FLUSHDB` queued after a `SELECT`
 //! inside `MULTI`, `CLIENT TRACKING` queued inside `MULTI`, and `FLUSHDB` of
-//! another db.
+//! another db; then, from the second review, expiry judged after a dispatch
+//! that waited, a pipeline of hits of a large value, `MULTI` and
+//! `CLIENT REPLY` from a RESP3 subscriber, a RESP3 subscriber's write held
+//! by `CLIENT PAUSE`, and a hit behind a blocking read.
 //!
 //! As in `tests/l1.rs`, a read counts as an L1 hit when its rule's `hits`
 //! went up (`CACHE.STATS`); Redis's `INFO commandstats` says what reached
@@ -12,12 +15,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::exchange::{assert_frame, encode, text};
+use support::exchange::{assert_frame, encode, reply, text, REPLY_LIMIT};
 use support::l1::{
     decode, direct, l1_config, must, rule, rule_stats, upstream_calls, wait_until_caching, L1Probe,
     Outcome, Resp, HOUR,
 };
-use support::probe::{bulk, client_field, client_list, Deadline};
+use support::probe::{bulk, client_field, client_list, wait_blocked_clients, Deadline};
 use support::{Raw, RedisServer, Tierd};
 use tierd::config::{RuleConfig, TrackingMode};
 
@@ -427,4 +430,283 @@ async fn flushdb_of_another_db_keeps_db_0_cached_and_flushdb_of_db_0_does_not() 
     let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
     assert_frame(&reply, b"$-1\r\n");
     assert_eq!(outcome, Outcome::Miss, "FLUSHDB in db 0 kept k:1");
+}
+
+// ---------------------------------------------------------------------------
+// Second review
+// ---------------------------------------------------------------------------
+
+/// A RESP3 connection through tierd subscribed to `ch`.
+async fn resp3_subscriber(tierd: &Tierd) -> Raw {
+    let mut sub = tierd.raw().await;
+    assert_eq!(sub.cmd(&["HELLO", "3"]).await[0], b'%');
+    let confirmed = sub.cmd(&["SUBSCRIBE", "ch"]).await;
+    assert!(
+        confirmed.starts_with(b">3\r\n$9\r\nsubscribe\r\n"),
+        "SUBSCRIBE: {}",
+        text(&confirmed)
+    );
+    sub
+}
+
+/// The next frame on `raw` that is not a push, within [`REPLY_LIMIT`].
+async fn next_reply(raw: &mut Raw) -> bytes::Bytes {
+    loop {
+        let frame = raw
+            .try_frame(REPLY_LIMIT)
+            .await
+            .unwrap_or_else(|| panic!("no reply within {REPLY_LIMIT:?}"));
+        if frame.first() != Some(&b'>') {
+            return frame;
+        }
+    }
+}
+
+/// Several commands as one write.
+fn batch(cmds: &[&[&str]]) -> Vec<u8> {
+    cmds.iter().flat_map(|c| encode(c)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// 8. Expiry judged after a dispatch that waited
+// ---------------------------------------------------------------------------
+
+/// A busy-loop of 700 ms inside Redis.
+const SPIN_700_MS: &str = "local t=redis.call('TIME'); local s=t[1]*1000000+t[2]; \
+    repeat local n=redis.call('TIME') until (n[1]*1000000+n[2])-s > 700000 return 1";
+
+/// A transaction that queued a state command (`CLIENT SETNAME`) runs
+/// alone: tierd waits for `EXEC`'s reply before dispatching what follows
+/// it in the same read. The `GET` after it must judge the entry's expiry
+/// (`PX 400`) by the time of its lookup, not by the time the read arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_after_a_dispatch_that_waited_judges_expiry_at_its_own_time() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut d = direct(&redis).await;
+    // Redis keeps the key until it is read: only the entry's own deadline
+    // can keep its value out.
+    must(&mut d, &["DEBUG", "SET-ACTIVE-EXPIRE", "0"]).await;
+    let tierd = start(&redis, TrackingMode::Off).await;
+    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
+    must(&mut d, &["SET", "k:1", "v", "PX", "400"]).await;
+    cache(&mut probe, "k:1", "v").await;
+
+    let mut t = tierd.raw().await;
+    t.send(&batch(&[
+        &["MULTI"],
+        &["CLIENT", "SETNAME", "x"],
+        &["EVAL", SPIN_700_MS, "0"],
+        &["EXEC"],
+        &["GET", "k:1"],
+    ]))
+    .await;
+    for want in [
+        &b"+OK\r\n"[..],
+        b"+QUEUED\r\n",
+        b"+QUEUED\r\n",
+        b"*2\r\n+OK\r\n:1\r\n",
+    ] {
+        assert_frame(&t.frame().await, want);
+    }
+    assert_frame(&t.frame().await, b"$-1\r\n");
+    assert_frame(&probe.reference(&["EXISTS", "k:1"]).await, b":0\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// 9. A pipeline of hits of a large value
+// ---------------------------------------------------------------------------
+
+/// One field of this process's `/proc/self/status` (`VmHWM`, `VmRSS`), in
+/// bytes.
+fn vm_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    kb.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// tierd runs in this process: its peak memory is the process's. 1500
+/// pipelined `GET`s of a 900 KB cached value are 1.3 GB of replies; tierd
+/// must write them from the entry as it goes, not copy them all first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_hits_of_a_large_value_does_not_multiply_it_in_memory() {
+    const PIPELINED: usize = 1500;
+    const LIMIT: u64 = 200 << 20;
+    let redis = RedisServer::start();
+    let mut d = direct(&redis).await;
+    let value: String = (0..900 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    must(&mut d, &["SET", "k:big", &value]).await;
+    let tierd = start(&redis, TrackingMode::Off).await;
+    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
+    cache(&mut probe, "k:big", &value).await;
+    let want = bulk(&value);
+    drop(value);
+
+    // Resets VmHWM to the current RSS (Linux 4.0+); without it the
+    // growth is measured from an earlier peak, which only makes it smaller.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let peak_before = vm_bytes("VmHWM");
+    let hits_before = probe.stats().await.hits;
+    let mut t = tierd.raw().await;
+    t.send(&b"GET k:big\r\n".repeat(PIPELINED)).await;
+    for n in 0..PIPELINED {
+        let got = t.frame().await;
+        assert!(
+            got == want,
+            "reply {n} of {PIPELINED}: {} bytes, not the value",
+            got.len()
+        );
+    }
+    let grown = vm_bytes("VmHWM").saturating_sub(peak_before);
+    assert_eq!(
+        probe.stats().await.hits - hits_before,
+        PIPELINED as u64,
+        "every GET was an L1 hit"
+    );
+    assert!(
+        grown < LIMIT,
+        "peak memory grew by {} MB over {PIPELINED} hits of {} KB (limit {} MB)",
+        grown >> 20,
+        want.len() >> 10,
+        LIMIT >> 20
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 10. MULTI and CLIENT REPLY from a RESP3 subscriber
+// ---------------------------------------------------------------------------
+
+/// Both would stop a RESP3 subscriber's replies from lining up with its
+/// requests (how tierd knows when a write sent on the stream ran): tierd
+/// refuses them, and the connection goes on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_and_client_reply_from_a_resp3_subscriber_are_refused() {
+    let redis = RedisServer::start();
+    let mut d = direct(&redis).await;
+    let tierd = start(&redis, TrackingMode::Off).await;
+    let mut sub = resp3_subscriber(&tierd).await;
+
+    const UNSUPPORTED: &str = " on a subscribed connection is not supported by tierd\r\n";
+    let refused = reply(&mut sub, &["CLIENT", "REPLY", "SKIP"]).await;
+    assert!(
+        refused.starts_with(b"-ERR CLIENT") && text(&refused).ends_with(UNSUPPORTED),
+        "CLIENT REPLY SKIP: {}",
+        text(&refused)
+    );
+    // Had SKIP reached Redis, MULTI's reply would be dropped; had MULTI,
+    // PING would be queued.
+    assert_frame(
+        &reply(&mut sub, &["MULTI"]).await,
+        format!("-ERR MULTI{UNSUPPORTED}").as_bytes(),
+    );
+    // Redis 7.0 answers PING from a RESP3 subscriber with +PONG.
+    assert_frame(&reply(&mut sub, &["PING"]).await, b"+PONG\r\n");
+    assert_frame(&must(&mut d, &["PUBLISH", "ch", "hi"]).await, b":1\r\n");
+    assert_frame(
+        &sub.try_frame(REPLY_LIMIT).await.expect("the message"),
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 11. A RESP3 subscriber's write held by CLIENT PAUSE
+// ---------------------------------------------------------------------------
+
+/// With tracking off, `k:1 = old` cached: a RESP3 subscriber sends
+/// `SET k:1 new` (after `before`, whose replies are `before_replies`), which
+/// `CLIENT PAUSE WRITE` holds in Redis. Another client reads `k:1` through
+/// tierd meanwhile (reads are not paused) and caches `old` again; the
+/// write's reply must invalidate it.
+async fn a_held_subscriber_write_invalidates_on_its_reply(before: &[&[&str]], replies: &[&[u8]]) {
+    let (_redis, tierd, mut probe, mut d) = k1_cached_without_tracking().await;
+    let mut sub = resp3_subscriber(&tierd).await;
+    must(&mut d, &["CLIENT", "PAUSE", "10000", "WRITE"]).await;
+
+    let mut cmds = before.to_vec();
+    cmds.push(&["SET", "k:1", "new"]);
+    sub.send(&batch(&cmds)).await;
+    for want in replies {
+        assert_frame(&next_reply(&mut sub).await, want);
+    }
+    wait_blocked_clients(&mut d, 1, Duration::from_secs(5)).await;
+
+    let deadline = Deadline::new(
+        Duration::from_secs(5),
+        "GET k:1 to be an L1 hit of old while the SET is held",
+    );
+    loop {
+        let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
+        assert_frame(&reply, &bulk("old"));
+        if outcome == Outcome::Hit {
+            break;
+        }
+        deadline.tick().await;
+    }
+
+    must(&mut d, &["CLIENT", "UNPAUSE"]).await;
+    assert_frame(&next_reply(&mut sub).await, b"+OK\r\n");
+    let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
+    assert_frame(&reply, &bulk("new"));
+    assert_eq!(outcome, Outcome::Miss);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_write_from_a_resp3_subscriber_invalidates_when_it_runs() {
+    a_held_subscriber_write_invalidates_on_its_reply(&[], &[]).await;
+}
+
+/// `SUBSCRIBE` without channels gets an error reply, not a push: it must
+/// take its own place in line, not the `SET`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_without_channels_does_not_take_a_held_writes_place() {
+    a_held_subscriber_write_invalidates_on_its_reply(
+        &[&["SUBSCRIBE"]],
+        &[b"-ERR wrong number of arguments for 'subscribe' command\r\n"],
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 12. A hit behind a blocking read
+// ---------------------------------------------------------------------------
+
+/// Redis runs a `GET` pipelined after a blocking `XREAD` once the `XREAD`
+/// has returned: an L1 hit at once would answer with the value from
+/// before, even though its reply waits its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_pipelined_behind_a_blocking_read_is_not_answered_from_before_it() {
+    let redis = RedisServer::start();
+    let mut d = direct(&redis).await;
+    must(&mut d, &["SET", "k:1", "old"]).await;
+    let tierd = start(&redis, TrackingMode::Default).await;
+    let mut probe = L1Probe::new(&redis, &tierd, RULE).await;
+    cache(&mut probe, "k:1", "old").await;
+
+    let mut t = tierd.raw().await;
+    t.send(&batch(&[
+        &["XREAD", "BLOCK", "10000", "STREAMS", "s", "$"],
+        &["GET", "k:1"],
+    ]))
+    .await;
+    wait_blocked_clients(&mut d, 1, Duration::from_secs(5)).await;
+    must(&mut d, &["SET", "k:1", "new"]).await;
+    must(&mut d, &["XADD", "s", "*", "f", "v"]).await;
+
+    let xread = t.try_frame(REPLY_LIMIT).await.expect("XREAD's reply");
+    assert!(
+        xread.starts_with(b"*1\r\n*2\r\n$1\r\ns\r\n"),
+        "XREAD: {}",
+        text(&xread)
+    );
+    let got = t.try_frame(REPLY_LIMIT).await.expect("GET's reply");
+    assert_frame(&got, &bulk("new"));
 }

@@ -82,7 +82,11 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             // how tierd knows when a write it sent on the stream has run.
             // (RESP2 subscribers get Redis's own refusal.)
             Kind::Multi | Kind::Client(ClientSub::Reply) if s.state.proto == Proto::Resp3 => {
-                let name = String::from_utf8_lossy(req.name()).to_uppercase();
+                let name = if kind == Kind::Multi {
+                    "MULTI"
+                } else {
+                    "CLIENT REPLY"
+                };
                 s.local(error(&format!(
                     "ERR {name} on a subscribed connection is not supported by tierd"
                 )));
