@@ -72,8 +72,28 @@ const HELP: &[&str] = &[
 /// CACHE.HELP
 /// ```
 pub(crate) fn command(s: &mut Session, req: &Request) {
+    let name = req.name();
+    let sub = name.get(b"CACHE.".len()..).unwrap_or_default();
+    // The cache holds replies read as tierd's default identity: a client
+    // authenticated as another user (whose ACLs may forbid those keys) must
+    // not list or inspect them.
+    let reveals_keys = sub.eq_ignore_ascii_case(b"KEYS") || sub.eq_ignore_ascii_case(b"INSPECT");
+    if reveals_keys && !s.ctx.upstream.is_default(&s.identity) {
+        s.local(error(
+            "NOPERM CACHE.KEYS and CACHE.INSPECT are only for clients on tierd's default identity",
+        ));
+        return;
+    }
     let reply = cache_command(&s.ctx, s.state.proto, req);
     s.local(reply);
+}
+
+/// At most this much of a client's bytes is echoed in an error, as Redis
+/// does (`%.128s`).
+const ECHO_MAX: usize = 128;
+
+fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(bytes.get(..ECHO_MAX).unwrap_or(bytes))
 }
 
 /// The reply to a `CACHE.*` request from a client speaking `proto`.
@@ -92,7 +112,7 @@ fn cache_command(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
     } else if is("HELP") {
         help(req)
     } else {
-        let shown = String::from_utf8_lossy(name);
+        let shown = shown(name);
         error(&format!(
             "ERR unknown command '{shown}', tierd's CACHE commands are: {COMMANDS}"
         ))
@@ -168,10 +188,7 @@ fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
                 .filter(|r| r.name.as_bytes() == &wanted[..])
                 .collect();
             if one.is_empty() {
-                return error(&format!(
-                    "ERR no such rule '{}'",
-                    String::from_utf8_lossy(wanted)
-                ));
+                return error(&format!("ERR no such rule '{}'", shown(wanted)));
             }
             one
         }
@@ -247,6 +264,10 @@ fn rules(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
     out.freeze()
 }
 
+/// Matching work one `CACHE.KEYS` may do (see `keys`): some tens of
+/// milliseconds at worst.
+const KEYS_WORK_BUDGET: usize = 50_000_000;
+
 /// Matches keys against a client's glob exactly as Redis's `KEYS` does.
 enum KeyMatcher<'a> {
     /// Compiled once: patterns [`Glob`] reads as Redis does, that is,
@@ -281,9 +302,10 @@ impl<'a> KeyMatcher<'a> {
 /// in L1 that match `pattern`, an array of bulk strings in no particular
 /// order (the same in RESP2 and RESP3, like `KEYS`).
 ///
-/// The walk stops once `count` keys are found; a pattern that matches
-/// little walks all of L1, one entry at a time (see
-/// [`crate::cache::Store::for_each_key`]).
+/// The walk stops once `count` keys are found, or after a bounded amount of
+/// matching work ([`KEYS_WORK_BUDGET`]): over a very large L1, or with a
+/// costly pattern, the answer is a sample of the matching keys, not all of
+/// them. Patterns longer than 1024 bytes are refused, as rule patterns are.
 fn keys(ctx: &Ctx, req: &Request) -> Bytes {
     let Some(pattern) = req.arg(1) else {
         return arity("cache.keys");
@@ -302,10 +324,30 @@ fn keys(ctx: &Ctx, req: &Request) -> Bytes {
         }
         _ => return error("ERR syntax error"),
     }
+    if pattern.len() > MAX_PATTERN_LEN {
+        return error(&format!(
+            "ERR pattern is longer than {MAX_PATTERN_LEN} bytes"
+        ));
+    }
     let matcher = KeyMatcher::new(pattern);
     let mut found: Vec<Bytes> = Vec::new();
+    // A bounded amount of matching work per call, estimated as pattern
+    // length × key length per key visited (the matcher's worst case, plus
+    // its compile for a pattern matched key by key): the walk runs on the
+    // client's own task and must not hold it, or a worker, for long. Past
+    // the budget the keys found so far are the answer.
+    let per_key_base = match matcher {
+        KeyMatcher::Compiled(_) => 1,
+        KeyMatcher::Raw(p) => p.len() * 48,
+    };
+    let mut budget = KEYS_WORK_BUDGET;
     if let Some(l1) = &ctx.l1 {
         l1.store.for_each_key(Instant::now(), |key| {
+            let cost = per_key_base + (pattern.len() + 1) * (key.len() + 1);
+            if cost > budget {
+                return false;
+            }
+            budget -= cost;
             if matcher.matches(key) {
                 found.push(Bytes::copy_from_slice(key));
             }

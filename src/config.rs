@@ -320,6 +320,10 @@ pub const DEFAULT_MEMORY_CRITICAL: Fraction = Fraction(0.95);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default `metrics.window`: the span the rates in `/health` cover.
 pub const DEFAULT_HEALTH_WINDOW: Duration = Duration::from_secs(60);
+/// Default `metrics.min_samples`: fewer L1 lookups (or requests) than this
+/// in the window, and the hit rate (or error rate) is reported but not
+/// judged.
+pub const DEFAULT_MIN_SAMPLES: u64 = 100;
 
 /// The `[metrics]` section: the HTTP listener for `/metrics`, `/health` and
 /// `/ready`, and the thresholds `/health` judges by. Each measure has a
@@ -358,6 +362,10 @@ pub struct MetricsConfig {
     /// The span the hit rate, error rate and average latency in `/health`
     /// are computed over; at least `probe_interval`.
     pub window: Duration,
+    /// The hit rate is judged only over at least this many L1 lookups in the
+    /// window, and the error rate over at least this many requests: a cold
+    /// or quiet tierd is not unhealthy for two misses out of three.
+    pub min_samples: u64,
 }
 
 /// A number from 0 to 1 inclusive: a rate or a share. Never NaN, which is
@@ -583,6 +591,7 @@ impl Default for MetricsConfig {
             memory_critical: DEFAULT_MEMORY_CRITICAL,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             window: DEFAULT_HEALTH_WINDOW,
+            min_samples: DEFAULT_MIN_SAMPLES,
         }
     }
 }
@@ -714,6 +723,7 @@ impl Config {
                     ("memory_critical", fraction(m.memory_critical)),
                     ("probe_interval", duration(m.probe_interval)),
                     ("window", duration(m.window)),
+                    ("min_samples", m.min_samples.to_string()),
                 ],
             ),
         ];
@@ -848,6 +858,7 @@ struct FileMetrics {
     memory_critical: Option<f64>,
     probe_interval: Option<Scalar>,
     window: Option<Scalar>,
+    min_samples: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1330,7 +1341,14 @@ impl FileMetrics {
             ));
         }
 
+        let min_samples = count(
+            "metrics.min_samples",
+            self.min_samples,
+            DEFAULT_MIN_SAMPLES as usize,
+        )? as u64;
+
         Ok(MetricsConfig {
+            min_samples,
             listen,
             hit_rate_warning,
             hit_rate_critical,

@@ -544,7 +544,11 @@ impl Session {
             }
         };
         counter.increment(1);
-        self.last_command = Some((self.table_gen, Bytes::copy_from_slice(name), counter));
+        // Only names the table knows are remembered: a client sending a huge
+        // unknown name must not leave a copy of it in its session.
+        if self.table.as_deref().and_then(|t| t.get(name)).is_some() {
+            self.last_command = Some((self.table_gen, Bytes::copy_from_slice(name), counter));
+        }
     }
 
     /// Picks up the command table the control plane read last, if it is

@@ -859,3 +859,43 @@ async fn cache_commands_answer_without_l1() {
     assert_eq!(cache["l1_entries"], "0");
     assert!(!cache.keys().any(|k| k.starts_with("rule_")), "{cache:?}");
 }
+
+/// `CACHE.KEYS` and `CACHE.INSPECT` show what tierd read as its default
+/// identity: a client authenticated as another user (whose ACLs may forbid
+/// those keys) is refused; and a pattern longer than a rule pattern may be is
+/// refused before any work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_keys_and_inspect_are_refused_to_other_users_and_long_patterns() {
+    let (redis, tierd) = fixture().await;
+    let mut d = Raw::connect(redis.addr()).await;
+    assert_frame(
+        &d.cmd(&["ACL", "SETUSER", "bob", "on", ">pw", "~other:*", "+@all"])
+            .await,
+        b"+OK\r\n",
+    );
+    let mut bob = tierd.raw().await;
+    assert_frame(&bob.cmd(&["AUTH", "bob", "pw"]).await, b"+OK\r\n");
+    for cmd in [&["CACHE.KEYS", "*"][..], &["CACHE.INSPECT", "user:1"]] {
+        let reply = bob.cmd(cmd).await;
+        assert!(
+            reply.starts_with(b"-NOPERM "),
+            "{cmd:?} as bob: {}",
+            text(&reply)
+        );
+    }
+    // The default identity may.
+    let mut c = tierd.raw().await;
+    assert_eq!(c.cmd(&["CACHE.KEYS", "*"]).await[0], b'*');
+
+    let long = "?".repeat(1025);
+    assert_frame(
+        &c.cmd(&["CACHE.KEYS", &long]).await,
+        b"-ERR pattern is longer than 1024 bytes\r\n",
+    );
+    let ok = "?".repeat(1024);
+    assert_eq!(c.cmd(&["CACHE.KEYS", &ok]).await[0], b'*');
+    // An unknown rule name is echoed at most 128 bytes long.
+    let name = "r".repeat(10_000);
+    let reply = c.cmd(&["CACHE.STATS", &name]).await;
+    assert!(reply.len() < 200, "{} bytes", reply.len());
+}

@@ -337,17 +337,20 @@ pub fn evaluate(
         reason: (!upstream.connected).then(|| upstream_down(&upstream)),
     }];
     let c = config;
+    // Rates over too few samples are reported, not judged.
+    let judged_hit_rate = hit_rate.filter(|_| lookups >= c.min_samples);
+    let judged_error_rate = (delta.requests >= c.min_samples).then_some(error_rate);
     let measures = [
         (
             "hit_rate",
-            hit_rate,
+            judged_hit_rate,
             c.hit_rate_warning.get(),
             c.hit_rate_critical.get(),
             Direction::LowIsBad,
         ),
         (
             "error_rate",
-            Some(error_rate),
+            judged_error_rate,
             c.error_rate_warning.get(),
             c.error_rate_critical.get(),
             Direction::HighIsBad,
@@ -788,8 +791,24 @@ mod tests {
     }
 
     #[test]
-    fn each_measure_degrades_then_fails() {
+    fn rates_over_too_few_samples_are_reported_not_judged() {
         let config = Config::default().metrics;
+        // 1 hit in 10 lookups, 5 errors in 10 requests: below min_samples.
+        let r = evaluate(&config, up(1, None), traffic(1, 9, 10, 5), true);
+        assert_eq!(r.status, Status::Healthy);
+        assert_eq!(r.hit_rate, Some(0.1));
+        assert_eq!(level(&r, "hit_rate"), Level::Ok);
+        assert_eq!(level(&r, "error_rate"), Level::Ok);
+        // The same rates over enough samples are critical.
+        let r = evaluate(&config, up(1, None), traffic(10, 90, 100, 50), true);
+        assert_eq!(level(&r, "hit_rate"), Level::Critical);
+        assert_eq!(level(&r, "error_rate"), Level::Critical);
+    }
+
+    #[test]
+    fn each_measure_degrades_then_fails() {
+        let mut config = Config::default().metrics;
+        config.min_samples = 0;
         let judge = |up: UpstreamState, c: Counters| evaluate(&config, up, c, true);
         // Hit rate: 0.9 ok, 0.7 warning, 0.5 critical; exactly 0.8 is ok.
         assert_eq!(
@@ -875,6 +894,7 @@ mod tests {
     fn json_has_every_field() {
         let mut config = Config::default().metrics;
         config.hit_rate_warning = Fraction::new(1.0).unwrap();
+        config.min_samples = 0;
         let r = evaluate(&config, up(2, Some(0.25)), traffic(3, 1, 8, 0), true);
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["status"], "degraded");

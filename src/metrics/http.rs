@@ -39,7 +39,7 @@ use crate::session::Ctx;
 /// The largest request head (request line and headers) accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client may take to read the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most HTTP connections served at once. Prometheus scrapes with one; the
@@ -78,15 +78,6 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        // The permit comes before accept: at the limit, new clients wait in
-        // the kernel's backlog instead of costing a task each.
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => permit,
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = permit else {
-            return;
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.changed() => return,
@@ -94,6 +85,13 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
+                // Always accept: at the limit the connection gets a quick
+                // 503 instead of waiting in the backlog, so a few idle
+                // sockets can never make a health probe time out.
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tokio::spawn(busy(stream));
+                    continue;
+                };
                 let app = app.clone();
                 tokio::spawn(async move {
                     handle(stream, &app).await;
@@ -110,6 +108,21 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Answers a connection over [`MAX_CONNECTIONS`] with `503` without reading
+/// its request, within a short timeout.
+async fn busy(mut stream: TcpStream) {
+    let body = "too many connections to the metrics listener\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
 }
 
 /// Drains histogram buffers every [`UPKEEP_INTERVAL`] until `stop` changes
