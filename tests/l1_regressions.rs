@@ -61,6 +61,20 @@ async fn cache(probe: &mut L1Probe, key: &str, want: &str) {
     assert_frame(&reply, &bulk(want));
 }
 
+/// Reads `GET k:1` until it is an L1 hit (within 5 s), each read returning
+/// `want`.
+async fn until_hit(probe: &mut L1Probe, want: &str, what: &str) {
+    let deadline = Deadline::new(Duration::from_secs(5), what);
+    loop {
+        let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
+        assert_frame(&reply, &bulk(want));
+        if outcome == Outcome::Hit {
+            return;
+        }
+        deadline.tick().await;
+    }
+}
+
 /// A Redis with `k:1 = old`, a tierd without tracking (so only its own
 /// invalidations can save a test) with `GET k:1` cached, a probe, and a
 /// direct connection.
@@ -135,15 +149,7 @@ async fn losing_a_tracking_pooled_connection_flushes_l1_and_caching_resumes() {
     poll_until(&mut probe, "k:1", &bulk("new"), written, DELIVERY).await;
 
     // Caching resumes on the reconnected connections.
-    let deadline = Deadline::new(Duration::from_secs(5), "GET k:1 to be an L1 hit again");
-    loop {
-        let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
-        assert_frame(&reply, &bulk("new"));
-        if outcome == Outcome::Hit {
-            break;
-        }
-        deadline.tick().await;
-    }
+    until_hit(&mut probe, "new", "GET k:1 to be an L1 hit again").await;
     // And the new connection tracks: a direct write reaches the entry.
     must(&mut d, &["SET", "k:1", "newer"]).await;
     let written = Instant::now();
@@ -639,18 +645,12 @@ async fn a_held_subscriber_write_invalidates_on_its_reply(before: &[&[&str]], re
     }
     wait_blocked_clients(&mut d, 1, Duration::from_secs(5)).await;
 
-    let deadline = Deadline::new(
-        Duration::from_secs(5),
+    until_hit(
+        &mut probe,
+        "old",
         "GET k:1 to be an L1 hit of old while the SET is held",
-    );
-    loop {
-        let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
-        assert_frame(&reply, &bulk("old"));
-        if outcome == Outcome::Hit {
-            break;
-        }
-        deadline.tick().await;
-    }
+    )
+    .await;
 
     must(&mut d, &["CLIENT", "UNPAUSE"]).await;
     assert_frame(&next_reply(&mut sub).await, b"+OK\r\n");
