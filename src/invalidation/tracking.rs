@@ -301,12 +301,20 @@ async fn link_inner(
     if tracking.mode != TrackingMode::Off {
         control.metrics.set_tracking_up(true);
     }
-    tracing::info!(
-        event = "tracking_up",
-        mode = tracking.mode.as_str(),
-        link = id,
-        "tracking link up"
-    );
+    if tracking.mode == TrackingMode::Off {
+        tracing::info!(
+            event = "control_up",
+            link = id,
+            "control link up (nothing tracked)"
+        );
+    } else {
+        tracing::info!(
+            event = "tracking_up",
+            mode = tracking.mode.as_str(),
+            link = id,
+            "tracking link up"
+        );
+    }
 
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
