@@ -197,7 +197,9 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
             failures = 0;
         }
         failures += 1;
-        if failures == 1 {
+        if failures == 1 && control.tracking.mode == TrackingMode::Off {
+            tracing::warn!(event = "control_lost", error = %err, "control link lost: reconnecting");
+        } else if failures == 1 {
             tracing::warn!(event = "tracking_lost", error = %err, "tracking link lost: L1 flushed and suspended until it is back");
         } else {
             tracing::debug!(error = %err, failures, "tracking link still down");
