@@ -118,11 +118,23 @@ async fn busy(mut stream: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(response.as_bytes()),
-    )
-    .await;
+    let answer = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Take in what the client sent, briefly: closing with its request
+        // unread would reset the connection, and the client could lose the
+        // answer.
+        let mut sink = [0u8; 1024];
+        let mut taken = 0;
+        while taken < 8 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => taken += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), answer).await;
 }
 
 /// Drains histogram buffers every [`UPKEEP_INTERVAL`] until `stop` changes
