@@ -109,8 +109,8 @@ fn bench_get(c: &mut Criterion) {
             let (k, v) = &keys[i % KEYS];
             i += 1;
             out.clear();
-            let hit = s.get_with(0, black_box(k), &[v.as_ref()], now, |entry, range| {
-                out.extend_from_slice(&entry[range])
+            let hit = s.get_with(0, black_box(k), &[v.as_ref()], now, |hit| {
+                out.extend_from_slice(hit.as_ref())
             });
             black_box((hit.is_some(), out.len()))
         })

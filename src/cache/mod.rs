@@ -12,7 +12,7 @@ pub mod rules;
 pub mod store;
 
 pub use rules::{Rule, Rules};
-pub use store::{FillToken, RuleStats, Store, StoreError, Variant};
+pub use store::{FillToken, ReplySlice, RuleStats, Store, StoreError, Variant};
 
 use crate::config::Config;
 

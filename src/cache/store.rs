@@ -773,8 +773,9 @@ fn encode_entry(
 }
 
 /// The reply bytes of a hit: shares the entry, so serving a hit copies
-/// nothing however large the reply.
-struct ReplySlice {
+/// nothing however large the reply (`Bytes::from_owner` takes it as is).
+#[derive(Clone)]
+pub struct ReplySlice {
     entry: Arc<[u8]>,
     range: Range<usize>,
 }
@@ -852,23 +853,22 @@ impl Store {
     /// expired variant is removed on access). Counts a hit or a miss for
     /// `rule`; an unknown rule is a miss that counts nothing.
     pub fn get(&self, rule: usize, key: &[u8], variant: &Variant, now: Instant) -> Option<Bytes> {
-        self.get_with(rule, key, &[variant.as_ref()], now, |_, _| ())
-            .map(|(entry, range, ())| Bytes::from_owner(ReplySlice { entry, range }))
+        self.get_with(rule, key, &[variant.as_ref()], now, |_| ())
+            .map(|(hit, ())| Bytes::from_owner(hit))
     }
 
     /// The hit path: finds the first of `variants` that is cached and hands
-    /// `f` the entry and the reply's range in it, without copying or
-    /// allocating (`f` may share the entry, e.g. for a large reply). Counts
-    /// one hit or one miss for `rule` in all. Returns the entry, the range
-    /// and what `f` returned.
+    /// `f` the reply in place, without copying or allocating (`f` may clone
+    /// it to share the entry, e.g. for a large reply). Counts one hit or one
+    /// miss for `rule` in all. Returns the reply and what `f` returned.
     pub fn get_with<R>(
         &self,
         rule: usize,
         key: &[u8],
         variants: &[VariantRef<'_>],
         now: Instant,
-        f: impl FnOnce(&Arc<[u8]>, Range<usize>) -> R,
-    ) -> Option<(Arc<[u8]>, Range<usize>, R)> {
+        f: impl FnOnce(&ReplySlice) -> R,
+    ) -> Option<(ReplySlice, R)> {
         let slot = self.rules.get(rule)?;
         let found = self.lookup(slot.cache, key, variants, now);
         let counter = if found.is_some() {
@@ -878,8 +878,9 @@ impl Store {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let (entry, range) = found?;
-        let out = f(&entry, range.clone());
-        Some((entry, range, out))
+        let hit = ReplySlice { entry, range };
+        let out = f(&hit);
+        Some((hit, out))
     }
 
     /// The first of `variants` cached for `key`, found with one hash

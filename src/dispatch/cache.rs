@@ -29,7 +29,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{choose, error, leave_pinned, must_wait, needs_pin, Flow, Want};
 use crate::cache::store::{encode_arg, encode_request, VariantRef};
-use crate::cache::{FillToken, Variant, L1};
+use crate::cache::{FillToken, ReplySlice, Variant, L1};
 use crate::command::{Command, Keys, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
@@ -96,7 +96,7 @@ pub(crate) enum Flush {
 /// One key of a split `MGET`.
 pub(crate) enum Part {
     /// Answered from L1.
-    Hit(Reply),
+    Hit(ReplySlice),
     /// Element `n` of the upstream `MGET`'s reply.
     Miss(usize),
 }
@@ -174,18 +174,10 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
             request: &scratch,
         };
         let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
-        let hit = l1
-            .store
-            .get_with(rule_index, key, &[variant], now, |entry, range| {
-                let reply = entry.get(range.clone()).unwrap_or_default();
-                let shared = || {
-                    Bytes::from_owner(Reply {
-                        entry: entry.clone(),
-                        range,
-                    })
-                };
-                crate::session::answer(queue, out, mode, reply, shared);
-            });
+        let hit = l1.store.get_with(rule_index, key, &[variant], now, |hit| {
+            let shared = || Bytes::from_owner(hit.clone());
+            crate::session::answer(queue, out, mode, hit.as_ref(), shared);
+        });
         let request = hit.is_none().then(|| Bytes::copy_from_slice(&scratch));
         crate::session::keep_scratch(&mut s.scratch, scratch);
         let Some(request) = request else {
@@ -480,7 +472,7 @@ fn mget_lookup(
     proto: Proto,
     now: Instant,
     scratch: &mut Vec<u8>,
-) -> Option<Reply> {
+) -> Option<ReplySlice> {
     let (get, nil) = mget_encodings(scratch, key);
     let variants = [
         VariantRef {
@@ -495,20 +487,8 @@ fn mget_lookup(
         },
     ];
     l1.store
-        .get_with(rule, key, &variants, now, |_, _| ())
-        .map(|(entry, range, ())| Reply { entry, range })
-}
-
-/// A cached reply shared with its entry.
-pub(crate) struct Reply {
-    entry: std::sync::Arc<[u8]>,
-    range: std::ops::Range<usize>,
-}
-
-impl AsRef<[u8]> for Reply {
-    fn as_ref(&self) -> &[u8] {
-        self.entry.get(self.range.clone()).unwrap_or_default()
-    }
+        .get_with(rule, key, &variants, now, |_| ())
+        .map(|(hit, ())| hit)
 }
 
 fn is_nil(frame: &[u8]) -> bool {
