@@ -532,21 +532,18 @@ impl Session {
             }
         }
         self.refresh_table();
-        let counter = match self.table.as_deref() {
-            Some(table) => self
-                .ctx
-                .metrics
-                .command_counter(table.get(name).map(|c| c.name.as_str())),
-            // Until the table is read nothing is known: `other`, uncached.
-            None => {
-                self.ctx.metrics.command_counter(None).increment(1);
-                return;
-            }
-        };
+        // Until the table is read nothing is known (`other`); a name the
+        // table does not know is `other` too.
+        let known = self
+            .table
+            .as_deref()
+            .and_then(|t| t.get(name))
+            .map(|c| c.name.as_str());
+        let counter = self.ctx.metrics.command_counter(known);
         counter.increment(1);
         // Only names the table knows are remembered: a client sending a huge
         // unknown name must not leave a copy of it in its session.
-        if self.table.as_deref().and_then(|t| t.get(name)).is_some() {
+        if known.is_some() {
             self.last_command = Some((self.table_gen, Bytes::copy_from_slice(name), counter));
         }
     }
