@@ -310,23 +310,9 @@ async fn a_split_mget_of_thousands_of_keys_is_prompt_exact_and_fills_at_most_102
 async fn a_write_from_a_resp3_subscriber_invalidates_l1() {
     let (_redis, tierd, mut probe, _d) = k1_cached_without_tracking().await;
 
-    let mut sub = tierd.raw().await;
-    assert_eq!(sub.cmd(&["HELLO", "3"]).await[0], b'%');
-    let confirmed = sub.cmd(&["SUBSCRIBE", "ch"]).await;
-    assert!(
-        confirmed.starts_with(b">3\r\n$9\r\nsubscribe\r\n"),
-        "SUBSCRIBE: {}",
-        text(&confirmed)
-    );
+    let mut sub = resp3_subscriber(&tierd).await;
     sub.send(&encode(&["SET", "k:1", "new"])).await;
-    loop {
-        let frame = sub.frame().await;
-        if frame.first() == Some(&b'>') {
-            continue;
-        }
-        assert_frame(&frame, b"+OK\r\n");
-        break;
-    }
+    assert_frame(&next_reply(&mut sub).await, b"+OK\r\n");
     let (reply, outcome) = probe.read(&["GET", "k:1"]).await;
     assert_frame(&reply, &bulk("new"));
     assert_eq!(outcome, Outcome::Miss);
