@@ -11,7 +11,8 @@
 //! flag) and says how to fix it; a `[[rules]]` field is named by the rule's
 //! 0-based position, as in `rules[2].ttl`. This module owns the config types
 //! and the parsing of durations, sizes and upstream URLs, and compiles rule
-//! patterns with [`crate::cache::glob`], which is pure code. It must not open
+//! patterns and tag templates with [`crate::cache::glob`] and
+//! [`crate::cache::template`], which are pure code. It must not open
 //! sockets, read environment variables or install logging: it turns text into
 //! values, and `main.rs` decides what to do with them (including what
 //! `RUST_LOG` means).
@@ -26,6 +27,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::cache::glob::Glob;
+use crate::cache::template::TagTemplate;
 
 const KB: usize = 1024;
 const MB: usize = 1024 * KB;
@@ -254,12 +256,39 @@ pub struct L1Config {
 
 /// Default `invalidation.tracking`.
 pub const DEFAULT_TRACKING: TrackingMode = TrackingMode::Default;
+/// Default `invalidation.bus`: on, because instances of a fleet share one
+/// `proxy.toml`, and one that stays off the bus serves what the others
+/// invalidated.
+pub const DEFAULT_BUS: bool = true;
+/// Default `invalidation.channel`.
+pub const DEFAULT_BUS_CHANNEL: &str = "tierd:invalidate";
+/// Default `invalidation.prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "tierd:";
+/// Longest accepted `invalidation.channel` and `invalidation.prefix`, in
+/// bytes. The channel names every bus message and the prefix starts every
+/// key tierd writes, so a longer one only costs bandwidth and memory.
+pub const MAX_BUS_NAME_LEN: usize = 256;
 
-/// The `[invalidation]` section: how L1 learns about writes.
+/// The `[invalidation]` section: how L1 learns about writes, and how
+/// instances tell each other about theirs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidationConfig {
     /// How Redis's CLIENT TRACKING is used (`invalidation.tracking`).
     pub tracking: TrackingMode,
+    /// Whether this instance joins the invalidation bus
+    /// (`invalidation.bus`): it subscribes to `channel`, publishes what it
+    /// invalidates (keys written through it, tag, pattern and key
+    /// invalidations, flushes) once and batched, and applies what the others
+    /// publish. The bus runs only when some rule caches something.
+    pub bus: bool,
+    /// The pub/sub channel of the bus (`invalidation.channel`): not empty,
+    /// at most [`MAX_BUS_NAME_LEN`] bytes, no control characters.
+    pub channel: String,
+    /// The prefix of the keys tierd keeps in Redis for itself
+    /// (`invalidation.prefix`), such as tag sets `{prefix}tag:{tag}` and the
+    /// reverse index `{prefix}keytags:{key}`: not empty, at most
+    /// [`MAX_BUS_NAME_LEN`] bytes.
+    pub prefix: String,
 }
 
 /// How tierd asks Redis to report writes it did not make itself
@@ -401,6 +430,9 @@ pub const DEFAULT_RULE_CACHE: bool = true;
 /// Default `rules[N].negative`: a nil reply ("no such key") is as worth
 /// caching as a value, and invalidation covers keys that come into being.
 pub const DEFAULT_RULE_NEGATIVE: bool = true;
+/// Most `tags` on one rule. Every tagged write updates one Redis set per
+/// tag, so a long list multiplies the cost of writes; real rules need a few.
+pub const MAX_RULE_TAGS: usize = 32;
 
 /// One `[[rules]]` entry, in file order (first match wins). Validation
 /// errors name a rule by its 0-based position in the file: `rules[0].ttl` is
@@ -428,6 +460,10 @@ pub struct RuleConfig {
     /// Whether nil replies for matching keys are cached (`negative`). Always
     /// false when `cache` is false.
     pub negative: bool,
+    /// The tags of matching keys (`tags`), templates over the pattern's
+    /// captures; at most [`MAX_RULE_TAGS`]. Tags are about invalidating in
+    /// Redis, not about L1, so a `cache = false` rule may have them too.
+    pub tags: Vec<TagTemplate>,
 }
 
 /// Values given on the command line. Each one replaces the matching file value
@@ -573,6 +609,9 @@ impl Default for InvalidationConfig {
     fn default() -> InvalidationConfig {
         InvalidationConfig {
             tracking: DEFAULT_TRACKING,
+            bus: DEFAULT_BUS,
+            channel: DEFAULT_BUS_CHANNEL.to_owned(),
+            prefix: DEFAULT_KEY_PREFIX.to_owned(),
         }
     }
 }
@@ -637,8 +676,8 @@ impl Config {
     /// count, and the upstream password, if any, is shown as `***` (a comment at
     /// the top says so), so the output is safe to paste into a bug report.
     /// Every `[[rules]]` entry is written with its resolved name and all its
-    /// fields, except those a `cache = false` rule may not have and a
-    /// `max_memory` the rule does not set.
+    /// fields, except those a `cache = false` rule may not have, and a
+    /// `max_memory` or `tags` the rule does not set.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         out.push_str(
@@ -654,7 +693,12 @@ impl Config {
         // toml's float encoder always writes a decimal point, so 1 reads
         // back as the float 1.0.
         let fraction = |f: Fraction| toml::Value::Float(f.get()).to_string();
-        let (up, lim, m) = (&self.upstream, &self.limits, &self.metrics);
+        let (up, lim, inv, m) = (
+            &self.upstream,
+            &self.limits,
+            &self.invalidation,
+            &self.metrics,
+        );
         let sections = [
             (
                 None,
@@ -704,7 +748,12 @@ impl Config {
             ),
             (
                 Some("[invalidation]"),
-                vec![("tracking", toml_string(self.invalidation.tracking.as_str()))],
+                vec![
+                    ("tracking", toml_string(inv.tracking.as_str())),
+                    ("bus", inv.bus.to_string()),
+                    ("channel", toml_string(&inv.channel)),
+                    ("prefix", toml_string(&inv.prefix)),
+                ],
             ),
             (
                 Some("[metrics]"),
@@ -732,6 +781,10 @@ impl Config {
                 ("name", toml_string(&rule.name)),
                 ("match", toml_string(rule.pattern.pattern())),
             ];
+            if !rule.tags.is_empty() {
+                let tags: Vec<String> = rule.tags.iter().map(|t| toml_string(t.text())).collect();
+                entries.push(("tags", format!("[{}]", tags.join(", "))));
+            }
             // A rule that caches nothing may not set ttl, max_memory or
             // negative (validation rejects them), so printing them would
             // not read back.
@@ -840,6 +893,9 @@ struct FileL1 {
 #[serde(deny_unknown_fields)]
 struct FileInvalidation {
     tracking: Option<String>,
+    bus: Option<bool>,
+    channel: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -871,6 +927,7 @@ struct FileRule {
     max_memory: Option<Scalar>,
     cache: Option<bool>,
     negative: Option<bool>,
+    tags: Option<Vec<String>>,
 }
 
 /// A duration or size as written: a string with a unit, or a bare integer
@@ -1217,8 +1274,66 @@ impl FileInvalidation {
                 ));
             }
         };
-        Ok(InvalidationConfig { tracking })
+        let channel = bus_name(
+            "invalidation.channel",
+            self.channel,
+            DEFAULT_BUS_CHANNEL,
+            "the pub/sub channel instances share",
+        )?;
+        if let Some(c) = channel.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                "invalidation.channel",
+                format!(
+                    "{channel:?} contains the control character {c:?}, which is easy to \
+                     mistype and hard to see in logs: use printable text, e.g. \
+                     \"{DEFAULT_BUS_CHANNEL}\""
+                ),
+            ));
+        }
+        let prefix = bus_name(
+            "invalidation.prefix",
+            self.prefix,
+            DEFAULT_KEY_PREFIX,
+            "the start of the keys tierd keeps in Redis",
+        )?;
+        Ok(InvalidationConfig {
+            tracking,
+            bus: self.bus.unwrap_or(DEFAULT_BUS),
+            channel,
+            prefix,
+        })
     }
+}
+
+/// `invalidation.channel` or `invalidation.prefix`: `default` when absent,
+/// otherwise not empty and at most [`MAX_BUS_NAME_LEN`] bytes. `what` says
+/// what the value is for, in the error.
+fn bus_name(
+    field: &str,
+    raw: Option<String>,
+    default: &str,
+    what: &str,
+) -> Result<String, ConfigError> {
+    let value = raw.unwrap_or_else(|| default.to_owned());
+    if value.is_empty() {
+        return Err(invalid(
+            field,
+            format!(
+                "is empty: it is {what}; remove the line to use \"{default}\", or name another"
+            ),
+        ));
+    }
+    if value.len() > MAX_BUS_NAME_LEN {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes long: it is {what}, so keep it to at most {MAX_BUS_NAME_LEN}, \
+                 e.g. \"{default}\"",
+                value.len()
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 impl FileMetrics {
@@ -1489,6 +1604,7 @@ impl FileRule {
             }
             Some(name) => name,
         };
+        let tags = rule_tags(index, self.tags.unwrap_or_default(), &pattern)?;
         let cache = self.cache.unwrap_or(DEFAULT_RULE_CACHE);
 
         if !cache {
@@ -1512,6 +1628,7 @@ impl FileRule {
                 max_memory: None,
                 cache,
                 negative: false,
+                tags,
             });
         }
 
@@ -1554,8 +1671,38 @@ impl FileRule {
             max_memory,
             cache,
             negative: self.negative.unwrap_or(DEFAULT_RULE_NEGATIVE),
+            tags,
         })
     }
+}
+
+/// Compiles the `tags` of `rules[index]` against its pattern.
+fn rule_tags(
+    index: usize,
+    raw: Vec<String>,
+    pattern: &Glob,
+) -> Result<Vec<TagTemplate>, ConfigError> {
+    if raw.len() > MAX_RULE_TAGS {
+        return Err(invalid(
+            &format!("rules[{index}].tags"),
+            format!(
+                "{} tags is too many: use at most {MAX_RULE_TAGS} (each one costs every write to \
+                 a matching key a Redis set update)",
+                raw.len()
+            ),
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(n, text)| {
+            TagTemplate::new(text, pattern).map_err(|err| {
+                invalid(
+                    &format!("rules[{index}].tags[{n}]"),
+                    format!("tag {text:?}: {err}"),
+                )
+            })
+        })
+        .collect()
 }
 
 fn resolve_threads(threads: usize) -> usize {
@@ -2075,6 +2222,7 @@ mod tests {
             max_memory: Some(1 << 20),
             cache: true,
             negative: true,
+            tags: vec![TagTemplate::new("t", &Glob::new("k:*").unwrap()).unwrap()],
         });
         let example = uncommented_example();
         assert_eq!(
@@ -2145,8 +2293,26 @@ mod tests {
                 ("image-meta", "image:{id}:meta", 7200, Some(100), true, true),
                 ("segmentation", "seg:{id}:*", 86_400, Some(200), true, true),
                 ("sessions", "session:{id}", 86_400, None, true, true),
+                (
+                    "teacher-sessions",
+                    "sessions:teacher:{teacher}:*",
+                    3600,
+                    None,
+                    true,
+                    true
+                ),
                 ("search", "search:*", 60, None, true, false),
             ]
+        );
+        let tagged: Vec<(&str, Vec<&str>)> = c
+            .rules
+            .iter()
+            .filter(|r| !r.tags.is_empty())
+            .map(|r| (r.name.as_str(), r.tags.iter().map(|t| t.text()).collect()))
+            .collect();
+        assert_eq!(
+            tagged,
+            [("teacher-sessions", vec!["teacher:{teacher}", "sessions"])]
         );
         // Everything outside the example is still the defaults.
         assert_eq!(
@@ -2186,6 +2352,9 @@ mod tests {
         assert_eq!(c.l1.max_value_size, 1 << 20);
         assert_eq!(c.l1.sweep_interval, Duration::from_secs(1));
         assert_eq!(c.invalidation.tracking, TrackingMode::Default);
+        assert!(c.invalidation.bus);
+        assert_eq!(c.invalidation.channel, "tierd:invalidate");
+        assert_eq!(c.invalidation.prefix, "tierd:");
         assert!(c.rules.is_empty());
         let p = c.parse_limits();
         assert_eq!(
@@ -2301,6 +2470,20 @@ mod tests {
             ("[l1]\nsweep_interval = 0", "l1.sweep_interval"),
             ("[l1]\nsweep_interval = \"1.5s\"", "l1.sweep_interval"),
             ("[invalidation]\ntracking = \"on\"", "invalidation.tracking"),
+            ("[invalidation]\nchannel = \"\"", "invalidation.channel"),
+            (
+                "[invalidation]\nchannel = \"a\\nb\"",
+                "invalidation.channel",
+            ),
+            ("[invalidation]\nprefix = \"\"", "invalidation.prefix"),
+            (
+                "[[rules]]\nmatch = \"a:{id}\"\nttl = 1\ntags = [\"a\", \"{ix}\"]",
+                "rules[0].tags[1]",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\ntags = [\"\"]",
+                "rules[0].tags[0]",
+            ),
             ("[[rules]]\nttl = \"1m\"", "rules[0].match"),
             ("[[rules]]\nmatch = \"\"\nttl = 1", "rules[0].match"),
             ("[[rules]]\nmatch = \"user:{id\"\nttl = 1", "rules[0].match"),
@@ -2399,6 +2582,149 @@ mod tests {
             msg,
             "invalidation.tracking: unknown mode \"Bcast\": use \"default\", \"bcast\" or \"off\""
         );
+    }
+
+    #[test]
+    fn invalidation_bus_options() {
+        let c = load("[invalidation]\nbus = false\nchannel = \"app:inv\"\nprefix = \"app:tierd:\"")
+            .unwrap();
+        assert_eq!(
+            c.invalidation,
+            InvalidationConfig {
+                tracking: TrackingMode::Default,
+                bus: false,
+                channel: "app:inv".into(),
+                prefix: "app:tierd:".into(),
+            }
+        );
+        let longest = "c".repeat(MAX_BUS_NAME_LEN);
+        let c = load(&format!(
+            "[invalidation]\nchannel = \"{longest}\"\nprefix = \"{longest}\""
+        ))
+        .unwrap();
+        assert_eq!(c.invalidation.channel.len(), 256);
+        assert_eq!(c.invalidation.prefix.len(), 256);
+        // Channels are binary-safe in Redis, so anything printable goes.
+        load("[invalidation]\nchannel = \"inv é ☃\"").unwrap();
+
+        assert_eq!(
+            message_of("[invalidation]\nchannel = \"\""),
+            "invalidation.channel: is empty: it is the pub/sub channel instances share; remove \
+             the line to use \"tierd:invalidate\", or name another"
+        );
+        assert_eq!(
+            message_of("[invalidation]\nprefix = \"\""),
+            "invalidation.prefix: is empty: it is the start of the keys tierd keeps in Redis; \
+             remove the line to use \"tierd:\", or name another"
+        );
+        let msg = message_of(&format!("[invalidation]\nchannel = \"{longest}x\""));
+        assert!(
+            msg.starts_with("invalidation.channel: is 257 bytes long"),
+            "{msg}"
+        );
+        assert!(msg.contains("at most 256"), "{msg}");
+        let msg = message_of(&format!("[invalidation]\nprefix = \"{longest}x\""));
+        assert!(
+            msg.starts_with("invalidation.prefix: is 257 bytes long"),
+            "{msg}"
+        );
+        let msg = message_of("[invalidation]\nchannel = \"inv\\t\"");
+        assert!(
+            msg.starts_with(
+                "invalidation.channel: \"inv\\t\" contains the control character '\\t'"
+            ),
+            "{msg}"
+        );
+        assert!(matches!(
+            load("[invalidation]\nbus = \"yes\""),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn rule_tags_compile_against_the_pattern() {
+        let c = load(
+            "[[rules]]\nmatch = \"secret:{id}\"\ncache = false\ntags = [\"secrets\"]\n\
+             [[rules]]\nmatch = \"sessions:teacher:{teacher}:*\"\nttl = \"1h\"\n\
+             tags = [\"teacher:{teacher}\", \"sessions\", '\\{lit\\}']\n\
+             [[rules]]\nmatch = \"user:*\"\nttl = 1\ntags = []",
+        )
+        .unwrap();
+        let texts = |i: usize| -> Vec<&str> { c.rules[i].tags.iter().map(|t| t.text()).collect() };
+        assert_eq!(texts(0), ["secrets"]);
+        assert_eq!(texts(1), ["teacher:{teacher}", "sessions", "\\{lit\\}"]);
+        assert!(texts(2).is_empty());
+        let rule = &c.rules[1];
+        let captures = rule.pattern.captures(b"sessions:teacher:12:3").unwrap();
+        let rendered: Vec<Vec<u8>> = rule.tags.iter().map(|t| t.render(&captures)).collect();
+        assert_eq!(
+            rendered,
+            [
+                b"teacher:12".to_vec(),
+                b"sessions".to_vec(),
+                b"{lit}".to_vec()
+            ]
+        );
+        // Without tags, a rule has none.
+        assert!(load("[[rules]]\nmatch = \"a\"\nttl = 1").unwrap().rules[0]
+            .tags
+            .is_empty());
+    }
+
+    #[test]
+    fn rule_tag_errors_name_the_rule_the_tag_and_the_captures() {
+        let cases = [
+            (
+                "[[rules]]\nmatch = \"sessions:teacher:{teacher}:*\"\nttl = 1\n\
+                 tags = [\"sessions\", \"teacher:{teachr}\"]",
+                "rules[0].tags[1]: tag \"teacher:{teachr}\": `{teachr}` is not a capture of \
+                 match \"sessions:teacher:{teacher}:*\": use one of `{teacher}`",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\n[[rules]]\nmatch = \"b:*\"\nttl = 1\n\
+                 tags = [\"{id}\"]",
+                "rules[1].tags[0]: tag \"{id}\": `{id}` is not a capture of match \"b:*\": it \
+                 has no captures",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\ntags = [\"\"]",
+                "rules[0].tags[0]: tag \"\": a tag cannot be empty",
+            ),
+            (
+                "[[rules]]\nmatch = \"a:{id}\"\nttl = 1\ntags = [\"t:{id\"]",
+                "rules[0].tags[0]: tag \"t:{id\": unterminated `{` at byte 2",
+            ),
+            (
+                "[[rules]]\nmatch = \"a:{id}\"\nttl = 1\ntags = [\"t:id}\"]",
+                "rules[0].tags[0]: tag \"t:id}\": unbalanced `}` at byte 4",
+            ),
+            (
+                "[[rules]]\nmatch = \"a:{id}\"\nttl = 1\ntags = [\"t:{}\"]",
+                "rules[0].tags[0]: tag \"t:{}\": empty capture",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = message_of(text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+        }
+
+        let tags = |n: usize| {
+            let list: Vec<String> = (0..n).map(|i| format!("\"t{i}\"")).collect();
+            format!(
+                "[[rules]]\nmatch = \"a\"\nttl = 1\ntags = [{}]",
+                list.join(", ")
+            )
+        };
+        assert_eq!(load(&tags(MAX_RULE_TAGS)).unwrap().rules[0].tags.len(), 32);
+        let msg = message_of(&tags(MAX_RULE_TAGS + 1));
+        assert!(
+            msg.starts_with("rules[0].tags: 33 tags is too many: use at most 32"),
+            "{msg}"
+        );
+        assert!(matches!(
+            load("[[rules]]\nmatch = \"a\"\nttl = 1\ntags = \"t\""),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]
@@ -2831,9 +3157,11 @@ mod tests {
     #[test]
     fn to_toml_round_trips_l1_invalidation_and_rules() {
         let text = "[l1]\nmax_memory = \"1gb\"\nmax_value_size = \"1000\"\nsweep_interval = \"1500ms\"\n\
-                    [invalidation]\ntracking = \"off\"\n\
-                    [[rules]]\nmatch = \"secret:*\"\ncache = false\n\
+                    [invalidation]\ntracking = \"off\"\nbus = false\nchannel = \"inv \\\"x\\\"\"\n\
+                    prefix = \"t\\u00e9:\"\n\
+                    [[rules]]\nmatch = \"secret:{id}\"\ncache = false\ntags = [\"s:{id}\"]\n\
                     [[rules]]\nname = \"users \\\"v2\\\"\"\nmatch = 'user:{id}:\\{x\\}[a-z]?'\nttl = \"1h\"\n\
+                    tags = ['u:\\{{id}\\}', \"users\"]\n\
                     [[rules]]\nname = \"seg\"\nmatch = \"seg:{id}:*\"\nttl = \"1d\"\nmax_memory = \"200mb\"\n\
                     [[rules]]\nmatch = \"search:*\"\nttl = 90\nnegative = false\n";
         let original = load(text).unwrap();
@@ -2844,14 +3172,21 @@ mod tests {
         // Every rule is printed with its resolved name and all its fields,
         // bar the ones a cache = false rule may not have.
         assert!(printed.contains(
-            "\n[[rules]]\nname = \"secret:*\"\nmatch = \"secret:*\"\ncache = false\n\n[[rules]]"
+            "\n[[rules]]\nname = \"secret:{id}\"\nmatch = \"secret:{id}\"\ntags = [\"s:{id}\"]\n\
+             cache = false\n\n[[rules]]"
         ));
+        // toml writes a string with backslashes as a literal string.
+        assert!(printed.contains("\ntags = ['u:\\{{id}\\}', \"users\"]\nttl = \"1h\"\n"));
         assert!(printed.contains(
             "\n[[rules]]\nname = \"seg\"\nmatch = \"seg:{id}:*\"\nttl = \"1d\"\n\
              max_memory = \"200mb\"\ncache = true\nnegative = true\n"
         ));
         assert!(printed.contains("\n[l1]\nmax_memory = \"1gb\"\nmax_value_size = \"1000b\"\n"));
-        assert!(printed.contains("\n[invalidation]\ntracking = \"off\"\n"));
+        assert!(printed.contains(
+            "\n[invalidation]\ntracking = \"off\"\nbus = false\nchannel = 'inv \"x\"'\n\
+             prefix = \"té:\"\n"
+        ));
+        assert_eq!(original.rules[1].tags[0].text(), "u:\\{{id}\\}");
     }
 
     #[test]

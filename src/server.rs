@@ -129,7 +129,7 @@ pub async fn run(
 
 /// Starts the background tasks: the tracking link, which also reads the
 /// command table (metrics and `INFO` need it even without caching rules),
-/// and, with L1, the periodic expiry sweep.
+/// and, with L1, the invalidation bus and the periodic expiry sweep.
 fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) {
     let control = crate::invalidation::tracking::Control {
         upstream: ctx.upstream.clone(),
@@ -142,6 +142,15 @@ fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) 
     let Some(l1) = ctx.l1.clone() else {
         return;
     };
+    if let Some(bus) = &ctx.bus {
+        let control = crate::invalidation::bus::Control {
+            upstream: ctx.upstream.clone(),
+            l1: l1.clone(),
+            bus: bus.clone(),
+            metrics: ctx.metrics.clone(),
+        };
+        tokio::spawn(crate::invalidation::bus::run(control, stop.clone()));
+    }
     let interval = ctx.config.l1.sweep_interval;
     let mut stop = stop.clone();
     tokio::spawn(async move {

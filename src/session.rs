@@ -25,12 +25,12 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::cache::L1;
+use crate::cache::{Holder, Rules, L1};
 use crate::command::{CommandTable, TableCell};
 use crate::config::Config;
 use crate::dispatch::cache::{Hook, PendingFill, SIDE};
 use crate::dispatch::Flow;
-use crate::invalidation::Tracking;
+use crate::invalidation::{Bus, Tracking};
 use crate::protocol::{reply, ParseLimits, Proto, Request, RequestParser};
 use crate::shutdown::Shutdown;
 use crate::upstream::{Conn, Identity, Inbox, Upstream, Upstreamed};
@@ -91,6 +91,11 @@ pub struct Ctx {
     pub table: Arc<TableCell>,
     /// Whether upstream tracking is live, for fills.
     pub tracking: Arc<Tracking>,
+    /// The invalidation bus to other tierd instances; `None` when `bus` is
+    /// off or there is no L1 to keep coherent.
+    pub bus: Option<Arc<Bus>>,
+    /// The rules, also without L1 (tags do not need it).
+    pub rules: Arc<Rules>,
     /// This server's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// When the server started (`INFO`'s uptime).
@@ -120,8 +125,19 @@ impl Ctx {
                 None
             }
         };
+        let bus = match &l1 {
+            Some(l1) if config.invalidation.bus => {
+                // Nothing is cached before the bus is subscribed: messages
+                // sent before that would be missed.
+                l1.store.suspend(Holder::Bus);
+                Some(Arc::new(Bus::new(&config.invalidation.channel)))
+            }
+            _ => None,
+        };
         Ctx {
             parse_limits: config.parse_limits(),
+            bus,
+            rules: Arc::new(Rules::from_config(&config.rules)),
             // Without L1 there is nothing to track for.
             tracking: Arc::new(Tracking::new(if l1.is_some() {
                 config.invalidation.tracking
@@ -458,6 +474,10 @@ pub struct Session {
     /// L1 fills waiting for their `PTTL` replies, by fill id.
     pub(crate) fills: std::collections::HashMap<u64, PendingFill>,
     pub(crate) next_fill: u64,
+    /// Errors Redis gave when queuing a tagged write (see
+    /// `dispatch::tagging`), by side-request id, until its `EXEC` reply
+    /// arrives.
+    pub(crate) queued_errors: std::collections::HashMap<u64, Bytes>,
     /// Writes sent and not yet answered: while there are any, this session
     /// reads around L1, so that a reply cached by another client just
     /// before the write ran cannot answer this client's next read.
@@ -514,6 +534,7 @@ impl Session {
             hooks: std::collections::HashMap::new(),
             fills: std::collections::HashMap::new(),
             next_fill: 0,
+            queued_errors: std::collections::HashMap::new(),
             writes_in_flight: 0,
             multi_hooks: Vec::new(),
             stream_hooks: VecDeque::new(),

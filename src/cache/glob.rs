@@ -107,6 +107,41 @@ pub fn redis_match(pattern: &[u8], string: &[u8], nocase: bool) -> bool {
     program.run(string, None)
 }
 
+/// A client's glob (`KEYS`, `CACHE.KEYS`, `CACHE.INVALIDATE PATTERN`),
+/// matched exactly as Redis matches it. Patterns that [`Glob`] reads as
+/// Redis does (no braces, which a rule pattern reads as captures) are
+/// compiled once; anything else goes through [`redis_match`] key by key.
+#[derive(Debug)]
+pub enum KeyPattern<'a> {
+    /// Compiled once.
+    Compiled(Glob),
+    /// Matched by [`redis_match`] on every key.
+    Raw(&'a [u8]),
+}
+
+impl<'a> KeyPattern<'a> {
+    /// `pattern`, compiled if it can be.
+    pub fn new(pattern: &'a [u8]) -> KeyPattern<'a> {
+        let compiled = (pattern.len() <= MAX_PATTERN_LEN
+            && !pattern.iter().any(|&b| b == b'{' || b == b'}'))
+        .then(|| std::str::from_utf8(pattern).ok())
+        .flatten()
+        .and_then(|p| Glob::new(p).ok());
+        match compiled {
+            Some(glob) => KeyPattern::Compiled(glob),
+            None => KeyPattern::Raw(pattern),
+        }
+    }
+
+    /// Whether `key` matches, as Redis's `KEYS` decides it.
+    pub fn matches(&self, key: &[u8]) -> bool {
+        match self {
+            KeyPattern::Compiled(glob) => glob.matches(key),
+            KeyPattern::Raw(pattern) => redis_match(pattern, key, false),
+        }
+    }
+}
+
 /// A compiled rule pattern: a Redis glob plus tierd's named captures `{name}`.
 ///
 /// Outside a `[…]` class, `{name}` matches like `*` and remembers what it
@@ -176,6 +211,11 @@ impl Glob {
             names,
             program,
         })
+    }
+
+    /// The capture names, in pattern order.
+    pub fn capture_names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
     }
 
     /// The pattern as written, captures and all.

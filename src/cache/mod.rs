@@ -10,9 +10,10 @@
 pub mod glob;
 pub mod rules;
 pub mod store;
+pub mod template;
 
 pub use rules::{Rule, Rules};
-pub use store::{FillToken, ReplySlice, RuleStats, Store, StoreError, Variant};
+pub use store::{FillToken, Holder, ReplySlice, RuleStats, Store, StoreError, Variant};
 
 use crate::config::Config;
 

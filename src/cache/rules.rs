@@ -3,12 +3,14 @@
 //! Rules come from `[[rules]]` in the configuration and are tried in order;
 //! the first whose pattern matches a key decides for it, so a narrow
 //! `cache = false` rule placed first keeps sensitive keys out of a broad rule
-//! after it. This file matches keys to rules and derives the tracking
-//! prefixes for `BCAST` mode; it does no I/O and holds no cached data.
+//! after it. This file matches keys to rules, renders a key's tags and
+//! derives the tracking prefixes for `BCAST` mode; it does no I/O and holds
+//! no cached data.
 
 use std::time::Duration;
 
 use crate::cache::glob::Glob;
+use crate::cache::template::TagTemplate;
 use crate::config::RuleConfig;
 
 /// One rule, ready for matching.
@@ -24,6 +26,8 @@ pub struct Rule {
     pub cache: bool,
     /// Whether nil replies are cached.
     pub negative: bool,
+    /// The tags of matching keys, templates over the pattern's captures.
+    pub tags: Vec<TagTemplate>,
 }
 
 /// The rules in match order. A rule's index here is its index in the L1
@@ -31,6 +35,10 @@ pub struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
+    /// Whether some rule has tags. Every write asks for its key's tags, and
+    /// most configurations have none, so this lets [`Rules::tags_for`]
+    /// answer without trying a single pattern.
+    any_tags: bool,
 }
 
 impl Rules {
@@ -45,8 +53,10 @@ impl Rules {
                     ttl: r.ttl,
                     cache: r.cache,
                     negative: r.negative,
+                    tags: r.tags.clone(),
                 })
                 .collect(),
+            any_tags: rules.iter().any(|r| !r.tags.is_empty()),
         }
     }
 
@@ -65,6 +75,33 @@ impl Rules {
     /// Whether any rule caches anything.
     pub fn any_cached(&self) -> bool {
         self.rules.iter().any(|r| r.cache)
+    }
+
+    /// The tags of `key`: those of the first rule whose pattern matches it,
+    /// `cache = false` or not (tags are about invalidation in Redis, not
+    /// L1), each rendered from that match's captures. Empty when no rule
+    /// matches or the first match has no tags, and without allocating when
+    /// no rule has tags.
+    pub fn tags_for(&self, key: &[u8]) -> Vec<Vec<u8>> {
+        if !self.any_tags {
+            return Vec::new();
+        }
+        let Some(rule) = self.rules.iter().find(|r| r.pattern.matches(key)) else {
+            return Vec::new();
+        };
+        if rule.tags.is_empty() {
+            return Vec::new();
+        }
+        // The pattern matched, so this is the same match with its spans.
+        let Some(captures) = rule.pattern.captures(key) else {
+            return Vec::new();
+        };
+        rule.tags.iter().map(|t| t.render(&captures)).collect()
+    }
+
+    /// Whether any rule has tags.
+    pub fn any_tags(&self) -> bool {
+        self.any_tags
     }
 
     /// All rules, in order.
@@ -129,7 +166,54 @@ mod tests {
             max_memory: None,
             cache,
             negative: true,
+            tags: Vec::new(),
         }
+    }
+
+    fn tagged(pattern: &str, cache: bool, tags: &[&str]) -> RuleConfig {
+        let mut r = rule(pattern, cache);
+        r.tags = tags
+            .iter()
+            .map(|t| TagTemplate::new(t, &r.pattern).unwrap())
+            .collect();
+        r
+    }
+
+    #[test]
+    fn tags_come_from_the_first_matching_rule() {
+        let rules = Rules::from_config(&[
+            tagged("secret:{id}", false, &["secret:{id}"]),
+            rule("sessions:admin:*", true),
+            tagged(
+                "sessions:teacher:{teacher}:*",
+                true,
+                &["teacher:{teacher}", "sessions"],
+            ),
+            tagged("sessions:*", true, &["sessions"]),
+        ]);
+        assert!(rules.any_tags());
+        assert_eq!(
+            rules.tags_for(b"sessions:teacher:12:3:x"),
+            vec![b"teacher:12".to_vec(), b"sessions".to_vec()]
+        );
+        // A cache = false rule still tags its keys.
+        assert_eq!(rules.tags_for(b"secret:k"), vec![b"secret:k".to_vec()]);
+        // The first match decides, even when it has no tags and a later
+        // rule would.
+        assert!(rules.tags_for(b"sessions:admin:1").is_empty());
+        assert_eq!(rules.tags_for(b"sessions:x"), vec![b"sessions".to_vec()]);
+        assert!(rules.tags_for(b"user:1").is_empty());
+    }
+
+    #[test]
+    fn no_tags_anywhere_means_none() {
+        let rules = Rules::from_config(&[rule("*", true), rule("secret:*", false)]);
+        assert!(!rules.any_tags());
+        let tags = rules.tags_for(b"anything");
+        assert!(tags.is_empty());
+        assert_eq!(tags.capacity(), 0);
+        assert!(!Rules::default().any_tags());
+        assert!(Rules::default().tags_for(b"k").is_empty());
     }
 
     #[test]

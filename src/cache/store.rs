@@ -393,6 +393,29 @@ pub struct Store {
     all_floor: AtomicU64,
     /// Per-db floors (db ≥ `DB_SLOTS - 1` share the last slot).
     db_floors: [AtomicU64; DB_SLOTS],
+    /// Who holds the store suspended, one bit per [`Holder`]. A sync lock,
+    /// held only while the floor is switched, so that one link resuming
+    /// can never undo another link's suspension.
+    holders: parking_lot::Mutex<u8>,
+}
+
+/// What may hold the store suspended: each invalidation link on its own.
+/// The store serves again only once no holder is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// The tracking link (Redis `CLIENT TRACKING`).
+    Tracking,
+    /// The invalidation bus link (pub/sub between tierd instances).
+    Bus,
+}
+
+impl Holder {
+    fn bit(self) -> u8 {
+        match self {
+            Holder::Tracking => 1,
+            Holder::Bus => 2,
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -846,6 +869,7 @@ impl Store {
             epoch: AtomicU64::new(0),
             all_floor: AtomicU64::new(0),
             db_floors: std::array::from_fn(|_| AtomicU64::new(0)),
+            holders: parking_lot::Mutex::new(0),
         })
     }
 
@@ -1097,26 +1121,55 @@ impl Store {
         }
     }
 
-    /// Suspends caching while invalidations cannot be trusted (the tracking
-    /// or bus link is down, lagging or overflowed): drops everything, cancels
-    /// in-flight fills, and until [`Store::resume`] every `get` misses and
-    /// [`Store::begin_fill`] returns `None`, so all reads go upstream.
-    pub fn suspend(&self) {
+    /// Suspends caching while invalidations cannot be trusted (`holder`'s
+    /// link is down, lagging or overflowed): drops everything, cancels
+    /// in-flight fills, and until every holder has called [`Store::resume`]
+    /// every `get` misses and [`Store::begin_fill`] returns `None`, so all
+    /// reads go upstream.
+    pub fn suspend(&self, holder: Holder) {
+        let mut holders = self.holders.lock();
+        *holders |= holder.bit();
         self.all_floor.store(SUSPENDED, Ordering::SeqCst);
         self.bump_epoch();
         self.marks.clear();
+        drop(holders);
         self.drop_all(DropReason::Invalidated);
     }
 
-    /// Ends a suspension; call it once tracking is re-enabled on the new
-    /// link. Fills begun before this call are still rejected. Does nothing if
+    /// Ends `holder`'s suspension; call it once its link is trusted again.
+    /// The store serves again when no other holder keeps it suspended.
+    /// Fills begun before this call are still rejected. Does nothing if
     /// the store is not suspended.
-    pub fn resume(&self) {
+    pub fn resume(&self, holder: Holder) {
+        let mut holders = self.holders.lock();
+        *holders &= !holder.bit();
+        if *holders != 0 {
+            return;
+        }
         let epoch = self.bump_epoch();
         // Only from suspended: otherwise this would kill every live entry.
         let _ =
             self.all_floor
                 .compare_exchange(SUSPENDED, epoch, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Drops every key `matches` accepts (a pattern invalidation) and
+    /// cancels all in-flight fills: one begun before a key was deleted
+    /// upstream may not be in the store yet, and which key a fill is for
+    /// is not kept. Returns how many keys had a live reply dropped. Walks
+    /// every entry like [`Store::sweep`], one shard lock at a time.
+    pub fn invalidate_matching(&self, now: Instant, mut matches: impl FnMut(&[u8]) -> bool) -> u64 {
+        self.marks.clear();
+        let mut doomed: Vec<Box<[u8]>> = Vec::new();
+        self.for_each_key(now, |key| {
+            if matches(key) {
+                doomed.push(key.into());
+            }
+            true
+        });
+        doomed.sort_unstable();
+        doomed.dedup();
+        doomed.iter().filter(|key| self.invalidate(key)).count() as u64
     }
 
     /// Whether the store is suspended.
@@ -1934,14 +1987,14 @@ mod tests {
         assert!(fill(&s, 0, "k", &v, "x", now + HOUR));
         let before = s.begin_fill(b"j").unwrap();
 
-        s.suspend();
+        s.suspend(Holder::Tracking);
         assert!(s.is_suspended());
         assert_eq!(get(&s, 0, "k", &v, now), None);
         assert!(s.begin_fill(b"k").is_none());
         assert_eq!(s.weight(), 0);
         assert_accounting(&s);
 
-        s.resume();
+        s.resume(Holder::Tracking);
         assert!(!s.is_suspended());
         // A fill begun before the suspension is still rejected after it.
         assert!(!s.finish_fill(
@@ -1955,9 +2008,51 @@ mod tests {
         assert!(fill(&s, 0, "k", &v, "y", now + HOUR));
         assert_eq!(get(&s, 0, "k", &v, now).as_deref(), Some("y"));
         // Resume without a suspension keeps the cache.
-        s.resume();
+        s.resume(Holder::Bus);
         assert_eq!(get(&s, 0, "k", &v, now).as_deref(), Some("y"));
         assert!(s.marks.is_empty());
+    }
+
+    #[test]
+    fn the_store_serves_again_only_when_every_holder_resumed() {
+        let s = store();
+        let now = Instant::now();
+        let v = get_var("k");
+        s.suspend(Holder::Tracking);
+        s.suspend(Holder::Bus);
+        s.resume(Holder::Tracking);
+        assert!(s.is_suspended(), "the bus still holds it");
+        assert!(s.begin_fill(b"k").is_none());
+        s.resume(Holder::Bus);
+        assert!(!s.is_suspended());
+        assert!(fill(&s, 0, "k", &v, "x", now + HOUR));
+        assert_eq!(get(&s, 0, "k", &v, now).as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn invalidate_matching_drops_matching_keys_and_cancels_fills() {
+        let s = store();
+        let now = Instant::now();
+        for k in ["user:1", "user:2", "other"] {
+            assert!(fill(&s, 0, k, &get_var(k), "x", now + HOUR));
+        }
+        let in_flight = s.begin_fill(b"unrelated").unwrap();
+        let dropped = s.invalidate_matching(now, |k| k.starts_with(b"user:"));
+        assert_eq!(dropped, 2);
+        assert_eq!(get(&s, 0, "user:1", &get_var("user:1"), now), None);
+        assert_eq!(get(&s, 0, "user:2", &get_var("user:2"), now), None);
+        assert_eq!(
+            get(&s, 0, "other", &get_var("other"), now).as_deref(),
+            Some("x")
+        );
+        assert!(!s.finish_fill(
+            in_flight,
+            0,
+            get_var("unrelated"),
+            Bytes::from_static(b"v"),
+            now + HOUR
+        ));
+        assert_accounting(&s);
     }
 
     #[test]
@@ -2216,7 +2311,7 @@ mod tests {
         s.for_each_key(later, |_| true);
         assert_eq!(s.stats(), before, "counts nothing");
 
-        s.suspend();
+        s.suspend(Holder::Bus);
         s.for_each_key(later, |_| panic!("nothing is live while suspended"));
     }
 

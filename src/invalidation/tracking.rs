@@ -37,11 +37,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::link::Link;
 use crate::cache::L1;
 use crate::command::{CommandTable, TableCell};
 use crate::config::TrackingMode;
@@ -92,6 +92,12 @@ enum LinkError {
     Lagging(Duration),
     #[error("{0}")]
     Io(String),
+}
+
+impl From<String> for LinkError {
+    fn from(e: String) -> LinkError {
+        LinkError::Io(e)
+    }
 }
 
 impl Tracking {
@@ -221,7 +227,7 @@ fn lose_trust(control: &Control) {
     control.tracking.ready.store(0, Ordering::SeqCst);
     control.upstream.setup_hook().clear();
     if let Some(l1) = &control.l1 {
-        l1.store.suspend();
+        l1.store.suspend(crate::cache::Holder::Tracking);
     }
     control.metrics.flushed(None);
     control.metrics.set_tracking_up(false);
@@ -244,7 +250,7 @@ async fn link_inner(
 
     let (stream, hello) = control.upstream.control_connection(Proto::Resp3).await?;
     let id = hello.client_id().ok_or(LinkError::NoId)?;
-    let mut link = Link::new(stream, timeouts.max_depth);
+    let mut link = Link::new(stream, timeouts.max_depth, "tracking link");
     let name = match control.tracking.mode {
         TrackingMode::Off => CONTROL_NAME,
         _ => LINK_NAME,
@@ -298,7 +304,7 @@ async fn link_inner(
     tracking.links.fetch_add(1, Ordering::Relaxed);
     tracking.ready.store(gen, Ordering::SeqCst);
     if let Some(l1) = &control.l1 {
-        l1.store.resume();
+        l1.store.resume(crate::cache::Holder::Tracking);
     }
     if tracking.mode != TrackingMode::Off {
         control.metrics.set_tracking_up(true);
@@ -446,50 +452,7 @@ fn keep_alive(upstream: &Upstream) {
     }
 }
 
-/// The link's socket and what it is waiting for.
-struct Link {
-    stream: TcpStream,
-    buf: BytesMut,
-    framer: ReplyFramer,
-    /// When each unanswered heartbeat `PING` was sent.
-    pings: std::collections::VecDeque<Instant>,
-}
-
 impl Link {
-    fn new(stream: TcpStream, max_depth: usize) -> Link {
-        Link {
-            stream,
-            buf: BytesMut::with_capacity(16 * 1024),
-            framer: ReplyFramer::new(max_depth),
-            pings: std::collections::VecDeque::new(),
-        }
-    }
-
-    async fn send(&mut self, raw: &[u8]) -> Result<(), LinkError> {
-        self.stream
-            .write_all(raw)
-            .await
-            .map_err(|e| LinkError::Io(format!("tracking link write: {e}")))
-    }
-
-    async fn next_frame(&mut self) -> Result<Bytes, LinkError> {
-        loop {
-            match self.framer.frame(&self.buf) {
-                Ok(Some(len)) => return Ok(self.buf.split_to(len).freeze()),
-                Ok(None) => {}
-                Err(e) => return Err(LinkError::Io(format!("bad frame on tracking link: {e}"))),
-            }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
-            }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(LinkError::Io("tracking link closed by upstream".into())),
-                Ok(_) => {}
-                Err(e) => return Err(LinkError::Io(format!("tracking link read: {e}"))),
-            }
-        }
-    }
-
     /// Sends a setup command and waits for its `+OK`, handling any report
     /// that arrives first.
     async fn call(

@@ -54,10 +54,11 @@ pub mod names {
     pub const L1_MAX_BYTES: &str = "tierd_l1_max_bytes";
     /// Counter, label `rule`: replies evicted to make room.
     pub const L1_EVICTIONS: &str = "tierd_l1_evictions_total";
-    /// Counter, label `source` (`write`, `tracking`): keys invalidated.
+    /// Counter, label `source` (`write`, `tracking`, `bus`, `command`):
+    /// keys invalidated in L1.
     pub const INVALIDATIONS: &str = "tierd_invalidations_total";
-    /// Counter, label `source` (`write`, `tracking`, `link_lost`): times
-    /// L1 was flushed.
+    /// Counter, label `source` (`write`, `tracking`, `bus`, `link_lost`):
+    /// times L1 was flushed.
     pub const FLUSHES: &str = "tierd_l1_flushes_total";
     /// Histogram: upstream command latency in seconds, sampled (one request
     /// in [`super::LATENCY_SAMPLE`] per connection).
@@ -71,6 +72,16 @@ pub mod names {
     pub const TRACKING_UP: &str = "tierd_tracking_up";
     /// Counter: tracking links established.
     pub const TRACKING_LINKS: &str = "tierd_tracking_links_total";
+    /// Gauge: 1 while the invalidation bus link is live, else 0.
+    pub const BUS_UP: &str = "tierd_bus_up";
+    /// Counter: invalidation bus links established.
+    pub const BUS_LINKS: &str = "tierd_bus_links_total";
+    /// Counter, label `direction` (`sent`, `received`): invalidation bus
+    /// messages. Received counts other instances' messages only.
+    pub const BUS_MESSAGES: &str = "tierd_bus_messages_total";
+    /// Counter, label `reason` (`malformed`, `foreign`): messages on the
+    /// bus channel that were ignored.
+    pub const BUS_REJECTED: &str = "tierd_bus_rejected_total";
     /// Gauge: client connections open.
     pub const CLIENTS: &str = "tierd_client_connections";
     /// Counter: client connections accepted.
@@ -110,6 +121,15 @@ pub struct Metrics {
     upstream_errors: Counter,
     invalidations_write: Counter,
     invalidations_tracking: Counter,
+    invalidations_bus: Counter,
+    invalidations_command: Counter,
+    flushes_bus: Counter,
+    bus_up: Gauge,
+    bus_links: Counter,
+    bus_sent: Counter,
+    bus_received: Counter,
+    bus_malformed: Counter,
+    bus_foreign: Counter,
     flushes_write: Counter,
     flushes_tracking: Counter,
     flushes_link_lost: Counter,
@@ -155,6 +175,10 @@ pub enum Source {
     Write,
     /// Redis's client tracking.
     Tracking,
+    /// Another tierd instance, over the invalidation bus.
+    Bus,
+    /// A `CACHE.INVALIDATE`/`CACHE.SET` command.
+    Command,
 }
 
 impl Source {
@@ -163,6 +187,8 @@ impl Source {
         match self {
             Source::Write => "write",
             Source::Tracking => "tracking",
+            Source::Bus => "bus",
+            Source::Command => "command",
         }
     }
 }
@@ -204,6 +230,15 @@ impl Metrics {
             upstream_errors: counter(names::UPSTREAM_ERRORS, &[]),
             invalidations_write: counter(names::INVALIDATIONS, &[("source", "write")]),
             invalidations_tracking: counter(names::INVALIDATIONS, &[("source", "tracking")]),
+            invalidations_bus: counter(names::INVALIDATIONS, &[("source", "bus")]),
+            invalidations_command: counter(names::INVALIDATIONS, &[("source", "command")]),
+            flushes_bus: counter(names::FLUSHES, &[("source", "bus")]),
+            bus_up: gauge(names::BUS_UP),
+            bus_links: counter(names::BUS_LINKS, &[]),
+            bus_sent: counter(names::BUS_MESSAGES, &[("direction", "sent")]),
+            bus_received: counter(names::BUS_MESSAGES, &[("direction", "received")]),
+            bus_malformed: counter(names::BUS_REJECTED, &[("reason", "malformed")]),
+            bus_foreign: counter(names::BUS_REJECTED, &[("reason", "foreign")]),
             flushes_write: counter(names::FLUSHES, &[("source", "write")]),
             flushes_tracking: counter(names::FLUSHES, &[("source", "tracking")]),
             flushes_link_lost: counter(names::FLUSHES, &[("source", "link_lost")]),
@@ -268,6 +303,8 @@ impl Metrics {
         match source {
             Source::Write => self.invalidations_write.increment(n),
             Source::Tracking => self.invalidations_tracking.increment(n),
+            Source::Bus => self.invalidations_bus.increment(n),
+            Source::Command => self.invalidations_command.increment(n),
         }
     }
 
@@ -277,6 +314,9 @@ impl Metrics {
         match source {
             Some(Source::Write) => self.flushes_write.increment(1),
             Some(Source::Tracking) => self.flushes_tracking.increment(1),
+            Some(Source::Bus) => self.flushes_bus.increment(1),
+            // CACHE commands never flush all of L1; count one as a write.
+            Some(Source::Command) => self.flushes_write.increment(1),
             None => self.flushes_link_lost.increment(1),
         }
     }
@@ -307,6 +347,35 @@ impl Metrics {
             self.tracking_links.increment(1);
         }
         self.tracking_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Whether the invalidation bus link is live; `true` also counts a new
+    /// link.
+    pub fn set_bus_up(&self, up: bool) {
+        if up {
+            self.bus_links.increment(1);
+        }
+        self.bus_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Counts a bus message this instance published.
+    pub fn bus_sent(&self) {
+        self.bus_sent.increment(1);
+    }
+
+    /// Counts a bus message from another instance that was applied.
+    pub fn bus_received(&self) {
+        self.bus_received.increment(1);
+    }
+
+    /// Counts a message on the bus channel that was ignored: `malformed`
+    /// (tierd's magic, but unreadable) or foreign (anything else).
+    pub fn bus_rejected(&self, malformed: bool) {
+        if malformed {
+            self.bus_malformed.increment(1);
+        } else {
+            self.bus_foreign.increment(1);
+        }
     }
 
     /// The Prometheus text exposition of everything, with the L1 store's
@@ -368,6 +437,15 @@ fn describe(r: &PrometheusRecorder) {
             "Requests answered with tierd's upstream-unavailable error.",
         ),
         (TRACKING_LINKS, "Tracking links established."),
+        (BUS_LINKS, "Invalidation bus links established."),
+        (
+            BUS_MESSAGES,
+            "Invalidation bus messages, by direction (received: other instances' only).",
+        ),
+        (
+            BUS_REJECTED,
+            "Messages on the bus channel ignored, by reason (malformed, foreign).",
+        ),
         (CLIENTS_ACCEPTED, "Client connections accepted."),
         (
             CLIENTS_REJECTED,
@@ -394,6 +472,11 @@ fn describe(r: &PrometheusRecorder) {
             TRACKING_UP,
             None,
             "1 while the tracking link is live, else 0.",
+        ),
+        (
+            BUS_UP,
+            None,
+            "1 while the invalidation bus link is live, else 0.",
         ),
         (CLIENTS, None, "Client connections open."),
     ];

@@ -27,6 +27,7 @@ pub fn rule(name: &str, pattern: &str, ttl: Duration) -> RuleConfig {
         max_memory: None,
         cache: true,
         negative: true,
+        tags: Vec::new(),
     }
 }
 
@@ -39,6 +40,7 @@ pub fn no_cache_rule(name: &str, pattern: &str) -> RuleConfig {
         max_memory: None,
         cache: false,
         negative: false,
+        tags: Vec::new(),
     }
 }
 

@@ -73,9 +73,10 @@ pub async fn direct_raw(redis: &RedisServer, password: Option<&str>) -> Raw {
 }
 
 /// `CLIENT LIST` on a direct connection, one entry per client line.
-/// The data path's clients: tierd's own control connection (`tierd:control`
-/// or `tierd:tracking`, which reads the command table and tracking reports)
-/// is left out, so that tests count what clients cause.
+/// The data path's clients: tierd's own control connections (`tierd:control`
+/// or `tierd:tracking`, which reads the command table and tracking reports,
+/// and the invalidation bus's `tierd:bus` and `tierd:bus-pub`) are left
+/// out, so that tests count what clients cause.
 pub async fn client_list(direct: &mut Raw) -> Vec<String> {
     all_clients(direct)
         .await
@@ -83,7 +84,7 @@ pub async fn client_list(direct: &mut Raw) -> Vec<String> {
         .filter(|l| {
             !matches!(
                 client_field(l, "name"),
-                Some("tierd:control" | "tierd:tracking")
+                Some("tierd:control" | "tierd:tracking" | "tierd:bus" | "tierd:bus-pub")
             )
         })
         .collect()
