@@ -37,7 +37,13 @@ pub const DEFAULT_KEYS_COUNT: usize = 100;
 pub const MAX_KEYS_COUNT: usize = 10_000;
 
 /// The commands, for the unknown-command error.
-const COMMANDS: &str = "CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, CACHE.HELP";
+const COMMANDS: &str = "CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, \
+CACHE.INVALIDATE, CACHE.TAG, CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.HELP";
+
+/// The `CACHE.*` subcommands that need upstream I/O. Dispatch runs them
+/// as jobs on the client's own connection (`dispatch::jobs`); they never
+/// reach [`command`].
+pub(crate) const JOBS: &[&str] = &["INVALIDATE", "TAG", "SET", "TAGS", "MEMBERS"];
 
 /// `CACHE.HELP`'s lines, in the layout of Redis's own `… HELP` replies.
 const HELP: &[&str] = &[
@@ -55,6 +61,27 @@ const HELP: &[&str] = &[
     "CACHE.INSPECT <key>",
     "    What L1 holds for <key>: its rule, its size, and per cached reply the command,",
     "    db, protocol, milliseconds left to live and size. Nil when nothing is cached.",
+    "CACHE.INVALIDATE TAG <tag> [<tag> ...]",
+    "    Deletes every key tagged <tag> from Redis and from every tierd's L1, and the",
+    "    tag itself. Returns the number of keys deleted.",
+    "CACHE.INVALIDATE PATTERN <pattern> [L1ONLY]",
+    "    Deletes every key matching the Redis glob <pattern> (walking the keyspace with",
+    "    SCAN) and drops matching keys from every tierd's L1. Returns the number of keys",
+    "    deleted. With L1ONLY, Redis is left alone: only L1 is dropped, and the reply is",
+    "    the number of keys this tierd had cached.",
+    "CACHE.INVALIDATE KEY <key> [<key> ...]",
+    "    Deletes the keys from Redis and from every tierd's L1. Returns the number of",
+    "    keys deleted.",
+    "CACHE.TAG <key> <tag> [<tag> ...]",
+    "    Tags an existing <key>. Returns the number of tags it did not have yet (0 when",
+    "    the key does not exist).",
+    "CACHE.SET <key> <value> [EX <seconds>|PX <milliseconds>] [TAGS <tag> [<tag> ...]]",
+    "    SET, and tags <key> with the given tags and its rule's tags in the same",
+    "    transaction. Returns SET's reply.",
+    "CACHE.TAGS <key>",
+    "    The tags of <key>, sorted. Empty when the key does not exist.",
+    "CACHE.MEMBERS <tag>",
+    "    The existing keys tagged <tag>, sorted.",
     "CACHE.HELP",
     "    Prints this help.",
 ];
@@ -71,6 +98,10 @@ const HELP: &[&str] = &[
 /// CACHE.INSPECT key
 /// CACHE.HELP
 /// ```
+///
+/// The commands that need upstream (`CACHE.INVALIDATE`, `CACHE.TAG`,
+/// `CACHE.SET`, `CACHE.TAGS`, `CACHE.MEMBERS`) are jobs that dispatch runs
+/// on the client's connection; see `dispatch::jobs`.
 pub(crate) fn command(s: &mut Session, req: &Request) {
     let name = req.name();
     let sub = name.get(b"CACHE.".len()..).unwrap_or_default();
@@ -111,6 +142,10 @@ fn cache_command(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
         inspect(ctx, proto, req)
     } else if is("HELP") {
         help(req)
+    } else if JOBS.iter().any(|j| is(j)) {
+        // Not an unknown command: a routing bug, which must not tell the
+        // client the command does not exist.
+        error("ERR this CACHE command needs an upstream connection here")
     } else {
         let shown = shown(name);
         error(&format!(
@@ -364,8 +399,9 @@ fn keys(ctx: &Ctx, req: &Request) -> Bytes {
 
 /// `CACHE.INSPECT key`: what L1 holds for `key`, or nil. A map (RESP3) or
 /// flat array (RESP2) of `key`, `rule`, `bytes` (the entry's charge,
-/// overhead included, as `CACHE.STATS` counts it), `tags` (always empty:
-/// tierd has no tags yet) and `variants`: per cached reply, `command` (its
+/// overhead included, as `CACHE.STATS` counts it), `tags` (the tags the
+/// key's rule gives it; tags added with `CACHE.TAG` live in Redis, where
+/// `CACHE.TAGS` reads them) and `variants`: per cached reply, `command` (its
 /// arguments, the name lowercased), `db`, `protocol` (2 or 3), `ttl_ms`
 /// (left to live), `size` (of the reply, in bytes) and `compressed`
 /// (always false: tierd does not compress yet). Hits are counted per rule
@@ -400,7 +436,11 @@ fn inspect(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
     reply::bulk(&mut out, b"bytes");
     int(&mut out, bytes);
     reply::bulk(&mut out, b"tags");
-    reply::array_header(&mut out, 0);
+    let tags = ctx.rules.tags_for(key);
+    reply::array_header(&mut out, tags.len());
+    for tag in &tags {
+        reply::bulk(&mut out, tag);
+    }
     reply::bulk(&mut out, b"variants");
     reply::array_header(&mut out, variants.len());
     for v in &variants {
@@ -630,6 +670,17 @@ fn tierd_section(ctx: &Ctx, out: &mut String) {
         "tierd_tracking_invalidations",
         ctx.tracking.invalidations(),
     );
+    let bus = ctx.bus.as_deref();
+    field(out, "tierd_bus_enabled", u8::from(bus.is_some()));
+    field(
+        out,
+        "tierd_bus_live",
+        u8::from(bus.is_some_and(|b| b.is_up())),
+    );
+    field(out, "tierd_bus_links", bus.map_or(0, |b| b.links()));
+    field(out, "tierd_bus_sent", bus.map_or(0, |b| b.sent()));
+    field(out, "tierd_bus_received", bus.map_or(0, |b| b.received()));
+    field(out, "tierd_bus_rejected", bus.map_or(0, |b| b.rejected()));
     let table = ctx.table.get();
     field(out, "tierd_command_table_loaded", u8::from(table.is_some()));
     field(

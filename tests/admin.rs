@@ -248,6 +248,12 @@ async fn info_through_tierd_adds_tierd_and_cache_sections(resp3_mode: bool) {
             "tierd_tracking_mode",
             "tierd_tracking_live",
             "tierd_tracking_links",
+            "tierd_bus_enabled",
+            "tierd_bus_live",
+            "tierd_bus_links",
+            "tierd_bus_sent",
+            "tierd_bus_received",
+            "tierd_bus_rejected",
             "tierd_tracking_invalidations",
             "tierd_command_table_loaded",
             "tierd_command_table_commands",
@@ -801,7 +807,8 @@ async fn unknown_cache_commands_and_cache_commands_in_multi_are_errors() {
     assert_frame(
         &t.cmd(&["CACHE.NOPE", "x"]).await,
         b"-ERR unknown command 'CACHE.NOPE', tierd's CACHE commands are: \
-          CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, CACHE.HELP\r\n",
+          CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, CACHE.INVALIDATE, CACHE.TAG, \
+          CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.HELP\r\n",
     );
     assert_frame(
         &t.cmd(&["CACHE.STATS", "users", "x"]).await,

@@ -33,7 +33,7 @@ use crate::cache::{FillToken, ReplySlice, Variant, L1};
 use crate::command::{Command, Keys, Kind};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
-use crate::session::{Route, Session};
+use crate::session::{Ctx, Route, Session};
 use crate::upstream::{Conn, ReplyTo, UpstreamError};
 
 /// Sequence numbers of the requests tierd adds to a fill (`CLIENT CACHING
@@ -43,7 +43,7 @@ pub(crate) const SIDE: u64 = 1 << 63;
 
 /// A side request's sequence number: the fill id above this many bits, the
 /// key's index in the fill below.
-const SIDE_INDEX_BITS: u32 = 16;
+pub(crate) const SIDE_INDEX_BITS: u32 = 16;
 
 /// Most keys one `MGET` fills; further misses are fetched but not cached.
 /// Each costs a `PTTL` upstream, so a huge `MGET` must not fan out without
@@ -52,6 +52,14 @@ const MAX_FILL_KEYS: usize = 1024;
 
 /// The side index of a fill's `CLIENT CACHING YES`, whose `+OK` is dropped.
 const CACHING_INDEX: u64 = (1 << SIDE_INDEX_BITS) - 1;
+
+/// The side index of a tagged write's own `QUEUED` reply (kept if it is an
+/// error: the client's answer). See [`super::tagging`].
+pub(crate) const TAG_QUEUED_INDEX: u64 = CACHING_INDEX - 1;
+
+/// The side index of the other replies inside a tagged write's
+/// transaction (`MULTI`'s `+OK`, the `EVAL`s' `QUEUED`), which are dropped.
+pub(crate) const TAG_DROP_INDEX: u64 = CACHING_INDEX - 2;
 
 /// The start of tierd's own error for a request upstream did not answer.
 const UNAVAILABLE: &[u8] = b"-ERR upstream unavailable";
@@ -75,6 +83,15 @@ pub(crate) enum Hook {
     },
     /// `EXEC`: the hooks of the writes it ran.
     Many(Vec<Hook>),
+    /// A write sent inside tierd's own `MULTI`/`EXEC` with its tags'
+    /// registration ([`super::tagging`]): the client's reply is taken out
+    /// of `EXEC`'s, then the write's own hook runs on it.
+    Tagged {
+        /// The side-request id of the transaction's other replies.
+        id: u64,
+        /// The write's hook.
+        write: Option<Box<Hook>>,
+    },
     /// `INFO`: tierd's own sections are appended to upstream's reply.
     Info(crate::admin::Sections),
 }
@@ -509,7 +526,10 @@ impl Hook {
     /// Whether the hook belongs to a write (counted in
     /// `Session::writes_in_flight`).
     fn is_write(&self) -> bool {
-        matches!(self, Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_))
+        matches!(
+            self,
+            Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_) | Hook::Tagged { .. }
+        )
     }
 }
 
@@ -539,11 +559,7 @@ pub(crate) fn after_reply(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
 fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
     match hook {
         Hook::Invalidate(keys) => {
-            if let Some(l1) = &s.ctx.l1 {
-                for key in &keys {
-                    l1.store.invalidate(key);
-                }
-            }
+            announce_keys(&s.ctx, s.state.db, &keys);
             frame
         }
         Hook::Flush(flush) => {
@@ -553,6 +569,16 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
             let refused = inspect::is_error(&frame) && !frame.starts_with(UNAVAILABLE);
             if !(matches!(flush, Flush::AllUnlessError) && refused) {
                 apply_flush(s, flush);
+                if let Some(bus) = &s.ctx.bus {
+                    match flush {
+                        Flush::All | Flush::AllUnlessError => bus.publish_flush(None),
+                        Flush::Db(db) => bus.publish_flush(Some(db)),
+                        Flush::Swap(a, b) => {
+                            bus.publish_flush(Some(a));
+                            bus.publish_flush(Some(b));
+                        }
+                    }
+                }
             }
             frame
         }
@@ -569,6 +595,13 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
                 entry.reply = Some(frame.clone());
             }
             frame
+        }
+        Hook::Tagged { id, write } => {
+            let frame = super::tagging::write_reply(s, id, frame);
+            match write {
+                Some(hook) => run(s, *hook, frame),
+                None => frame,
+            }
         }
         Hook::Mget { fill, parts } => assemble_mget(s, fill, parts, frame),
         Hook::Info(sections) => crate::admin::append_info(&s.ctx, sections, frame),
@@ -622,6 +655,17 @@ fn assemble_mget(s: &mut Session, fill: Option<u64>, parts: Vec<Part>, frame: By
 pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, UpstreamError>) {
     let index = seq & CACHING_INDEX;
     let id = (seq & !SIDE) >> SIDE_INDEX_BITS;
+    if index == TAG_DROP_INDEX {
+        return;
+    }
+    if index == TAG_QUEUED_INDEX {
+        if let Ok(frame) = reply {
+            if inspect::is_error(&frame) {
+                s.queued_errors.insert(id, frame);
+            }
+        }
+        return;
+    }
     if index == CACHING_INDEX {
         if !matches!(&reply, Ok(r) if inspect::is_ok(r)) {
             // Redis did not opt the read in: nothing it reads is tracked.
@@ -737,6 +781,52 @@ pub(crate) fn stream_reply(s: &mut Session, frame: &[u8]) {
     if let Some(Some(hook)) = s.stream_hooks.pop_front() {
         run(s, hook, Bytes::new());
     }
+}
+
+/// Drops `keys` from this instance's L1 (every db), cancelling their
+/// in-flight fills. Other instances are not told.
+pub(crate) fn invalidate_local(ctx: &Ctx, keys: &[Bytes]) {
+    if let Some(l1) = &ctx.l1 {
+        for key in keys {
+            l1.store.invalidate(key);
+        }
+    }
+}
+
+/// `keys` changed in `db` (a write ran, or a `CACHE.INVALIDATE` removed
+/// them): drops them here and tells every other instance over the bus.
+/// Call it once the change has happened upstream, so that no instance can
+/// fill an old value after hearing of it.
+pub(crate) fn announce_keys(ctx: &Ctx, db: u32, keys: &[Bytes]) {
+    invalidate_local(ctx, keys);
+    let (Some(bus), Some(l1)) = (&ctx.bus, &ctx.l1) else {
+        return;
+    };
+    // Only keys a rule caches: the other instances share the rules, so
+    // nothing else can be in their L1, and most writes are of keys no rule
+    // caches.
+    let cached = |k: &Bytes| l1.rules.find(k).is_some();
+    if keys.iter().all(cached) {
+        bus.publish_keys(db, keys);
+    } else {
+        let keys: Vec<Bytes> = keys.iter().filter(|k| cached(k)).cloned().collect();
+        bus.publish_keys(db, &keys);
+    }
+}
+
+/// Drops every key matching the Redis glob from this instance's L1 and
+/// tells every other instance to do the same. Returns how many keys had a
+/// reply cached here.
+pub(crate) fn announce_pattern(ctx: &Ctx, db: u32, glob: &[u8]) -> u64 {
+    let dropped = ctx.l1.as_ref().map_or(0, |l1| {
+        let pattern = crate::cache::glob::KeyPattern::new(glob);
+        l1.store
+            .invalidate_matching(Instant::now(), |k| pattern.matches(k))
+    });
+    if let Some(bus) = &ctx.bus {
+        bus.publish_pattern(db, glob);
+    }
+    dropped
 }
 
 /// Invalidates what a write is about to change and returns the hook that

@@ -23,6 +23,8 @@
 //! touches sockets of its own.
 
 pub(crate) mod cache;
+pub(crate) mod jobs;
+pub(crate) mod tagging;
 
 use std::sync::Arc;
 
@@ -152,7 +154,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     match kind {
         Kind::Plain if req.raw.len() > LARGE_REQUEST => {
             let hook = cache::before_write(s, &req);
-            forward_hooked(s, req, Want::Pinned, true, hook).await
+            forward_write(s, req, Want::Pinned, hook).await
         }
         Kind::Plain => {
             let req = match cache::read(s, req) {
@@ -160,7 +162,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 Err(req) => req,
             };
             let hook = cache::before_write(s, &req);
-            forward_hooked(s, req, Want::Any, true, hook).await
+            forward_write(s, req, Want::Any, hook).await
         }
         Kind::Blocking => {
             let hook = cache::before_write(s, &req);
@@ -221,6 +223,7 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             Flow::Continue
         }
         Kind::ClientCaching => forward(s, req, Want::Any, true).await,
+        Kind::Cache if jobs::is_job(&req) => jobs::run(s, req).await,
         Kind::Cache => {
             crate::admin::command(s, &req);
             Flow::Continue
@@ -430,6 +433,22 @@ async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow
     forward_hooked(s, req, want, timed, None).await
 }
 
+/// A request that may write: sent with its tags' registration when a rule
+/// tags a key it writes ([`tagging`]), else as is.
+async fn forward_write(
+    s: &mut Session,
+    req: Request,
+    want: Want,
+    hook: Option<cache::Hook>,
+) -> Flow {
+    let evals = tagging::registrations(s, &req);
+    if evals.is_empty() {
+        forward_hooked(s, req, want, true, hook).await
+    } else {
+        tagging::forward(s, req, want, hook, evals).await
+    }
+}
+
 /// [`forward`], with a hook to run when the reply arrives.
 async fn forward_hooked(
     s: &mut Session,
@@ -567,19 +586,7 @@ fn forward_stream(s: &mut Session, req: Request) -> Flow {
 /// Sends one request on `conn` and waits for its reply, outside the
 /// session's queue. Used by requests that run alone.
 async fn request_inline(conn: &Conn, raw: &[u8]) -> Result<Bytes, UpstreamError> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    conn.send(
-        raw,
-        ReplyTo::Inbox {
-            seq: 0,
-            inbox: &tx,
-            timed: true,
-        },
-    )?;
-    match rx.recv().await {
-        Some(Upstreamed::Reply { reply, .. }) => reply,
-        _ => Err(UpstreamError::unavailable("connection lost")),
-    }
+    conn.request(raw).await
 }
 
 fn error(msg: &str) -> Bytes {

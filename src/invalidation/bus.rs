@@ -268,7 +268,9 @@ fn encode(sender: u64, queued: &[Queued]) -> Vec<Bytes> {
                     let mut start = 0;
                     while start < chunk.len() {
                         let room = MAX_KEYS_PER_MESSAGE - batch.keys;
-                        if room == 0 || batch.full() {
+                        let next = chunk.get(start).map_or(0, |k| k.len() + 5);
+                        let overflows = batch.buf.len() + next > MAX_MESSAGE_BYTES;
+                        if room == 0 || batch.full() || (overflows && !batch.is_empty()) {
                             out.push(batch.finish(sender));
                             continue;
                         }

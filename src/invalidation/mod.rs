@@ -7,7 +7,12 @@
 //!
 //! - [`tracking`]: the tracking link (Redis `CLIENT TRACKING`), which also
 //!   reads the `COMMAND` table at start and after every reconnect.
+//! - [`bus`]: the invalidation bus between tierd instances (Redis pub/sub).
 
+pub mod bus;
+pub(crate) mod link;
+pub mod tags;
 pub mod tracking;
 
+pub use bus::Bus;
 pub use tracking::Tracking;

@@ -224,6 +224,40 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends one request and waits for its reply, outside any session's
+    /// reply queue: for tierd's own requests (`AUTH` checks, `SELECT` on a
+    /// fresh dedicated connection, `CACHE.*` jobs). On a shared connection a
+    /// push that arrives just before the reply belongs to the request being
+    /// answered, so it is tierd's and is dropped; on a dedicated connection
+    /// pushes go to the owner's channel as always.
+    ///
+    /// # Errors
+    ///
+    /// As [`Conn::send`], and when the connection is lost or times out
+    /// before the reply (the watchdog bounds the wait).
+    pub async fn request(&self, raw: &[u8]) -> Result<Bytes, UpstreamError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.send(
+            raw,
+            ReplyTo::Inbox {
+                seq: 0,
+                inbox: &tx,
+                timed: true,
+            },
+        )?;
+        // The waiter holds its own sender: if it were ever dropped without
+        // an answer, `recv` must end rather than wait forever.
+        drop(tx);
+        loop {
+            match rx.recv().await {
+                Some(Upstreamed::Reply { reply, .. }) => return reply,
+                Some(Upstreamed::Push(_)) => continue,
+                Some(Upstreamed::Closed(e)) => return Err(e),
+                None => return Err(UpstreamError::unavailable("connection lost")),
+            }
+        }
+    }
+
     /// From now on, frames that answer no waiter are pushes (dedicated
     /// connections in pub/sub or MONITOR mode).
     pub fn set_stream(&self) {
