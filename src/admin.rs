@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::cache::glob::{redis_match, Glob, MAX_PATTERN_LEN};
+use crate::cache::glob::{KeyPattern, MAX_PATTERN_LEN};
 use crate::cache::store::EntryInfo;
 use crate::config::TrackingMode;
 use crate::protocol::parse::string2ll;
@@ -303,36 +303,6 @@ fn rules(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
 /// milliseconds at worst.
 const KEYS_WORK_BUDGET: usize = 50_000_000;
 
-/// Matches keys against a client's glob exactly as Redis's `KEYS` does.
-enum KeyMatcher<'a> {
-    /// Compiled once: patterns [`Glob`] reads as Redis does, that is,
-    /// without braces (which a rule pattern reads as captures).
-    Compiled(Glob),
-    /// Anything else, matched by [`redis_match`] key by key.
-    Raw(&'a [u8]),
-}
-
-impl<'a> KeyMatcher<'a> {
-    fn new(pattern: &'a [u8]) -> KeyMatcher<'a> {
-        let compiled = (pattern.len() <= MAX_PATTERN_LEN
-            && !pattern.iter().any(|&b| b == b'{' || b == b'}'))
-        .then(|| std::str::from_utf8(pattern).ok())
-        .flatten()
-        .and_then(|p| Glob::new(p).ok());
-        match compiled {
-            Some(glob) => KeyMatcher::Compiled(glob),
-            None => KeyMatcher::Raw(pattern),
-        }
-    }
-
-    fn matches(&self, key: &[u8]) -> bool {
-        match self {
-            KeyMatcher::Compiled(glob) => glob.matches(key),
-            KeyMatcher::Raw(pattern) => redis_match(pattern, key, false),
-        }
-    }
-}
-
 /// `CACHE.KEYS pattern [COUNT count]`: up to `count` keys with a live reply
 /// in L1 that match `pattern`, an array of bulk strings in no particular
 /// order (the same in RESP2 and RESP3, like `KEYS`).
@@ -364,7 +334,7 @@ fn keys(ctx: &Ctx, req: &Request) -> Bytes {
             "ERR pattern is longer than {MAX_PATTERN_LEN} bytes"
         ));
     }
-    let matcher = KeyMatcher::new(pattern);
+    let matcher = KeyPattern::new(pattern);
     let mut found: Vec<Bytes> = Vec::new();
     // A bounded amount of matching work per call, estimated as pattern
     // length × key length per key visited (the matcher's worst case, plus
@@ -372,8 +342,8 @@ fn keys(ctx: &Ctx, req: &Request) -> Bytes {
     // client's own task and must not hold it, or a worker, for long. Past
     // the budget the keys found so far are the answer.
     let per_key_base = match matcher {
-        KeyMatcher::Compiled(_) => 1,
-        KeyMatcher::Raw(p) => p.len() * 48,
+        KeyPattern::Compiled(_) => 1,
+        KeyPattern::Raw(p) => p.len() * 48,
     };
     let mut budget = KEYS_WORK_BUDGET;
     if let Some(l1) = &ctx.l1 {
@@ -785,6 +755,7 @@ fn human_bytes(n: u64) -> String {
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::cache::glob::redis_match;
 
     fn req(args: &[&str]) -> Request {
         Request::from_strs(args)
@@ -885,10 +856,10 @@ mod tests {
             b"h\\\\llo",
             b"?",
         ] {
-            let m = KeyMatcher::new(pattern);
+            let m = KeyPattern::new(pattern);
             let braces = pattern.iter().any(|&b| b == b'{' || b == b'}');
             assert_eq!(
-                matches!(m, KeyMatcher::Compiled(_)),
+                matches!(m, KeyPattern::Compiled(_)),
                 !braces && std::str::from_utf8(pattern).is_ok(),
                 "{pattern:?}"
             );

@@ -3,6 +3,8 @@
 //! bytes. Readiness is always awaited by PING, never by sleeping.
 #![allow(dead_code)]
 
+/// Several tierds on one invalidation bus: instances, INFO, messages.
+pub mod bus;
 /// One command at a time on a [`Raw`] connection, with a reply limit.
 pub mod exchange;
 pub mod l1;
