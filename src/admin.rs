@@ -123,7 +123,8 @@ pub(crate) fn command(s: &mut Session, req: &Request) {
 /// does (`%.128s`).
 const ECHO_MAX: usize = 128;
 
-fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+/// At most [`ECHO_MAX`] bytes of a client's argument, for an error.
+pub(crate) fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(bytes.get(..ECHO_MAX).unwrap_or(bytes))
 }
 
@@ -162,7 +163,7 @@ fn error(msg: &str) -> Bytes {
 
 /// Redis's error for a command called with the wrong number of arguments;
 /// `command` is lowercase, as Redis prints it.
-fn arity(command: &str) -> Bytes {
+pub(crate) fn arity(command: &str) -> Bytes {
     error(&format!(
         "ERR wrong number of arguments for '{command}' command"
     ))

@@ -18,7 +18,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::cache::{announce_keys, announce_pattern, invalidate_local};
-use super::{choose, error, leave_pinned, pin_or_reply, Flow, Want};
+use super::{choose, error, Flow, Want};
+use crate::admin::{arity, shown};
 use crate::cache::glob::MAX_PATTERN_LEN;
 use crate::invalidation::tags::{self, TagError};
 use crate::metrics::Source;
@@ -58,21 +59,6 @@ enum Job {
     TagsOf(Bytes),
     /// `CACHE.MEMBERS tag`
     Members(Bytes),
-}
-
-/// Redis's error for a command called with the wrong number of arguments.
-fn arity(command: &str) -> Bytes {
-    error(&format!(
-        "ERR wrong number of arguments for '{command}' command"
-    ))
-}
-
-/// At most this much of a client's bytes is echoed in an error, as Redis
-/// does (`%.128s`).
-const ECHO_MAX: usize = 128;
-
-fn shown(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(bytes.get(..ECHO_MAX).unwrap_or(bytes))
 }
 
 /// Parses a job; the error is the client's reply.
@@ -241,18 +227,8 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         return Flow::Continue;
     }
     let route = choose(s, Want::Any);
-    leave_pinned(s, route);
-    let conn = match route {
-        Route::Pinned => {
-            if !pin_or_reply(s).await {
-                return Flow::Continue;
-            }
-            match s.pinned.as_ref() {
-                Some(p) => p.conn.clone(),
-                None => return Flow::Continue,
-            }
-        }
-        Route::Pool { proto, idx, .. } => s.identity.pool(proto).conn(idx).clone(),
+    let Some(conn) = super::route_conn(s, route).await else {
+        return Flow::Continue;
     };
     let ctx = s.ctx.clone();
     let db = s.state.db;

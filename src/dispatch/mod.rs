@@ -461,21 +461,27 @@ async fn forward_hooked(
     if must_wait(s, Some(route)) {
         return Flow::Stall(req);
     }
-    leave_pinned(s, route);
-    let conn = match route {
-        Route::Pinned => {
-            if !pin_or_reply(s).await {
-                return Flow::Continue;
-            }
-            match s.pinned.as_ref() {
-                Some(p) => p.conn.clone(),
-                None => return Flow::Continue,
-            }
-        }
-        Route::Pool { proto, idx, .. } => s.identity.pool(proto).conn(idx).clone(),
+    let Some(conn) = route_conn(s, route).await else {
+        return Flow::Continue;
     };
     send_hooked(s, &conn, route, &req.raw, timed, hook);
     Flow::Continue
+}
+
+/// The connection of `route`, pinning the session first if the route is
+/// its dedicated connection. `None` when that could not be opened; the
+/// client has been answered with the error.
+async fn route_conn(s: &mut Session, route: Route) -> Option<Conn> {
+    leave_pinned(s, route);
+    match route {
+        Route::Pinned => {
+            if !pin_or_reply(s).await {
+                return None;
+            }
+            s.pinned.as_ref().map(|p| p.conn.clone())
+        }
+        Route::Pool { proto, idx, .. } => Some(s.identity.pool(proto).conn(idx).clone()),
+    }
 }
 
 /// A request goes to the pool: a dedicated connection with nothing in

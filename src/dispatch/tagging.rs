@@ -27,7 +27,7 @@
 use bytes::Bytes;
 
 use super::cache::{register, Hook, SIDE, SIDE_INDEX_BITS, TAG_DROP_INDEX, TAG_QUEUED_INDEX};
-use super::{choose, leave_pinned, must_wait, pin_or_reply, Flow, Want};
+use super::{choose, must_wait, Flow, Want};
 use crate::command::Keys;
 use crate::protocol::{inspect, Request};
 use crate::session::{Route, Session};
@@ -85,18 +85,8 @@ pub(super) async fn forward(
     if must_wait(s, Some(route)) {
         return Flow::Stall(req);
     }
-    leave_pinned(s, route);
-    let conn = match route {
-        Route::Pinned => {
-            if !pin_or_reply(s).await {
-                return Flow::Continue;
-            }
-            match s.pinned.as_ref() {
-                Some(p) => p.conn.clone(),
-                None => return Flow::Continue,
-            }
-        }
-        Route::Pool { proto, idx, .. } => s.identity.pool(proto).conn(idx).clone(),
+    let Some(conn) = super::route_conn(s, route).await else {
+        return Flow::Continue;
     };
     let id = s.next_fill;
     s.next_fill += 1;
