@@ -96,8 +96,8 @@ pub async fn run(
     };
     let ctx = Arc::new(Ctx::new(config.clone()));
     // Dropped when this function returns, which stops the control plane.
-    let (_control_alive, control_stop) = tokio::sync::watch::channel(());
-    start_control_plane(&ctx, &control_stop);
+    let (control_alive, control_stop) = tokio::sync::watch::channel(());
+    let bus = start_control_plane(&ctx, &control_stop);
     start_metrics(&ctx, metrics_listener, &control_stop);
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
@@ -123,6 +123,12 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!(timeout = ?config.shutdown_timeout, "shutdown timeout: closing remaining clients");
     }
+    // The bus publishes what the last sessions wrote before it stops; the
+    // other tasks just end.
+    drop(control_alive);
+    if let Some(bus) = bus {
+        let _ = tokio::time::timeout(config.upstream.command_timeout * 2, bus).await;
+    }
     tracing::info!("tierd stopped");
     result
 }
@@ -130,7 +136,11 @@ pub async fn run(
 /// Starts the background tasks: the tracking link, which also reads the
 /// command table (metrics and `INFO` need it even without caching rules),
 /// and, with L1, the invalidation bus and the periodic expiry sweep.
-fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) {
+/// Returns the bus task, which the server waits for when it stops.
+fn start_control_plane(
+    ctx: &Arc<Ctx>,
+    stop: &tokio::sync::watch::Receiver<()>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let control = crate::invalidation::tracking::Control {
         upstream: ctx.upstream.clone(),
         table: ctx.table.clone(),
@@ -139,18 +149,16 @@ fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) 
         metrics: ctx.metrics.clone(),
     };
     tokio::spawn(crate::invalidation::tracking::run(control, stop.clone()));
-    let Some(l1) = ctx.l1.clone() else {
-        return;
-    };
-    if let Some(bus) = &ctx.bus {
+    let l1 = ctx.l1.clone()?;
+    let bus = ctx.bus.as_ref().map(|bus| {
         let control = crate::invalidation::bus::Control {
             upstream: ctx.upstream.clone(),
             l1: l1.clone(),
             bus: bus.clone(),
             metrics: ctx.metrics.clone(),
         };
-        tokio::spawn(crate::invalidation::bus::run(control, stop.clone()));
-    }
+        tokio::spawn(crate::invalidation::bus::run(control, stop.clone()))
+    });
     let interval = ctx.config.l1.sweep_interval;
     let mut stop = stop.clone();
     tokio::spawn(async move {
@@ -165,6 +173,7 @@ fn start_control_plane(ctx: &Arc<Ctx>, stop: &tokio::sync::watch::Receiver<()>) 
             }
         }
     });
+    bus
 }
 
 /// Starts metrics upkeep and, with a listener, the HTTP endpoints and the

@@ -758,6 +758,12 @@ pub(crate) fn before_stream_request(s: &mut Session, kind: Kind, req: &Request) 
         // Every key those writes touched: all of L1.
         s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
         apply_flush(s, Flush::All);
+        if let Some(bus) = &s.ctx.bus {
+            // The other instances cannot know those keys either. (Some of
+            // the writes may not have run yet; this is the best there is
+            // for a client that never reads its replies.)
+            bus.publish_flush(None);
+        }
         s.stream_hooks.clear();
     }
     s.stream_hooks.push_back(hook);

@@ -209,6 +209,14 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         l1_only: true,
     } = &job
     {
+        // Its count says how many cached keys match: like CACHE.KEYS, only
+        // for the default identity, whose view L1 holds.
+        if !s.ctx.upstream.is_default(&s.identity) {
+            s.local(error(
+                "NOPERM CACHE.INVALIDATE PATTERN … L1ONLY is only for clients on tierd's default identity",
+            ));
+            return Flow::Continue;
+        }
         // Redis is not involved: no connection needed.
         let started = Instant::now();
         let dropped = announce_pattern(&s.ctx, s.state.db, glob);
@@ -376,7 +384,7 @@ async fn perform(ctx: &Ctx, conn: &Conn, db: u32, job: Job) -> Bytes {
                 l1_only: false,
             };
             let drop_here = |batch: &[Bytes]| invalidate_local(ctx, batch);
-            let result = tags::invalidate_pattern(conn, &glob, drop_here).await;
+            let result = tags::invalidate_pattern(conn, prefix, &glob, drop_here).await;
             // Also after a failure: whatever went is announced.
             announce_pattern(ctx, db, &glob);
             match result {
@@ -393,7 +401,7 @@ async fn perform(ctx: &Ctx, conn: &Conn, db: u32, job: Job) -> Bytes {
         Job::Keys(keys) => {
             let started = Instant::now();
             invalidate_local(ctx, &keys);
-            let result = tags::invalidate_keys(conn, &keys).await;
+            let result = tags::invalidate_keys(conn, prefix, &keys).await;
             announce_keys(ctx, db, &keys);
             match result {
                 Ok(n) => {

@@ -17,6 +17,10 @@
 //! queued commands are side requests (sequence numbers with
 //! [`super::cache::SIDE`] set) and never reach the client.
 //!
+//! With any tagged rule configured, removals (`DEL`, `UNLINK`) are wrapped
+//! too, whatever the key's rule: the registration of a key that is gone
+//! drops the tags it carried, `CACHE.TAG`'s included.
+//!
 //! Not wrapped, and so not tagged: writes of clients on another identity
 //! (the sidecars may be outside their ACL, and a refused `EVAL` would abort
 //! their write), writes inside the client's own `MULTI` or while it
@@ -63,7 +67,10 @@ pub(super) fn registrations(s: &mut Session, req: &Request) -> Vec<Bytes> {
             continue;
         }
         let tags = s.ctx.rules.tags_for(k.key);
-        if !tags.is_empty() {
+        // A key removed (`DEL`, `UNLINK`) may carry tags given with
+        // `CACHE.TAG` whatever its rule: registering no tags on a key that
+        // is gone takes those with it.
+        if !tags.is_empty() || k.flags.rm {
             evals.push(crate::invalidation::tags::register_command(
                 prefix, k.key, &tags,
             ));
@@ -152,10 +159,20 @@ pub(crate) fn write_reply(s: &mut Session, id: u64, exec: Bytes) -> Bytes {
     }
     let depth = s.ctx.config.limits.max_reply_depth;
     match inspect::elements(&exec, depth) {
-        Some(els) if exec.first() == Some(&b'*') => match els.first() {
-            Some(first) => exec.slice_ref(first),
-            None => super::error("ERR upstream sent an empty EXEC reply"),
-        },
+        Some(els) if exec.first() == Some(&b'*') => {
+            if let Some(failed) = els.iter().skip(1).find(|r| inspect::is_error(r)) {
+                // The write ran; only its tags are missing.
+                tracing::warn!(
+                    event = "tag_register_failed",
+                    reply = %String::from_utf8_lossy(failed).trim_end(),
+                    "registering a key's tags failed after its write"
+                );
+            }
+            match els.first() {
+                Some(first) => exec.slice_ref(first),
+                None => super::error("ERR upstream sent an empty EXEC reply"),
+            }
+        }
         _ => super::error("ERR upstream sent an unexpected reply to EXEC"),
     }
 }

@@ -517,7 +517,7 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
     let timeouts = control.upstream.timeouts();
     let mut backoff = timeouts.backoff_min;
     let mut failures = 0u32;
-    let mut unacked: VecDeque<(Instant, Bytes)> = VecDeque::new();
+    let mut unacked: VecDeque<(Instant, Option<Bytes>)> = VecDeque::new();
     loop {
         let started = Instant::now();
         let err = link(&control, timeouts, &mut unacked, &mut stop).await;
@@ -557,7 +557,7 @@ fn lose_trust(control: &Control) {
 async fn link(
     control: &Control,
     timeouts: Timeouts,
-    unacked: &mut VecDeque<(Instant, Bytes)>,
+    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
     stop: &mut watch::Receiver<()>,
 ) -> LinkError {
     let mut publisher = None;
@@ -593,7 +593,7 @@ async fn link(
 async fn link_inner(
     control: &Control,
     timeouts: Timeouts,
-    unacked: &mut VecDeque<(Instant, Bytes)>,
+    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
     publisher_slot: &mut Option<Link>,
 ) -> Result<std::convert::Infallible, LinkError> {
     let bus = &control.bus;
@@ -631,7 +631,7 @@ async fn link_inner(
     bus.links.fetch_add(1, Ordering::Relaxed);
     control.metrics.set_bus_up(true);
     tracing::info!(event = "bus_up", channel = %String::from_utf8_lossy(bus.channel()), id = bus.id, "invalidation bus link up");
-    let resend: Vec<Bytes> = unacked.drain(..).map(|(_, m)| m).collect();
+    let resend: Vec<Bytes> = unacked.drain(..).filter_map(|(_, m)| m).collect();
     publish(control, publisher, unacked, resend).await?;
 
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -668,6 +668,10 @@ async fn link_inner(
                 }
                 subscriber.send(b"*1\r\n$4\r\nPING\r\n").await?;
                 subscriber.pings.push_back(Instant::now());
+                // The publisher too: a Redis `timeout` must not close an
+                // idle one, which would flush L1.
+                publisher.send(b"*1\r\n$4\r\nPING\r\n").await?;
+                unacked.push_back((Instant::now(), None));
             }
         }
     }
@@ -693,11 +697,11 @@ async fn setname(link: &mut Link, name: &str, timeouts: Timeouts) -> Result<(), 
 }
 
 /// Publishes `messages` in one write; each waits in `unacked` for its
-/// reply.
+/// reply (where a heartbeat `PING` waits as `None`).
 async fn publish(
     control: &Control,
     publisher: &mut Link,
-    unacked: &mut VecDeque<(Instant, Bytes)>,
+    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
     messages: Vec<Bytes>,
 ) -> Result<(), LinkError> {
     if messages.is_empty() {
@@ -715,7 +719,7 @@ async fn publish(
     // sends them all again.
     let now = Instant::now();
     let count = messages.len();
-    unacked.extend(messages.into_iter().map(|m| (now, m)));
+    unacked.extend(messages.into_iter().map(|m| (now, Some(m))));
     publisher.send(&out).await?;
     control.bus.sent.fetch_add(count as u64, Ordering::Relaxed);
     for _ in 0..count {
@@ -786,9 +790,9 @@ fn on_message(control: &Control, payload: &[u8]) {
                     event = "invalidated",
                     source = "bus",
                     kind = "pattern",
-                    pattern = %String::from_utf8_lossy(glob),
+                    pattern = %crate::admin::shown(glob),
                     keys = n,
-                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                    duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     "dropped L1 keys matching a pattern from another instance"
                 );
             }
