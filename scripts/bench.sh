@@ -16,6 +16,11 @@
 #          "L1 hit rate" column is the lowest hit rate CACHE.STATS counted
 #          during a measured run. The other targets run the same cases, so
 #          the ratios compare an L1 hit with Redis directly.
+#   bus    Not run by default. The invalidation bus between tierd instances:
+#          runs `cargo bench --bench bus` (benches/bus.rs), which starts its
+#          own redis-server and three tierds and prints its own tables
+#          (propagation latency, CACHE.INVALIDATE PATTERN throughput); about
+#          15 s plus the build. With other suites, its tables follow theirs.
 #
 # Targets are interleaved per case (direct, twemproxy, tierd, tierd-l1; next
 # case; ...) and all cases are repeated BENCH_ROUNDS times, so slow drift on a
@@ -26,9 +31,10 @@
 #
 # Only the L1 rows:   BENCH_SUITES=l1 scripts/bench.sh
 # Only the proxy rows: BENCH_SUITES=proxy scripts/bench.sh
+# Only the bus tables: BENCH_SUITES=bus scripts/bench.sh
 #
 # Environment (defaults in brackets):
-#   BENCH_SUITES          suites to run, any of: proxy l1 [both]
+#   BENCH_SUITES          suites to run, any of: proxy l1 bus [proxy l1]
 #   BENCH_TARGETS         targets to run, any of: direct twemproxy tierd tierd-l1
 #                         [all four]; the proxy suite ignores tierd-l1, the l1
 #                         suite needs it
@@ -108,12 +114,33 @@ for t in $BENCH_TARGETS; do
 done
 for s in $BENCH_SUITES; do
 	case "$s" in
-	proxy | l1) ;;
-	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1)" ;;
+	proxy | l1 | bus) ;;
+	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus)" ;;
 	esac
 done
 want() { case " $BENCH_TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 suite() { case " $BENCH_SUITES " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
+
+# bus_suite: the bus suite's tables on stdout. benches/bus.rs starts its own
+# redis-server and tierds, so it needs nothing the other suites set up.
+bus_suite() {
+	local rev
+	rev=$(git rev-parse --short HEAD 2>/dev/null) || rev="uncommitted"
+	if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev-dirty"; fi
+	log "bus suite: cargo bench --bench bus"
+	echo "## Invalidation bus: cargo bench --bench bus, $(date -u +%F), rev $rev"
+	echo
+	cargo bench --bench bus
+}
+only_bus=1
+for s in $BENCH_SUITES; do [ "$s" = bus ] || only_bus=0; done
+if [ "$only_bus" = 1 ]; then
+	mkdir -p "$ROOT/target/bench"
+	bus_suite | tee "$ROOT/target/bench/latest.md"
+	log "written to target/bench/latest.md"
+	exit 0
+fi
+
 [ "$BENCH_ROUNDS" -ge 1 ] 2>/dev/null || die "BENCH_ROUNDS must be a positive integer"
 [ "$BENCH_MGET_KEYS" -ge 1 ] 2>/dev/null || die "BENCH_MGET_KEYS must be a positive integer"
 
@@ -604,5 +631,11 @@ report() {
 }
 
 mkdir -p "$ROOT/target/bench"
-report | tee "$ROOT/target/bench/latest.md"
+{
+	report
+	if suite bus; then
+		echo
+		bus_suite
+	fi
+} | tee "$ROOT/target/bench/latest.md"
 log "written to target/bench/latest.md"

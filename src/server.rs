@@ -167,7 +167,13 @@ fn start_control_plane(
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    l1.store.sweep(std::time::Instant::now());
+                    // A walk over every entry: on a blocking thread, so the
+                    // sessions sharing this runtime thread go on meanwhile.
+                    let l1 = l1.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        l1.store.sweep(std::time::Instant::now())
+                    })
+                    .await;
                 }
                 _ = stop.changed() => return,
             }

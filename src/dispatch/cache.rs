@@ -823,12 +823,11 @@ pub(crate) fn announce_keys(ctx: &Ctx, db: u32, keys: &[Bytes]) {
 /// Drops every key matching the Redis glob from this instance's L1 and
 /// tells every other instance to do the same. Returns how many keys had a
 /// reply cached here.
-pub(crate) fn announce_pattern(ctx: &Ctx, db: u32, glob: &[u8]) -> u64 {
-    let dropped = ctx.l1.as_ref().map_or(0, |l1| {
-        let pattern = crate::cache::glob::KeyPattern::new(glob);
-        l1.store
-            .invalidate_matching(Instant::now(), |k| pattern.matches(k))
-    });
+pub(crate) async fn announce_pattern(ctx: &Ctx, db: u32, glob: &[u8]) -> u64 {
+    let dropped = match &ctx.l1 {
+        Some(l1) => crate::invalidation::bus::drop_matching(l1.clone(), glob.to_vec()).await,
+        None => 0,
+    };
     if let Some(bus) = &ctx.bus {
         bus.publish_pattern(db, glob);
     }

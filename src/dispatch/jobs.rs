@@ -219,7 +219,7 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         }
         // Redis is not involved: no connection needed.
         let started = Instant::now();
-        let dropped = announce_pattern(&s.ctx, s.state.db, glob);
+        let dropped = announce_pattern(&s.ctx, s.state.db, glob).await;
         let target = Target::Pattern {
             glob,
             l1_only: true,
@@ -386,7 +386,7 @@ async fn perform(ctx: &Ctx, conn: &Conn, db: u32, job: Job) -> Bytes {
             let drop_here = |batch: &[Bytes]| invalidate_local(ctx, batch);
             let result = tags::invalidate_pattern(conn, prefix, &glob, drop_here).await;
             // Also after a failure: whatever went is announced.
-            announce_pattern(ctx, db, &glob);
+            announce_pattern(ctx, db, &glob).await;
             match result {
                 Ok(n) => {
                     invalidated(ctx, target, n, started);

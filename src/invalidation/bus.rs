@@ -746,6 +746,21 @@ fn on_frame(control: &Control, subscriber: &mut Link, frame: &[u8], max_depth: u
     }
 }
 
+/// [`crate::cache::Store::invalidate_matching`] for a Redis glob, on a
+/// blocking thread: the walk visits every entry (some 200 ms for 150k),
+/// which must not hold up the sessions sharing this runtime thread.
+/// Returns how many keys had a reply cached.
+pub(crate) async fn drop_matching(l1: Arc<L1>, glob: Vec<u8>) -> u64 {
+    let walk = tokio::task::spawn_blocking(move || {
+        let pattern = KeyPattern::new(&glob);
+        l1.store
+            .invalidate_matching(Instant::now(), |k| pattern.matches(k))
+    });
+    // The walk cannot panic short of a bug; a lost count is then all that
+    // is lost, since the fills were cancelled first.
+    walk.await.unwrap_or(0)
+}
+
 /// Applies one message from the channel.
 fn on_message(control: &Control, payload: &[u8]) {
     let bus = &control.bus;
@@ -782,19 +797,25 @@ fn on_message(control: &Control, payload: &[u8]) {
                 tracing::trace!(event = "invalidated", source = "bus", keys = keys.len());
             }
             Record::Pattern { glob, .. } => {
-                let started = Instant::now();
-                let pattern = KeyPattern::new(glob);
-                let n = store.invalidate_matching(started, |k| pattern.matches(k));
-                control.metrics.invalidated(Source::Bus, n);
-                tracing::info!(
-                    event = "invalidated",
-                    source = "bus",
-                    kind = "pattern",
-                    pattern = %crate::admin::shown(glob),
-                    keys = n,
-                    duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "dropped L1 keys matching a pattern from another instance"
-                );
+                // The walk runs beside the bus, which goes on reading:
+                // what it applies meanwhile (keys, flushes) does not
+                // depend on it.
+                let (l1, metrics, glob) =
+                    (control.l1.clone(), control.metrics.clone(), glob.to_vec());
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let n = drop_matching(l1, glob.clone()).await;
+                    metrics.invalidated(Source::Bus, n);
+                    tracing::info!(
+                        event = "invalidated",
+                        source = "bus",
+                        kind = "pattern",
+                        pattern = %crate::admin::shown(&glob),
+                        keys = n,
+                        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "dropped L1 keys matching a pattern from another instance"
+                    );
+                });
             }
             Record::FlushDb(db) => {
                 store.flush_db(db);
