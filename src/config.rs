@@ -433,6 +433,10 @@ pub const DEFAULT_RULE_NEGATIVE: bool = true;
 /// Most `tags` on one rule. Every tagged write updates one Redis set per
 /// tag, so a long list multiplies the cost of writes; real rules need a few.
 pub const MAX_RULE_TAGS: usize = 32;
+/// Default `rules[N].compress.upstream`: compressed values are stored
+/// compressed in Redis too, which is where the memory and network savings
+/// are.
+pub const DEFAULT_COMPRESS_UPSTREAM: bool = true;
 
 /// One `[[rules]]` entry, in file order (first match wins). Validation
 /// errors name a rule by its 0-based position in the file: `rules[0].ttl` is
@@ -464,6 +468,27 @@ pub struct RuleConfig {
     /// captures; at most [`MAX_RULE_TAGS`]. Tags are about invalidating in
     /// Redis, not about L1, so a `cache = false` rule may have them too.
     pub tags: Vec<TagTemplate>,
+    /// Transparent lz4 compression of matching keys' string values
+    /// (`compress`); `None` compresses nothing. A `cache = false` rule may
+    /// compress in Redis, but never has `upstream = false`.
+    pub compress: Option<CompressConfig>,
+}
+
+/// A rule's `compress = { threshold = "1kb", upstream = true }`: string
+/// values of matching keys are stored lz4-compressed behind a small header
+/// (see [`crate::cache::compress`]) when that saves at least 10%, and
+/// restored on the way out, so clients see exactly what they wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressConfig {
+    /// Values of at least this many bytes are compressed (`threshold`);
+    /// above 0 and at most [`L1Config::max_value_size`], above which values
+    /// are always stored plain.
+    pub threshold: u64,
+    /// Whether values are stored compressed in Redis too (`upstream`,
+    /// default [`DEFAULT_COMPRESS_UPSTREAM`]). `false` compresses only the
+    /// L1 copy: Redis keeps the plain bytes, so clients and scripts that
+    /// bypass tierd see them as written.
+    pub upstream: bool,
 }
 
 /// Values given on the command line. Each one replaces the matching file value
@@ -677,7 +702,7 @@ impl Config {
     /// the top says so), so the output is safe to paste into a bug report.
     /// Every `[[rules]]` entry is written with its resolved name and all its
     /// fields, except those a `cache = false` rule may not have, and a
-    /// `max_memory` or `tags` the rule does not set.
+    /// `max_memory`, `tags` or `compress` the rule does not set.
     pub fn to_toml(&self) -> String {
         let mut out = String::new();
         out.push_str(
@@ -797,6 +822,16 @@ impl Config {
             entries.push(("cache", rule.cache.to_string()));
             if rule.cache {
                 entries.push(("negative", rule.negative.to_string()));
+            }
+            if let Some(c) = rule.compress {
+                entries.push((
+                    "compress",
+                    format!(
+                        "{{ threshold = {}, upstream = {} }}",
+                        size(c.threshold),
+                        c.upstream
+                    ),
+                ));
             }
             (Some("[[rules]]"), entries)
         });
@@ -928,6 +963,14 @@ struct FileRule {
     cache: Option<bool>,
     negative: Option<bool>,
     tags: Option<Vec<String>>,
+    compress: Option<FileCompress>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCompress {
+    threshold: Option<Scalar>,
+    upstream: Option<bool>,
 }
 
 /// A duration or size as written: a string with a unit, or a bare integer
@@ -1536,7 +1579,7 @@ fn validate_rules(raw: Vec<FileRule>, l1: &L1Config) -> Result<Vec<RuleConfig>, 
     }
     let mut rules: Vec<RuleConfig> = Vec::with_capacity(raw.len());
     for (index, file) in raw.into_iter().enumerate() {
-        let rule = file.validate(index)?;
+        let rule = file.validate(index, l1)?;
         // Names label metrics and CACHE.STATS rows, so two rules with one
         // name would merge their figures. Quadratic, but MAX_RULES bounds it
         // and real files have dozens of rules.
@@ -1575,7 +1618,7 @@ fn validate_rules(raw: Vec<FileRule>, l1: &L1Config) -> Result<Vec<RuleConfig>, 
 }
 
 impl FileRule {
-    fn validate(self, index: usize) -> Result<RuleConfig, ConfigError> {
+    fn validate(self, index: usize, l1: &L1Config) -> Result<RuleConfig, ConfigError> {
         let field = |name: &str| format!("rules[{index}].{name}");
         let text = self.pattern.ok_or_else(|| {
             invalid(
@@ -1606,6 +1649,10 @@ impl FileRule {
         };
         let tags = rule_tags(index, self.tags.unwrap_or_default(), &pattern)?;
         let cache = self.cache.unwrap_or(DEFAULT_RULE_CACHE);
+        let compress = self
+            .compress
+            .map(|raw| raw.validate(index, cache, l1))
+            .transpose()?;
 
         if !cache {
             // These only shape what a rule caches; on a rule that caches
@@ -1629,6 +1676,7 @@ impl FileRule {
                 cache,
                 negative: false,
                 tags,
+                compress,
             });
         }
 
@@ -1672,6 +1720,62 @@ impl FileRule {
             cache,
             negative: self.negative.unwrap_or(DEFAULT_RULE_NEGATIVE),
             tags,
+            compress,
+        })
+    }
+}
+
+impl FileCompress {
+    /// The `compress` of `rules[index]`, a rule with `cache` as given.
+    fn validate(
+        self,
+        index: usize,
+        cache: bool,
+        l1: &L1Config,
+    ) -> Result<CompressConfig, ConfigError> {
+        let field = |name: &str| format!("rules[{index}].compress.{name}");
+        let threshold_field = field("threshold");
+        let threshold = match self.threshold {
+            None => {
+                return Err(invalid(
+                    &threshold_field,
+                    "is required: the size from which values are compressed, e.g. \
+                     compress = { threshold = \"1kb\" }",
+                ));
+            }
+            Some(raw) => byte_count(&threshold_field, raw)?,
+        };
+        if threshold == 0 {
+            return Err(invalid(
+                &threshold_field,
+                "must be greater than zero: use e.g. \"1kb\" (small values rarely shrink by \
+                 the 10% compression must save), or remove compress",
+            ));
+        }
+        if threshold > l1.max_value_size {
+            return Err(invalid(
+                &threshold_field,
+                format!(
+                    "{} is above l1.max_value_size ({}): larger values are always stored plain, \
+                     so this rule would compress nothing: lower threshold or raise \
+                     l1.max_value_size",
+                    format_size(threshold),
+                    format_size(l1.max_value_size)
+                ),
+            ));
+        }
+        let upstream = self.upstream.unwrap_or(DEFAULT_COMPRESS_UPSTREAM);
+        if !cache && !upstream {
+            return Err(invalid(
+                &field("upstream"),
+                "false compresses values only in L1, and a rule with cache = false keeps them \
+                 out of L1, so it would do nothing: set upstream = true to compress them in \
+                 Redis, or remove compress",
+            ));
+        }
+        Ok(CompressConfig {
+            threshold,
+            upstream,
         })
     }
 }
@@ -2223,6 +2327,10 @@ mod tests {
             cache: true,
             negative: true,
             tags: vec![TagTemplate::new("t", &Glob::new("k:*").unwrap()).unwrap()],
+            compress: Some(CompressConfig {
+                threshold: 1024,
+                upstream: true,
+            }),
         });
         let example = uncommented_example();
         assert_eq!(
@@ -2313,6 +2421,24 @@ mod tests {
         assert_eq!(
             tagged,
             [("teacher-sessions", vec!["teacher:{teacher}", "sessions"])]
+        );
+        // The issue's seed thresholds, compressed in Redis too (the default).
+        let compressed: Vec<(&str, u64, bool)> = c
+            .rules
+            .iter()
+            .filter_map(|r| {
+                r.compress
+                    .map(|z| (r.name.as_str(), z.threshold, z.upstream))
+            })
+            .collect();
+        assert_eq!(
+            compressed,
+            [
+                ("users", 1024, true),
+                ("project-stats", 2048, true),
+                ("image-meta", 2048, true),
+                ("segmentation", 5120, true),
+            ]
         );
         // Everything outside the example is still the defaults.
         assert_eq!(
@@ -2521,6 +2647,19 @@ mod tests {
             (
                 "[[rules]]\nmatch = \"a\"\nttl = 1\nmax_memory = \"600mb\"",
                 "l1.max_memory",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\ncompress = { upstream = true }",
+                "rules[0].compress.threshold",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\nttl = 1\ncompress = { threshold = \"2mb\" }",
+                "rules[0].compress.threshold",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\n\
+                 compress = { threshold = 1, upstream = false }",
+                "rules[0].compress.upstream",
             ),
         ];
         for (text, field) in cases {
@@ -2803,6 +2942,108 @@ mod tests {
             let msg = message_of(text);
             assert!(msg.starts_with(want), "{text:?}: {msg}");
         }
+    }
+
+    #[test]
+    fn rule_compress_options() {
+        let c = load(
+            "[l1]\nmax_value_size = \"4mb\"\n\
+             [[rules]]\nmatch = \"a\"\nttl = 1\ncompress = { threshold = \"1kb\" }\n\
+             [[rules]]\nmatch = \"b\"\nttl = 1\ncompress = { threshold = 300, upstream = false }\n\
+             [[rules]]\nmatch = \"c\"\ncache = false\ncompress = { threshold = \"4mb\", upstream = true }\n\
+             [[rules]]\nmatch = \"d\"\nttl = 1\n\
+             [[rules]]\nmatch = \"e\"\nttl = 1\n[rules.compress]\nthreshold = \"2k\"\n",
+        )
+        .unwrap();
+        let got: Vec<_> = c.rules.iter().map(|r| r.compress).collect();
+        let z = |threshold, upstream| {
+            Some(CompressConfig {
+                threshold,
+                upstream,
+            })
+        };
+        assert_eq!(
+            got,
+            [
+                z(1024, true),
+                z(300, false),
+                z(4 << 20, true),
+                None,
+                z(2000, true)
+            ]
+        );
+        // The threshold may equal the default max_value_size.
+        let c =
+            load("[[rules]]\nmatch = \"a\"\nttl = 1\ncompress = { threshold = \"1mb\" }").unwrap();
+        assert_eq!(c.rules[0].compress, z(1 << 20, true));
+    }
+
+    #[test]
+    fn rule_compress_errors_say_how_to_fix() {
+        let rule = "[[rules]]\nmatch = \"a\"\nttl = 1\n";
+        let cases = [
+            (
+                format!("{rule}compress = {{}}"),
+                "rules[0].compress.threshold: is required: the size from which values are \
+                 compressed, e.g. compress = { threshold = \"1kb\" }",
+            ),
+            (
+                format!("{rule}compress = {{ upstream = true }}"),
+                "rules[0].compress.threshold: is required",
+            ),
+            (
+                format!("{rule}compress = {{ threshold = 0 }}"),
+                "rules[0].compress.threshold: must be greater than zero",
+            ),
+            (
+                format!("{rule}compress = {{ threshold = \"0kb\" }}"),
+                "rules[0].compress.threshold: must be greater than zero",
+            ),
+            (
+                format!("{rule}compress = {{ threshold = -1 }}"),
+                "rules[0].compress.threshold: must not be negative (got -1)",
+            ),
+            (
+                format!("{rule}compress = {{ threshold = \"1 parsec\" }}"),
+                "rules[0].compress.threshold: invalid size \"1 parsec\"",
+            ),
+            (
+                format!("{rule}compress = {{ threshold = \"2mb\" }}"),
+                "rules[0].compress.threshold: 2mb is above l1.max_value_size (1mb): larger \
+                 values are always stored plain, so this rule would compress nothing: lower \
+                 threshold or raise l1.max_value_size",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\n\
+                 compress = { threshold = \"1kb\", upstream = false }"
+                    .to_owned(),
+                "rules[0].compress.upstream: false compresses values only in L1, and a rule \
+                 with cache = false keeps them out of L1, so it would do nothing: set upstream \
+                 = true to compress them in Redis, or remove compress",
+            ),
+            (
+                format!(
+                    "[[rules]]\nmatch = \"z\"\nttl = 1\n{rule}compress = {{ threshold = 1048577 }}"
+                ),
+                "rules[1].compress.threshold: 1048577b is above l1.max_value_size (1mb)",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = message_of(&text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+        }
+        // Unknown keys and wrong types are parse errors that name the key.
+        for bad in [
+            "compress = { threshold = \"1kb\", level = 9 }",
+            "compress = { threshold = \"1kb\", upstream = \"yes\" }",
+            "compress = true",
+            "compress = \"1kb\"",
+        ] {
+            let err = load(&format!("{rule}{bad}")).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{bad}: {err}");
+        }
+        let err = load(&format!("{rule}compress = {{ threshold = 1, level = 9 }}")).unwrap_err();
+        assert!(err.to_string().contains("level"), "{err}");
     }
 
     #[test]
@@ -3163,9 +3404,12 @@ mod tests {
                     [[rules]]\nname = \"users \\\"v2\\\"\"\nmatch = 'user:{id}:\\{x\\}[a-z]?'\nttl = \"1h\"\n\
                     tags = ['u:\\{{id}\\}', \"users\"]\n\
                     [[rules]]\nname = \"seg\"\nmatch = \"seg:{id}:*\"\nttl = \"1d\"\nmax_memory = \"200mb\"\n\
-                    [[rules]]\nmatch = \"search:*\"\nttl = 90\nnegative = false\n";
+                    [[rules]]\nmatch = \"search:*\"\nttl = 90\nnegative = false\n\
+                    [[rules]]\nmatch = \"z1\"\nttl = 1\ncompress = { threshold = 1000 }\n\
+                    [[rules]]\nmatch = \"z2\"\ncache = false\ncompress = { threshold = \"1k\" }\n\
+                    [[rules]]\nmatch = \"z3\"\nttl = 1\ncompress = { threshold = \"512b\", upstream = false }\n";
         let original = load(text).unwrap();
-        assert_eq!(original.rules.len(), 4);
+        assert_eq!(original.rules.len(), 7);
         assert_eq!(original.rules[1].name, "users \"v2\"");
         let printed = original.to_toml();
         assert_eq!(load(&printed).unwrap(), original, "{printed}");
@@ -3187,6 +3431,14 @@ mod tests {
              prefix = \"té:\"\n"
         ));
         assert_eq!(original.rules[1].tags[0].text(), "u:\\{{id}\\}");
+        assert!(printed.contains(
+            "\nmatch = \"z1\"\nttl = \"1s\"\ncache = true\nnegative = true\n\
+             compress = { threshold = \"1000b\", upstream = true }\n"
+        ));
+        assert!(printed.contains(
+            "\nmatch = \"z2\"\ncache = false\ncompress = { threshold = \"1000b\", upstream = true }\n"
+        ));
+        assert!(printed.contains("compress = { threshold = \"512b\", upstream = false }\n"));
     }
 
     #[test]

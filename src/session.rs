@@ -492,12 +492,30 @@ pub struct Session {
     /// write's hook if it is one: replies there are not matched by sequence
     /// number.
     pub(crate) stream_hooks: VecDeque<Option<Hook>>,
+    /// Replies still to come on a stream before L1 is flushed (and the
+    /// flush published): what [`Session::stream_hooks`] collapses into when
+    /// it overflows. 0 when nothing is pending.
+    pub(crate) stream_flush_after: usize,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.ctx.clients.lock().remove(&self.id);
         self.ctx.metrics.client(false);
+        // Writes still in flight run without the session: their
+        // announcements must not go with it. A RESP3 stream's writes wait
+        // on the dedicated connection, which closes with the session.
+        crate::dispatch::cache::stream_lost(self);
+        if !self.hooks.is_empty() {
+            let (_, closed) = mpsc::unbounded_channel();
+            let inbox = std::mem::replace(&mut self.inbox_rx, closed);
+            crate::dispatch::cache::orphaned(
+                self.ctx.clone(),
+                self.state.db,
+                std::mem::take(&mut self.hooks),
+                inbox,
+            );
+        }
     }
 }
 
@@ -538,6 +556,7 @@ impl Session {
             writes_in_flight: 0,
             multi_hooks: Vec::new(),
             stream_hooks: VecDeque::new(),
+            stream_flush_after: 0,
             last_command: None,
         }
     }
@@ -605,6 +624,7 @@ impl Session {
         self.spare = None;
         self.multi_hooks.clear();
         self.stream_hooks.clear();
+        self.stream_flush_after = 0;
         self.note_pinned();
     }
 
@@ -861,7 +881,7 @@ impl Session {
                 }
             }
             Upstreamed::Push(frame) => {
-                if from_pinned && !self.stream_hooks.is_empty() {
+                if from_pinned && (!self.stream_hooks.is_empty() || self.stream_flush_after > 0) {
                     crate::dispatch::cache::stream_reply(self, &frame);
                 }
                 // Everything still pending was sent after whatever produced

@@ -93,6 +93,11 @@ pub enum GlobError {
 ///
 /// Runs in O(`pattern` × `string`) time whatever the input.
 pub fn redis_match(pattern: &[u8], string: &[u8], nocase: bool) -> bool {
+    compile_plain(pattern, nocase).run(string, None)
+}
+
+/// Compiles a plain Redis glob (no captures).
+fn compile_plain(pattern: &[u8], nocase: bool) -> Program {
     let mut program = Program::default();
     let mut i = 0;
     while let Some(&b) = pattern.get(i) {
@@ -104,41 +109,38 @@ pub fn redis_match(pattern: &[u8], string: &[u8], nocase: bool) -> bool {
         };
     }
     program.finish(pattern.is_empty());
-    program.run(string, None)
+    program
 }
 
-/// A client's glob (`KEYS`, `CACHE.KEYS`, `CACHE.INVALIDATE PATTERN`),
-/// matched exactly as Redis matches it. Patterns that [`Glob`] reads as
-/// Redis does (no braces, which a rule pattern reads as captures) are
-/// compiled once; anything else goes through [`redis_match`] key by key.
-#[derive(Debug)]
-pub enum KeyPattern<'a> {
-    /// Compiled once.
-    Compiled(Glob),
-    /// Matched by [`redis_match`] on every key.
-    Raw(&'a [u8]),
+/// A client's glob (`KEYS`, `CACHE.KEYS`, `CACHE.INVALIDATE PATTERN`, a
+/// pattern on the invalidation bus), compiled once and matched exactly as
+/// Redis's `KEYS` matches it ([`redis_match`]). Compiling costs about 48
+/// bytes per pattern byte, so callers cap the pattern's length
+/// ([`MAX_PATTERN_LEN`]) before compiling one that a client sent.
+#[derive(Clone)]
+pub struct KeyPattern {
+    program: Program,
 }
 
-impl<'a> KeyPattern<'a> {
-    /// `pattern`, compiled if it can be.
-    pub fn new(pattern: &'a [u8]) -> KeyPattern<'a> {
-        let compiled = (pattern.len() <= MAX_PATTERN_LEN
-            && !pattern.iter().any(|&b| b == b'{' || b == b'}'))
-        .then(|| std::str::from_utf8(pattern).ok())
-        .flatten()
-        .and_then(|p| Glob::new(p).ok());
-        match compiled {
-            Some(glob) => KeyPattern::Compiled(glob),
-            None => KeyPattern::Raw(pattern),
-        }
+impl std::fmt::Debug for KeyPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPattern").finish_non_exhaustive()
+    }
+}
+
+impl KeyPattern {
+    /// Compiles `pattern`.
+    pub fn new(pattern: &[u8]) -> KeyPattern {
+        let mut program = compile_plain(pattern, false);
+        // `KEYS *` and `SCAN … MATCH *` skip matching, so `*` takes the
+        // empty key too, which `stringmatchlen` alone would not.
+        program.match_all = pattern == b"*";
+        KeyPattern { program }
     }
 
     /// Whether `key` matches, as Redis's `KEYS` decides it.
     pub fn matches(&self, key: &[u8]) -> bool {
-        match self {
-            KeyPattern::Compiled(glob) => glob.matches(key),
-            KeyPattern::Raw(pattern) => redis_match(pattern, key, false),
-        }
+        self.program.run(key, None)
     }
 }
 

@@ -7,6 +7,7 @@
 //! into it to invalidate or fill. Keeping it that way is what lets the store
 //! and the rule matcher be tested and benchmarked without a server.
 
+pub mod compress;
 pub mod glob;
 pub mod rules;
 pub mod store;

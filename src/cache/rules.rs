@@ -167,6 +167,7 @@ mod tests {
             cache,
             negative: true,
             tags: Vec::new(),
+            compress: None,
         }
     }
 

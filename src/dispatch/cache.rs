@@ -568,17 +568,7 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
             // whether it ran.
             let refused = inspect::is_error(&frame) && !frame.starts_with(UNAVAILABLE);
             if !(matches!(flush, Flush::AllUnlessError) && refused) {
-                apply_flush(s, flush);
-                if let Some(bus) = &s.ctx.bus {
-                    match flush {
-                        Flush::All | Flush::AllUnlessError => bus.publish_flush(None),
-                        Flush::Db(db) => bus.publish_flush(Some(db)),
-                        Flush::Swap(a, b) => {
-                            bus.publish_flush(Some(a));
-                            bus.publish_flush(Some(b));
-                        }
-                    }
-                }
+                announce_flush(&s.ctx, flush);
             }
             frame
         }
@@ -755,15 +745,14 @@ pub(crate) fn before_stream_request(s: &mut Session, kind: Kind, req: &Request) 
     }
     let hook = before_write(s, req);
     if s.stream_hooks.len() >= MAX_STREAM_HOOKS {
-        // Every key those writes touched: all of L1.
+        // The hooks in line collapse into one count: once that many
+        // replies have come, every key those writes touched (all of L1,
+        // as far as tierd knows) is flushed, here and on the bus. A flush
+        // now as well keeps this instance from serving what they already
+        // changed meanwhile.
         s.ctx.metrics.flushed(Some(crate::metrics::Source::Write));
         apply_flush(s, Flush::All);
-        if let Some(bus) = &s.ctx.bus {
-            // The other instances cannot know those keys either. (Some of
-            // the writes may not have run yet; this is the best there is
-            // for a client that never reads its replies.)
-            bus.publish_flush(None);
-        }
+        s.stream_flush_after += s.stream_hooks.len();
         s.stream_hooks.clear();
     }
     s.stream_hooks.push_back(hook);
@@ -771,6 +760,10 @@ pub(crate) fn before_stream_request(s: &mut Session, kind: Kind, req: &Request) 
 
 /// The stream ended with requests unanswered: they may have run.
 pub(crate) fn stream_lost(s: &mut Session) {
+    if s.stream_flush_after > 0 {
+        s.stream_flush_after = 0;
+        run(s, Hook::Flush(Flush::All), Bytes::new());
+    }
     while let Some(hook) = s.stream_hooks.pop_front() {
         if let Some(hook) = hook {
             run(s, hook, Bytes::new());
@@ -781,12 +774,102 @@ pub(crate) fn stream_lost(s: &mut Session) {
 /// A frame on a RESP3 stream: a reply (not a push) answers the oldest
 /// request in line, and a write's hook runs.
 pub(crate) fn stream_reply(s: &mut Session, frame: &[u8]) {
-    if reply::is_push(frame) || s.stream_hooks.is_empty() {
+    if reply::is_push(frame) {
+        return;
+    }
+    if s.stream_flush_after > 0 {
+        s.stream_flush_after -= 1;
+        if s.stream_flush_after == 0 {
+            run(s, Hook::Flush(Flush::All), Bytes::new());
+        }
         return;
     }
     if let Some(Some(hook)) = s.stream_hooks.pop_front() {
         run(s, hook, Bytes::new());
     }
+}
+
+/// A write emptied dbs (or touched keys tierd cannot name): flushes them
+/// here and tells every other instance.
+fn announce_flush(ctx: &Ctx, flush: Flush) {
+    flush_l1(ctx, flush);
+    if let Some(bus) = &ctx.bus {
+        match flush {
+            Flush::All | Flush::AllUnlessError => bus.publish_flush(None),
+            Flush::Db(db) => bus.publish_flush(Some(db)),
+            Flush::Swap(a, b) => {
+                bus.publish_flush(Some(a));
+                bus.publish_flush(Some(b));
+            }
+        }
+    }
+}
+
+/// What a write's hook announces once the write ran, for a write whose
+/// session is gone ([`orphaned`]): its keys, or its flush.
+fn announce_hook(ctx: &Ctx, db: u32, hook: &Hook) {
+    match hook {
+        Hook::Invalidate(keys) => announce_keys(ctx, db, keys),
+        Hook::Flush(flush) => announce_flush(ctx, *flush),
+        Hook::Many(hooks) => {
+            for hook in hooks {
+                announce_hook(ctx, db, hook);
+            }
+        }
+        Hook::Tagged { write, .. } => {
+            if let Some(hook) = write {
+                announce_hook(ctx, db, hook);
+            }
+        }
+        Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => {}
+    }
+}
+
+/// Writes sent for a session that ended before their replies came (the
+/// client hung up or was killed, the shutdown timed out): they run anyway,
+/// so what they change must still be announced, here and to the other
+/// instances, and not before they ran, or an instance could cache the old
+/// value again. Each is announced at once (the sooner stale entries go,
+/// the better) and again when its reply arrives on `inbox`, or at the
+/// latest after the command timeout (a write on the session's dedicated
+/// connection, whose replies went with it, or one upstream never
+/// answered).
+pub(crate) fn orphaned(
+    ctx: std::sync::Arc<Ctx>,
+    db: u32,
+    mut writes: std::collections::HashMap<u64, Hook>,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<crate::upstream::Upstreamed>,
+) {
+    writes.retain(|_, hook| hook.is_write());
+    if writes.is_empty() {
+        return;
+    }
+    for hook in writes.values() {
+        announce_hook(&ctx, db, hook);
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let deadline = ctx.config.upstream.command_timeout + Duration::from_secs(1);
+    runtime.spawn(async move {
+        let wait = async {
+            while !writes.is_empty() {
+                match inbox.recv().await {
+                    Some(crate::upstream::Upstreamed::Reply { seq, .. }) => {
+                        if let Some(hook) = writes.remove(&seq) {
+                            announce_hook(&ctx, db, &hook);
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        for hook in writes.values() {
+            announce_hook(&ctx, db, hook);
+        }
+    });
 }
 
 /// Drops `keys` from this instance's L1 (every db), cancelling their
@@ -825,7 +908,7 @@ pub(crate) fn announce_keys(ctx: &Ctx, db: u32, keys: &[Bytes]) {
 /// reply cached here.
 pub(crate) async fn announce_pattern(ctx: &Ctx, db: u32, glob: &[u8]) -> u64 {
     let dropped = match &ctx.l1 {
-        Some(l1) => crate::invalidation::bus::drop_matching(l1.clone(), glob.to_vec()).await,
+        Some(l1) => crate::invalidation::bus::drop_matching(l1.clone(), vec![glob.to_vec()]).await,
         None => 0,
     };
     if let Some(bus) = &ctx.bus {
@@ -925,7 +1008,11 @@ fn sort_hook(req: &Request) -> Option<Hook> {
 }
 
 fn apply_flush(s: &Session, flush: Flush) {
-    let Some(l1) = &s.ctx.l1 else {
+    flush_l1(&s.ctx, flush);
+}
+
+fn flush_l1(ctx: &Ctx, flush: Flush) {
+    let Some(l1) = &ctx.l1 else {
         return;
     };
     match flush {

@@ -61,20 +61,25 @@ pub(super) fn registrations(s: &mut Session, req: &Request) -> Vec<Bytes> {
     };
     let prefix = s.ctx.config.invalidation.prefix.as_bytes();
     let mut evals = Vec::new();
+    let mut removed = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for k in keys.iter().filter(|k| k.write) {
         if !seen.insert(k.key) {
             continue;
         }
         let tags = s.ctx.rules.tags_for(k.key);
-        // A key removed (`DEL`, `UNLINK`) may carry tags given with
-        // `CACHE.TAG` whatever its rule: registering no tags on a key that
-        // is gone takes those with it.
-        if !tags.is_empty() || k.flags.rm {
+        if !tags.is_empty() {
             evals.push(crate::invalidation::tags::register_command(
                 prefix, k.key, &tags,
             ));
+        } else if k.flags.rm {
+            // A key removed (`DEL`, `UNLINK`) may carry tags given with
+            // `CACHE.TAG` whatever its rule: they go with it.
+            removed.push(k.key);
         }
+    }
+    if !removed.is_empty() {
+        evals.push(crate::invalidation::tags::forget_command(prefix, &removed));
     }
     evals
 }

@@ -52,7 +52,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use super::link::Link;
-use crate::cache::glob::KeyPattern;
+use crate::cache::glob::{KeyPattern, MAX_PATTERN_LEN};
 use crate::cache::{Holder, L1};
 use crate::metrics::{Metrics, Source};
 use crate::protocol::{inspect, reply, Proto};
@@ -222,6 +222,11 @@ impl<'a> Reader<'a> {
             PATTERN => {
                 let db = self.varint()?;
                 let glob = self.bytes()?;
+                // What `CACHE.INVALIDATE PATTERN` accepts: compiling a
+                // glob costs memory in proportion to its length.
+                if glob.len() > MAX_PATTERN_LEN {
+                    return None;
+                }
                 Some(Record::Pattern { db, glob })
             }
             FLUSH_DB => Some(Record::FlushDb(self.varint()?)),
@@ -367,6 +372,8 @@ pub struct Bus {
     sent: AtomicU64,
     received: AtomicU64,
     rejected: AtomicU64,
+    /// Pattern walks running or waiting for a blocking thread.
+    walks: std::sync::atomic::AtomicUsize,
 }
 
 impl Bus {
@@ -387,6 +394,7 @@ impl Bus {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            walks: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -488,6 +496,51 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
 }
 
+/// What this instance publishes and Redis has not acknowledged, across
+/// links: messages waiting for the window (`backlog`) and messages sent
+/// (`unacked`, with heartbeat `PING`s as `None`), so that a lost link loses
+/// nothing and a burst never outgrows the window.
+#[derive(Debug, Default)]
+struct Outgoing {
+    unacked: VecDeque<(Instant, Option<Bytes>)>,
+    backlog: VecDeque<Bytes>,
+    backlog_bytes: usize,
+}
+
+impl Outgoing {
+    /// Queues `messages` behind the backlog. A backlog past
+    /// [`MAX_BACKLOG_BYTES`] (a link down for long under heavy writes)
+    /// collapses into one "flush every db".
+    fn queue(&mut self, sender: u64, messages: Vec<Bytes>) {
+        for m in messages {
+            self.backlog_bytes += m.len();
+            self.backlog.push_back(m);
+        }
+        if self.backlog_bytes > MAX_BACKLOG_BYTES {
+            self.backlog.clear();
+            self.backlog.extend(encode(sender, &[Queued::FlushAll]));
+            self.backlog_bytes = self.backlog.iter().map(Bytes::len).sum();
+        }
+    }
+
+    /// After a reconnect: what the last link sent without an answer goes
+    /// first, then the backlog.
+    fn requeue_unacked(&mut self) {
+        let resend: Vec<Bytes> = self.unacked.drain(..).filter_map(|(_, m)| m).collect();
+        for m in resend.into_iter().rev() {
+            self.backlog_bytes += m.len();
+            self.backlog.push_front(m);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.unacked.is_empty() && self.backlog.is_empty()
+    }
+}
+
+/// Most bytes of messages waiting for the window.
+const MAX_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+
 /// Why a link attempt ended.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -517,10 +570,10 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
     let timeouts = control.upstream.timeouts();
     let mut backoff = timeouts.backoff_min;
     let mut failures = 0u32;
-    let mut unacked: VecDeque<(Instant, Option<Bytes>)> = VecDeque::new();
+    let mut out = Outgoing::default();
     loop {
         let started = Instant::now();
-        let err = link(&control, timeouts, &mut unacked, &mut stop).await;
+        let err = link(&control, timeouts, &mut out, &mut stop).await;
         if matches!(err, LinkError::Stopped) {
             return;
         }
@@ -557,12 +610,12 @@ fn lose_trust(control: &Control) {
 async fn link(
     control: &Control,
     timeouts: Timeouts,
-    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
+    out: &mut Outgoing,
     stop: &mut watch::Receiver<()>,
 ) -> LinkError {
     let mut publisher = None;
     let served = tokio::select! {
-        res = link_inner(control, timeouts, unacked, &mut publisher) => res,
+        res = link_inner(control, timeouts, out, &mut publisher) => res,
         _ = stop.changed() => Err(LinkError::Stopped),
     };
     let err = match served {
@@ -572,11 +625,11 @@ async fn link(
     if let (LinkError::Stopped, Some(publisher)) = (&err, publisher.as_mut()) {
         // The last writes of draining sessions: publish them before going.
         let last = async {
-            let messages = encode(control.bus.id, &control.bus.take());
-            publish(control, publisher, unacked, messages).await?;
-            while !unacked.is_empty() {
+            out.queue(control.bus.id, encode(control.bus.id, &control.bus.take()));
+            while !out.is_empty() {
+                publish(control, publisher, out).await?;
                 publisher.next_frame().await?;
-                unacked.pop_front();
+                out.unacked.pop_front();
             }
             Ok::<(), LinkError>(())
         };
@@ -593,7 +646,7 @@ async fn link(
 async fn link_inner(
     control: &Control,
     timeouts: Timeouts,
-    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
+    out: &mut Outgoing,
     publisher_slot: &mut Option<Link>,
 ) -> Result<std::convert::Infallible, LinkError> {
     let bus = &control.bus;
@@ -631,8 +684,8 @@ async fn link_inner(
     bus.links.fetch_add(1, Ordering::Relaxed);
     control.metrics.set_bus_up(true);
     tracing::info!(event = "bus_up", channel = %String::from_utf8_lossy(bus.channel()), id = bus.id, "invalidation bus link up");
-    let resend: Vec<Bytes> = unacked.drain(..).filter_map(|(_, m)| m).collect();
-    publish(control, publisher, unacked, resend).await?;
+    out.requeue_unacked();
+    publish(control, publisher, out).await?;
 
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -650,20 +703,21 @@ async fn link_inner(
                         reply: String::from_utf8_lossy(&frame).trim_end().to_owned(),
                     });
                 }
-                if unacked.pop_front().is_none() {
+                if out.unacked.pop_front().is_none() {
                     return Err(LinkError::Io("a reply arrived on the bus publisher that tierd did not ask for".into()));
                 }
+                publish(control, publisher, out).await?;
             }
             _ = bus.wake.notified() => {
-                let messages = encode(bus.id, &bus.take());
-                publish(control, publisher, unacked, messages).await?;
+                out.queue(bus.id, encode(bus.id, &bus.take()));
+                publish(control, publisher, out).await?;
             }
             _ = tick.tick() => {
                 let late = |sent: Option<&Instant>| sent.is_some_and(|t| t.elapsed() > timeouts.command);
                 if late(subscriber.pings.front()) {
                     return Err(LinkError::Lagging("PING", timeouts.command));
                 }
-                if late(unacked.front().map(|(t, _)| t)) {
+                if late(out.unacked.front().map(|(t, _)| t)) {
                     return Err(LinkError::Lagging("PUBLISH", timeouts.command));
                 }
                 subscriber.send(b"*1\r\n$4\r\nPING\r\n").await?;
@@ -671,7 +725,7 @@ async fn link_inner(
                 // The publisher too: a Redis `timeout` must not close an
                 // idle one, which would flush L1.
                 publisher.send(b"*1\r\n$4\r\nPING\r\n").await?;
-                unacked.push_back((Instant::now(), None));
+                out.unacked.push_back((Instant::now(), None));
             }
         }
     }
@@ -696,33 +750,31 @@ async fn setname(link: &mut Link, name: &str, timeouts: Timeouts) -> Result<(), 
     }
 }
 
-/// Publishes `messages` in one write; each waits in `unacked` for its
-/// reply (where a heartbeat `PING` waits as `None`).
+/// Publishes as much of the backlog as the window takes, in one write;
+/// each message then waits in `unacked` for its reply.
 async fn publish(
     control: &Control,
     publisher: &mut Link,
-    unacked: &mut VecDeque<(Instant, Option<Bytes>)>,
-    messages: Vec<Bytes>,
+    out: &mut Outgoing,
 ) -> Result<(), LinkError> {
-    if messages.is_empty() {
+    let room = MAX_UNACKED.saturating_sub(out.unacked.len());
+    let n = room.min(out.backlog.len());
+    if n == 0 {
         return Ok(());
     }
-    if unacked.len() + messages.len() > MAX_UNACKED {
-        return Err(LinkError::Lagging("PUBLISH", Duration::ZERO));
-    }
     let channel = control.bus.channel();
-    let mut out = Vec::new();
-    for m in &messages {
-        out.extend_from_slice(&reply::encode_command(&[b"PUBLISH", channel, m]));
-    }
-    // Remembered before the write: if it fails halfway, the next link
-    // sends them all again.
+    let mut wire = Vec::new();
+    // Moved to `unacked` before the write: if it fails halfway, the next
+    // link sends them all again.
     let now = Instant::now();
-    let count = messages.len();
-    unacked.extend(messages.into_iter().map(|m| (now, Some(m))));
-    publisher.send(&out).await?;
-    control.bus.sent.fetch_add(count as u64, Ordering::Relaxed);
-    for _ in 0..count {
+    for m in out.backlog.drain(..n) {
+        out.backlog_bytes -= m.len();
+        wire.extend_from_slice(&reply::encode_command(&[b"PUBLISH", channel, &m]));
+        out.unacked.push_back((now, Some(m)));
+    }
+    publisher.send(&wire).await?;
+    control.bus.sent.fetch_add(n as u64, Ordering::Relaxed);
+    for _ in 0..n {
         control.metrics.bus_sent();
     }
     Ok(())
@@ -749,12 +801,12 @@ fn on_frame(control: &Control, subscriber: &mut Link, frame: &[u8], max_depth: u
 /// [`crate::cache::Store::invalidate_matching`] for a Redis glob, on a
 /// blocking thread: the walk visits every entry (some 200 ms for 150k),
 /// which must not hold up the sessions sharing this runtime thread.
-/// Returns how many keys had a reply cached.
-pub(crate) async fn drop_matching(l1: Arc<L1>, glob: Vec<u8>) -> u64 {
+/// Returns how many keys had a reply cached. Each glob is compiled once.
+pub(crate) async fn drop_matching(l1: Arc<L1>, globs: Vec<Vec<u8>>) -> u64 {
     let walk = tokio::task::spawn_blocking(move || {
-        let pattern = KeyPattern::new(&glob);
+        let patterns: Vec<KeyPattern> = globs.iter().map(|g| KeyPattern::new(g)).collect();
         l1.store
-            .invalidate_matching(Instant::now(), |k| pattern.matches(k))
+            .invalidate_matching(Instant::now(), |k| patterns.iter().any(|p| p.matches(k)))
     });
     // The walk cannot panic short of a bug; a lost count is then all that
     // is lost, since the fills were cancelled first.
@@ -785,6 +837,7 @@ fn on_message(control: &Control, payload: &[u8]) {
     bus.received.fetch_add(1, Ordering::Relaxed);
     control.metrics.bus_received();
     let store = &control.l1.store;
+    let mut globs = Vec::new();
     for record in msg.records {
         match record {
             Record::Keys { keys, .. } => {
@@ -796,27 +849,7 @@ fn on_message(control: &Control, payload: &[u8]) {
                 control.metrics.invalidated(Source::Bus, keys.len() as u64);
                 tracing::trace!(event = "invalidated", source = "bus", keys = keys.len());
             }
-            Record::Pattern { glob, .. } => {
-                // The walk runs beside the bus, which goes on reading:
-                // what it applies meanwhile (keys, flushes) does not
-                // depend on it.
-                let (l1, metrics, glob) =
-                    (control.l1.clone(), control.metrics.clone(), glob.to_vec());
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let n = drop_matching(l1, glob.clone()).await;
-                    metrics.invalidated(Source::Bus, n);
-                    tracing::info!(
-                        event = "invalidated",
-                        source = "bus",
-                        kind = "pattern",
-                        pattern = %crate::admin::shown(&glob),
-                        keys = n,
-                        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        "dropped L1 keys matching a pattern from another instance"
-                    );
-                });
-            }
+            Record::Pattern { glob, .. } => globs.push(glob.to_vec()),
             Record::FlushDb(db) => {
                 store.flush_db(db);
                 control.metrics.flushed(Some(Source::Bus));
@@ -840,6 +873,55 @@ fn on_message(control: &Control, payload: &[u8]) {
             }
         }
     }
+    if !globs.is_empty() {
+        drop_patterns(control, globs);
+    }
+}
+
+/// Most pattern walks running or queued at once, and most patterns one
+/// walk matches; past either, a flush is cheaper, and just as correct.
+const MAX_WALKS: usize = 4;
+const MAX_WALK_PATTERNS: usize = 64;
+
+/// Drops the L1 keys matching any of `globs`, beside the bus (which goes on
+/// reading: what it applies meanwhile does not depend on the walk).
+fn drop_patterns(control: &Control, globs: Vec<Vec<u8>>) {
+    let bus = control.bus.clone();
+    if globs.len() > MAX_WALK_PATTERNS || bus.walks.fetch_add(1, Ordering::SeqCst) >= MAX_WALKS {
+        if globs.len() <= MAX_WALK_PATTERNS {
+            bus.walks.fetch_sub(1, Ordering::SeqCst);
+        }
+        control.l1.store.flush_all();
+        control.metrics.flushed(Some(Source::Bus));
+        tracing::info!(
+            event = "invalidated",
+            source = "bus",
+            kind = "flush",
+            patterns = globs.len(),
+            "too many patterns from other instances at once: L1 flushed instead"
+        );
+        return;
+    }
+    let (l1, metrics) = (control.l1.clone(), control.metrics.clone());
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let shown: Vec<String> = globs
+            .iter()
+            .map(|g| crate::admin::shown(g).into_owned())
+            .collect();
+        let n = drop_matching(l1, globs).await;
+        bus.walks.fetch_sub(1, Ordering::SeqCst);
+        metrics.invalidated(Source::Bus, n);
+        tracing::info!(
+            event = "invalidated",
+            source = "bus",
+            kind = "pattern",
+            pattern = ?shown,
+            keys = n,
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "dropped L1 keys matching patterns from another instance"
+        );
+    });
 }
 
 #[cfg(test)]

@@ -127,6 +127,20 @@ for i = 3, #KEYS do
     end
   end
 end
+-- Tags given earlier (CACHE.TAG) must cover the key's new expiry too.
+if redis.call('TYPE', rev).ok == 'set' then
+  for _, t in ipairs(redis.call('SMEMBERS', rev)) do
+    local side = prefix .. 'tag:' .. t
+    if redis.call('SISMEMBER', side, key) == 1 then
+      local sttl = redis.call('PTTL', side)
+      if pttl == -1 then
+        redis.call('PERSIST', side)
+      elseif sttl >= 0 and sttl < pttl then
+        redis.call('PEXPIRE', side, pttl)
+      end
+    end
+  end
+end
 if pttl == -1 then
   redis.call('PERSIST', rev)
 else
@@ -135,13 +149,15 @@ end
 return added
 ";
 
-/// `KEYS` keys popped from the sidecar of tag `ARGV[2]` (`ARGV[1]` the
-/// prefix): deletes those that carry the tag, with their bookkeeping
-/// (their reverse index, and their membership in their other tags);
-/// returns how many keys were deleted.
-const DROP_TAGGED: &str = r"
+/// `KEYS[1]` the sidecar of tag `ARGV[2]` (`ARGV[1]` the prefix): pops up
+/// to `ARGV[3]` members and deletes those that carry the tag, with their
+/// bookkeeping (their reverse index, and their place in their other tags).
+/// Returns how many keys were deleted, then the members popped. One script,
+/// so that a failure cannot pop members without deleting them.
+const DRAIN_TAG: &str = r"
 local prefix, tag, removed = ARGV[1], ARGV[2], 0
-for _, key in ipairs(KEYS) do
+local members = redis.call('SPOP', KEYS[1], tonumber(ARGV[3]))
+for _, key in ipairs(members) do
   if tagged(prefix, key, tag) then
     removed = removed + redis.call('UNLINK', key)
     local rev = prefix .. 'keytags:' .. key
@@ -151,7 +167,25 @@ for _, key in ipairs(KEYS) do
     redis.call('UNLINK', rev)
   end
 end
-return removed
+table.insert(members, 1, removed)
+return members
+";
+
+/// `KEYS` keys a write may have removed (`ARGV[1]` the prefix): those that
+/// are gone lose their tags (their reverse index, and their place in the
+/// sidecars it names). See [`forget_command`].
+const FORGET: &str = r"
+local prefix = ARGV[1]
+for _, key in ipairs(KEYS) do
+  local rev = prefix .. 'keytags:' .. key
+  if redis.call('EXISTS', key) == 0 and redis.call('TYPE', rev).ok == 'set' then
+    for _, t in ipairs(redis.call('SMEMBERS', rev)) do
+      redis.call('SREM', prefix .. 'tag:' .. t, key)
+    end
+    redis.call('UNLINK', rev)
+  end
+end
+return 0
 ";
 
 /// `KEYS` keys to delete (`ARGV[1]` the prefix): unlinks them and their
@@ -241,9 +275,11 @@ fn eval(parts: &[&str], keys: &[&[u8]], args: &[&[u8]]) -> Bytes {
 ///   write, takes its tags with it);
 /// - otherwise adds it to each sidecar, extends each sidecar's expiry to
 ///   cover the key (no expiry if the key has none; a sidecar without one
-///   keeps none), records the tags in the key's reverse index, which gets
-///   the key's exact expiry, and prunes two random members of each sidecar
-///   that no longer exist or no longer carry the tag;
+///   keeps none), and does the same for the sidecars of the tags the key
+///   already had (given with `CACHE.TAG`, say), records the tags in the
+///   key's reverse index, which gets the key's exact expiry, and prunes two
+///   random members of each sidecar that no longer exist or no longer
+///   carry the tag;
 /// - returns how many sidecars the key was newly added to.
 ///
 /// It reads the key's TTL when it runs, so it belongs *after* the write it
@@ -265,6 +301,13 @@ pub fn register_command(prefix: &[u8], key: &[u8], tags: &[Vec<u8>]) -> Bytes {
     args.push(prefix);
     args.extend(tags);
     eval(&[TAGGED, REGISTER], &keys, &args)
+}
+
+/// The command that makes keys a write removed (`DEL k1 k2 …`) lose their
+/// tags: one `EVAL` for all of them, which leaves the keys that still exist
+/// alone. It belongs *after* the write, inside the same `MULTI`.
+pub fn forget_command(prefix: &[u8], keys: &[&[u8]]) -> Bytes {
+    eval(&[FORGET], keys, &[prefix])
 }
 
 /// Sends `requests` back to back on `conn` (nothing from other senders
@@ -375,9 +418,9 @@ async fn unlink(conn: &Conn, prefix: &[u8], keys: &[Bytes]) -> Result<u64, TagEr
 /// `on_batch` sees each batch of keys once it is gone (for the caller to
 /// drop them from L1 everywhere).
 ///
-/// The sidecar is drained [`BATCH`] members at a time (`SPOP`, then one
-/// script that deletes the members that still carry the tag by their
-/// reverse index, with their bookkeeping), at most as many members as it
+/// The sidecar is drained [`BATCH`] members at a time (one script pops
+/// them and deletes those that still carry the tag by their reverse index,
+/// with their bookkeeping), at most as many members as it
 /// had at the start: keys tagged while this runs may or may not go, but a
 /// stream of new ones cannot keep it going forever. What a failure leaves
 /// is still in the sidecar, so running the command again finishes the job.
@@ -398,15 +441,24 @@ pub async fn invalidate_tag(
     let mut removed = 0;
     while left > 0 {
         let n = left.min(BATCH as u64).to_string();
-        let spop = reply::encode_command(&[b"SPOP", &side, n.as_bytes()]);
-        let members = strings(&call(conn, &spop).await?, "SPOP")?;
+        let frame = call(
+            conn,
+            &eval(&[TAGGED, DRAIN_TAG], &[&side], &[prefix, tag, n.as_bytes()]),
+        )
+        .await?;
+        let what = "the tag drain script";
+        let els = inspect::elements(&frame, DEPTH).ok_or(TagError::Unexpected(what))?;
+        let (first, rest) = els.split_first().ok_or(TagError::Unexpected(what))?;
+        removed += count(first, what)?;
+        let members: Vec<Bytes> = rest
+            .iter()
+            .map(|m| inspect::string_payload(m).map(Bytes::copy_from_slice))
+            .collect::<Option<_>>()
+            .ok_or(TagError::Unexpected(what))?;
         if members.is_empty() {
             break;
         }
         left = left.saturating_sub(members.len() as u64);
-        let keys: Vec<&[u8]> = members.iter().map(|k| &k[..]).collect();
-        let dropped = call(conn, &eval(&[TAGGED, DROP_TAGGED], &keys, &[prefix, tag])).await?;
-        removed += count(&dropped, "the tag drop script")?;
         on_batch(&members);
     }
     Ok(removed)

@@ -28,6 +28,7 @@ pub fn rule(name: &str, pattern: &str, ttl: Duration) -> RuleConfig {
         cache: true,
         negative: true,
         tags: Vec::new(),
+        compress: None,
     }
 }
 
@@ -41,6 +42,7 @@ pub fn no_cache_rule(name: &str, pattern: &str) -> RuleConfig {
         cache: false,
         negative: false,
         tags: Vec::new(),
+        compress: None,
     }
 }
 
