@@ -372,7 +372,8 @@ fn keys(ctx: &Ctx, req: &Request) -> Bytes {
 /// `CACHE.TAGS` reads them) and `variants`: per cached reply, `command` (its
 /// arguments, the name lowercased), `db`, `protocol` (2 or 3), `ttl_ms`
 /// (left to live), `size` (of the reply, in bytes) and `compressed`
-/// (always false: tierd does not compress yet). Hits are counted per rule
+/// (whether L1 keeps that value compressed: a `GET` of a key whose rule has
+/// `compress`). Hits are counted per rule
 /// (`CACHE.STATS`), not per entry, so none are shown.
 fn inspect(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
     let (2, Some(key)) = (req.args.len(), req.arg(1)) else {
@@ -430,7 +431,13 @@ fn inspect(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
         reply::bulk(&mut out, b"size");
         int(&mut out, v.size as u64);
         reply::bulk(&mut out, b"compressed");
-        boolean(&mut out, false, proto);
+        let compressible = l1
+            .rules
+            .iter()
+            .nth(rule)
+            .is_some_and(|r| r.compress.is_some());
+        let get = v.args.first().is_some_and(|a| &a[..] == b"get");
+        boolean(&mut out, compressible && get && v.framed, proto);
     }
     out.freeze()
 }

@@ -496,6 +496,9 @@ pub struct Session {
     /// flush published): what [`Session::stream_hooks`] collapses into when
     /// it overflows. 0 when nothing is pending.
     pub(crate) stream_flush_after: usize,
+    /// Replies inside the open transaction that carry compressed values:
+    /// (index in `EXEC`'s array, what to decode).
+    pub(crate) multi_decodes: Vec<(usize, crate::dispatch::compression::Decode)>,
 }
 
 impl Drop for Session {
@@ -557,6 +560,7 @@ impl Session {
             multi_hooks: Vec::new(),
             stream_hooks: VecDeque::new(),
             stream_flush_after: 0,
+            multi_decodes: Vec::new(),
             last_command: None,
         }
     }
@@ -623,6 +627,7 @@ impl Session {
         self.pinned = None;
         self.spare = None;
         self.multi_hooks.clear();
+        self.multi_decodes.clear();
         self.stream_hooks.clear();
         self.stream_flush_after = 0;
         self.note_pinned();

@@ -261,6 +261,22 @@ fn saves_enough(original: usize, framed: usize) -> bool {
     (framed as u64).saturating_mul(10) <= (original as u64).saturating_mul(9)
 }
 
+/// Whether a RESP reply is a bulk string whose value starts with
+/// [`MAGIC`]: how L1 tells a value it keeps compressed from a plain one
+/// (for a compressing rule, a plain value that starts with the magic is
+/// always framed, so the two cannot be confused).
+pub fn is_framed_bulk(reply: &[u8]) -> bool {
+    if reply.first() != Some(&b'$') {
+        return false;
+    }
+    let Some(start) = reply.windows(2).position(|w| w == b"\r\n") else {
+        return false;
+    };
+    reply
+        .get(start + 2..)
+        .is_some_and(|payload| payload.starts_with(&MAGIC))
+}
+
 #[cfg(test)]
 // Tests may unwrap and panic: a failure is the point.
 #[allow(clippy::unwrap_used, clippy::panic)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::cache::glob::Glob;
 use crate::cache::template::TagTemplate;
-use crate::config::RuleConfig;
+use crate::config::{CompressConfig, RuleConfig};
 
 /// One rule, ready for matching.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Rule {
     pub negative: bool,
     /// The tags of matching keys, templates over the pattern's captures.
     pub tags: Vec<TagTemplate>,
+    /// How matching keys' string values are compressed, if they are.
+    pub compress: Option<CompressConfig>,
 }
 
 /// The rules in match order. A rule's index here is its index in the L1
@@ -39,6 +41,8 @@ pub struct Rules {
     /// most configurations have none, so this lets [`Rules::tags_for`]
     /// answer without trying a single pattern.
     any_tags: bool,
+    /// Whether some rule compresses, for the same reason.
+    any_compress: bool,
 }
 
 impl Rules {
@@ -54,9 +58,11 @@ impl Rules {
                     cache: r.cache,
                     negative: r.negative,
                     tags: r.tags.clone(),
+                    compress: r.compress,
                 })
                 .collect(),
             any_tags: rules.iter().any(|r| !r.tags.is_empty()),
+            any_compress: rules.iter().any(|r| r.compress.is_some()),
         }
     }
 
@@ -102,6 +108,21 @@ impl Rules {
     /// Whether any rule has tags.
     pub fn any_tags(&self) -> bool {
         self.any_tags
+    }
+
+    /// How `key`'s string values are compressed: the first matching rule's
+    /// `compress`, `cache = false` or not. `None` without trying a pattern
+    /// when no rule compresses.
+    pub fn compress_for(&self, key: &[u8]) -> Option<CompressConfig> {
+        if !self.any_compress {
+            return None;
+        }
+        self.rules.iter().find(|r| r.pattern.matches(key))?.compress
+    }
+
+    /// Whether any rule compresses.
+    pub fn any_compress(&self) -> bool {
+        self.any_compress
     }
 
     /// All rules, in order.

@@ -333,6 +333,9 @@ pub struct VariantInfo {
     pub ttl: std::time::Duration,
     /// The reply's length in bytes.
     pub size: usize,
+    /// The reply is a bulk string holding a compressed value (see
+    /// [`crate::cache::compress::is_framed_bulk`]).
+    pub framed: bool,
 }
 
 /// Permission to cache one reply for one key, from [`Store::begin_fill`].
@@ -1446,6 +1449,9 @@ impl Store {
                         args: stored_args(&r, key)?,
                         ttl: std::time::Duration::from_nanos(r.expires.saturating_sub(now)),
                         size: r.reply.len(),
+                        framed: entry
+                            .get(r.reply.clone())
+                            .is_some_and(crate::cache::compress::is_framed_bulk),
                     })
                 })
                 .collect();

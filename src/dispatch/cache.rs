@@ -27,10 +27,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::compression::{self, Decode};
 use super::{choose, error, leave_pinned, must_wait, needs_pin, Flow, Want};
 use crate::cache::store::{encode_arg, encode_request, VariantRef};
 use crate::cache::{FillToken, ReplySlice, Variant, L1};
 use crate::command::{Command, Keys, Kind};
+use crate::config::CompressConfig;
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Ctx, Route, Session};
@@ -80,6 +82,8 @@ pub(crate) enum Hook {
         fill: Option<u64>,
         /// One per key of the client's `MGET`.
         parts: Vec<Part>,
+        /// Which keys' values come compressed from upstream, by key.
+        decode: Vec<bool>,
     },
     /// `EXEC`: the hooks of the writes it ran.
     Many(Vec<Hook>),
@@ -94,6 +98,15 @@ pub(crate) enum Hook {
     },
     /// `INFO`: tierd's own sections are appended to upstream's reply.
     Info(crate::admin::Sections),
+    /// A reply that carries compressed values: `inner` runs on the reply
+    /// as it came (a fill keeps it compressed), then the client's frame is
+    /// decoded ([`super::compression`]).
+    Decoded {
+        /// What to decode.
+        decode: Decode,
+        /// The request's own hook.
+        inner: Option<Box<Hook>>,
+    },
 }
 
 /// Which dbs a flush empties.
@@ -114,6 +127,8 @@ pub(crate) enum Flush {
 pub(crate) enum Part {
     /// Answered from L1.
     Hit(ReplySlice),
+    /// Answered from L1, where it was kept compressed: the restored reply.
+    Restored(Bytes),
     /// Element `n` of the upstream `MGET`'s reply.
     Miss(usize),
 }
@@ -136,6 +151,9 @@ struct FillEntry {
     variant: Variant,
     /// For an `MGET`: which element of the upstream reply is this key's.
     element: usize,
+    /// The rule's compression, for a value read (`GET`, `MGET`): L1 keeps
+    /// the large ones compressed.
+    compress: Option<CompressConfig>,
     reply: Option<Bytes>,
     pttl: Option<i64>,
 }
@@ -154,7 +172,15 @@ fn eligible(s: &Session) -> bool {
 /// A hit is the hot path: the request is encoded into the session's scratch
 /// buffer, the reply is copied straight from the entry into the client's
 /// output, and nothing is allocated.
-pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
+///
+/// `decode` says which values in the reply come compressed from upstream
+/// ([`super::compression::plan`]); L1 keeps large values of compressing
+/// rules compressed, and restores them on a hit.
+pub(crate) fn read(
+    s: &mut Session,
+    req: Request,
+    decode: Option<&Decode>,
+) -> Result<Flow, Request> {
     // A request in flight on the dedicated connection (a blocking read,
     // say) runs before this one in Redis: a hit now would answer with a
     // value from before it.
@@ -164,8 +190,13 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
     }
     s.refresh_table();
     if req.name().eq_ignore_ascii_case(b"MGET") {
-        return mget(s, req);
+        let flags = match decode {
+            Some(Decode::Elements(flags)) => flags.clone(),
+            _ => Vec::new(),
+        };
+        return mget(s, req, flags);
     }
+    let value_read = req.name().eq_ignore_ascii_case(b"GET");
     let (db, proto, now) = (s.state.db, s.state.proto, s.now);
     // Field by field, so that the hit can write to the session's output
     // while the table and the store are borrowed.
@@ -191,9 +222,16 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
             request: &scratch,
         };
         let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
+        let compress = rule.compress.filter(|_| value_read);
+        let ctx = &*s.ctx;
         let hit = l1.store.get_with(rule_index, key, &[variant], now, |hit| {
-            let shared = || Bytes::from_owner(hit.clone());
-            crate::session::answer(queue, out, mode, hit.as_ref(), shared);
+            if compress.is_some() && compression::l1_compressed(hit.as_ref()) {
+                let plain = compression::l1_hit(ctx, hit.as_ref());
+                crate::session::answer(queue, out, mode, &plain, || plain.clone());
+            } else {
+                let shared = || Bytes::from_owner(hit.clone());
+                crate::session::answer(queue, out, mode, hit.as_ref(), shared);
+            }
         });
         let request = hit.is_none().then(|| Bytes::copy_from_slice(&scratch));
         crate::session::keep_scratch(&mut s.scratch, scratch);
@@ -206,9 +244,10 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
             rule.negative,
             Bytes::copy_from_slice(key),
             Variant { db, proto, request },
+            compress,
         )
     };
-    let (rule_index, ttl, negative, key, variant) = miss;
+    let (rule_index, ttl, negative, key, variant, compress) = miss;
     let Some((conn, route)) = fill_conn(s, true) else {
         return Err(req);
     };
@@ -225,6 +264,7 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
         negative,
         variant,
         element: 0,
+        compress,
         reply: None,
         pttl: None,
     };
@@ -239,7 +279,14 @@ pub(crate) fn read(s: &mut Session, req: Request) -> Result<Flow, Request> {
             pttls_left: 1,
         },
     );
-    register(s, seq, Hook::Fill(id));
+    let hook = match decode {
+        Some(decode) => Hook::Decoded {
+            decode: decode.clone(),
+            inner: Some(Box::new(Hook::Fill(id))),
+        },
+        None => Hook::Fill(id),
+    };
+    register(s, seq, hook);
     send_fill(s, &conn, route, seq, Some(id), &req.raw, &[key]);
     Ok(Flow::Continue)
 }
@@ -325,7 +372,9 @@ fn send_fill(
 }
 
 /// `MGET key [key ...]`, split: hits from L1, misses in one upstream `MGET`.
-fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
+///
+/// `decode` flags the keys whose values come compressed from upstream.
+fn mget(s: &mut Session, req: Request, decode: Vec<bool>) -> Result<Flow, Request> {
     let Some(l1) = s.ctx.l1.clone() else {
         return Err(req);
     };
@@ -344,9 +393,13 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
     let mut scratch = std::mem::take(&mut s.scratch);
     for key in keys {
         let rule = l1.rules.find(key);
-        if let Some((rule_index, _)) = rule {
+        if let Some((rule_index, r)) = rule {
             if let Some(hit) = mget_lookup(l1, rule_index, key, db, proto, now, &mut scratch) {
-                parts.push(Part::Hit(hit));
+                if r.compress.is_some() && compression::l1_compressed(hit.as_ref()) {
+                    parts.push(Part::Restored(compression::l1_hit(&s.ctx, hit.as_ref())));
+                } else {
+                    parts.push(Part::Hit(hit));
+                }
                 continue;
             }
         }
@@ -364,14 +417,17 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
             .iter()
             .map(|p| match p {
                 Part::Hit(hit) => hit.as_ref().len(),
+                Part::Restored(plain) => plain.len(),
                 Part::Miss(_) => 0,
             })
             .sum();
         let mut assembled = BytesMut::with_capacity(len + 16);
         reply::array_header(&mut assembled, parts.len());
         for part in &parts {
-            if let Part::Hit(hit) = part {
-                assembled.extend_from_slice(hit.as_ref());
+            match part {
+                Part::Hit(hit) => assembled.extend_from_slice(hit.as_ref()),
+                Part::Restored(plain) => assembled.extend_from_slice(plain),
+                Part::Miss(_) => {}
             }
         }
         let assembled = assembled.freeze();
@@ -414,6 +470,7 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
                 negative: rule.negative,
                 variant: get_variant(db, proto, key),
                 element,
+                compress: rule.compress,
                 reply: None,
                 pttl: None,
             });
@@ -439,7 +496,15 @@ fn mget(s: &mut Session, req: Request) -> Result<Flow, Request> {
         );
         Some(id)
     };
-    register(s, seq, Hook::Mget { fill, parts });
+    register(
+        s,
+        seq,
+        Hook::Mget {
+            fill,
+            parts,
+            decode,
+        },
+    );
     // Without a fill, id 0 names nothing: no PTTL or CACHING reply is
     // asked for.
     send_fill(s, &conn, route, seq, fill, &raw, &keys);
@@ -526,10 +591,11 @@ impl Hook {
     /// Whether the hook belongs to a write (counted in
     /// `Session::writes_in_flight`).
     fn is_write(&self) -> bool {
-        matches!(
-            self,
-            Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_) | Hook::Tagged { .. }
-        )
+        match self {
+            Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_) | Hook::Tagged { .. } => true,
+            Hook::Decoded { inner, .. } => inner.as_ref().is_some_and(|h| h.is_write()),
+            Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => false,
+        }
     }
 }
 
@@ -593,14 +659,31 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
                 None => frame,
             }
         }
-        Hook::Mget { fill, parts } => assemble_mget(s, fill, parts, frame),
+        Hook::Mget {
+            fill,
+            parts,
+            decode,
+        } => assemble_mget(s, fill, parts, &decode, frame),
+        Hook::Decoded { decode, inner } => {
+            let frame = match inner {
+                Some(hook) => run(s, *hook, frame),
+                None => frame,
+            };
+            compression::decode_reply(&s.ctx, frame, &decode)
+        }
         Hook::Info(sections) => crate::admin::append_info(&s.ctx, sections, frame),
     }
 }
 
 /// The client's `MGET` reply from its hits and the upstream reply for the
 /// misses; keeps the elements being cached.
-fn assemble_mget(s: &mut Session, fill: Option<u64>, parts: Vec<Part>, frame: Bytes) -> Bytes {
+fn assemble_mget(
+    s: &mut Session,
+    fill: Option<u64>,
+    parts: Vec<Part>,
+    decode: &[bool],
+    frame: Bytes,
+) -> Bytes {
     let depth = s.ctx.config.limits.max_reply_depth;
     let misses = parts.iter().filter(|p| matches!(p, Part::Miss(_))).count();
     let elements = match inspect::elements(&frame, depth) {
@@ -619,10 +702,19 @@ fn assemble_mget(s: &mut Session, fill: Option<u64>, parts: Vec<Part>, frame: By
     };
     let mut out = BytesMut::with_capacity(frame.len() + parts.len() * 16);
     reply::array_header(&mut out, parts.len());
-    for part in &parts {
+    for (i, part) in parts.iter().enumerate() {
         match part {
             Part::Hit(hit) => out.extend_from_slice(hit.as_ref()),
-            Part::Miss(n) => out.extend_from_slice(elements.get(*n).copied().unwrap_or(b"")),
+            Part::Restored(plain) => out.extend_from_slice(plain),
+            Part::Miss(n) => {
+                let el = elements.get(*n).copied().unwrap_or(b"");
+                if decode.get(i).copied().unwrap_or(false) {
+                    let el = frame.slice_ref(el);
+                    out.extend_from_slice(&compression::decode_reply(&s.ctx, el, &Decode::Bulk));
+                } else {
+                    out.extend_from_slice(el);
+                }
+            }
         }
     }
     if let Some(pending) = fill.and_then(|id| s.fills.get_mut(&id)) {
@@ -708,6 +800,10 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
             -2 if tracked || looks_absent(&reply) => entry.ttl,
             ms if ms >= 0 => entry.ttl.min(Duration::from_millis(ms.unsigned_abs())),
             _ => continue,
+        };
+        let reply = match &entry.compress {
+            Some(c) => compression::l1_form(c, reply, s.ctx.config.l1.max_value_size),
+            None => reply,
         };
         l1.store.finish_fill(
             entry.token,
@@ -818,6 +914,11 @@ fn announce_hook(ctx: &Ctx, db: u32, hook: &Hook) {
         }
         Hook::Tagged { write, .. } => {
             if let Some(hook) = write {
+                announce_hook(ctx, db, hook);
+            }
+        }
+        Hook::Decoded { inner, .. } => {
+            if let Some(hook) = inner {
                 announce_hook(ctx, db, hook);
             }
         }

@@ -258,7 +258,7 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
 /// meanwhile and what arrived is handed back: a client tracking the keys a
 /// job deletes gets a push per key, and a full channel would hold up the
 /// connection, and with it the job's own replies, for good.
-async fn drive<F: Future>(
+pub(super) async fn drive<F: Future>(
     pushes: Option<&mut mpsc::Receiver<Upstreamed>>,
     work: F,
 ) -> (F::Output, Vec<Upstreamed>) {

@@ -23,6 +23,8 @@
 //! touches sockets of its own.
 
 pub(crate) mod cache;
+pub(crate) mod compression;
+pub(crate) mod emulate;
 pub(crate) mod jobs;
 pub(crate) mod tagging;
 
@@ -37,6 +39,7 @@ use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{ClientRef, Pinned, ReplyMode, Route, Session, Slot, PINNED_CHANNEL};
 use crate::upstream::{Conn, Credentials, HelloInfo, Identity, ReplyTo, UpstreamError, Upstreamed};
+use compression::Plan;
 
 /// What the session does after a request was dispatched.
 pub(crate) enum Flow {
@@ -138,6 +141,20 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
             // INFO is queued like any other command: its result in EXEC's
             // reply is upstream's alone, without tierd's sections.
             _ => {
+                let req = match compression::plan(&s.ctx, &req) {
+                    Plan::Pass => req,
+                    Plan::Emulate => {
+                        s.local(emulate::refused_in_multi(&req));
+                        s.state.multi_aborted = true;
+                        return Flow::Continue;
+                    }
+                    Plan::Forward { request, decode } => {
+                        if let Some(decode) = decode {
+                            s.multi_decodes.push((s.state.queued, decode));
+                        }
+                        request.unwrap_or(req)
+                    }
+                };
                 if let Some(effect) = queued_effect(kind, &req) {
                     s.state.queued_effects.push((s.state.queued, effect));
                 }
@@ -152,17 +169,34 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     }
 
     match kind {
-        Kind::Plain if req.raw.len() > LARGE_REQUEST => {
-            let hook = cache::before_write(s, &req);
-            forward_write(s, req, Want::Pinned, hook).await
-        }
         Kind::Plain => {
-            let req = match cache::read(s, req) {
-                Ok(flow) => return flow,
-                Err(req) => req,
+            let (req, decode) = match compression::plan(&s.ctx, &req) {
+                Plan::Pass => (req, None),
+                Plan::Emulate => return emulate::run(s, req).await,
+                Plan::Forward { request, decode } => (request.unwrap_or(req), decode),
+            };
+            let want = if req.raw.len() > LARGE_REQUEST {
+                Want::Pinned
+            } else {
+                Want::Any
+            };
+            let req = if want == Want::Any {
+                match cache::read(s, req, decode.as_ref()) {
+                    Ok(flow) => return flow,
+                    Err(req) => req,
+                }
+            } else {
+                req
             };
             let hook = cache::before_write(s, &req);
-            forward_write(s, req, Want::Any, hook).await
+            let hook = match decode {
+                Some(decode) => Some(cache::Hook::Decoded {
+                    decode,
+                    inner: hook.map(Box::new),
+                }),
+                None => hook,
+            };
+            forward_write(s, req, want, hook).await
         }
         Kind::Blocking => {
             let hook = cache::before_write(s, &req);
@@ -748,11 +782,19 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
     }
     let hook = exec_hook(s, kind);
     let result = alone(s, &req.raw).await;
+    let decode = match &hook {
+        Some(cache::Hook::Decoded { decode, .. }) => Some(decode.clone()),
+        _ => None,
+    };
     if let Some(hook) = hook {
         cache::run_now(s, hook);
     }
     match result {
         Ok(reply) => {
+            let reply = match &decode {
+                Some(decode) => compression::decode_reply(&s.ctx, reply, decode),
+                None => reply,
+            };
             let results = inspect::elements(&reply, s.ctx.config.limits.max_reply_depth)
                 .filter(|_| reply.first() == Some(&b'*'))
                 .unwrap_or_default();
@@ -776,12 +818,25 @@ async fn end_transaction(s: &mut Session, req: Request, kind: Kind) -> Flow {
 /// run when EXEC's reply arrives; dropped by DISCARD.
 fn exec_hook(s: &mut Session, kind: Kind) -> Option<cache::Hook> {
     let hooks = std::mem::take(&mut s.multi_hooks);
-    (kind == Kind::Exec && !hooks.is_empty()).then_some(cache::Hook::Many(hooks))
+    let decodes = std::mem::take(&mut s.multi_decodes);
+    if kind != Kind::Exec {
+        return None;
+    }
+    let inner = (!hooks.is_empty()).then_some(cache::Hook::Many(hooks));
+    if decodes.is_empty() {
+        return inner;
+    }
+    // Values read inside the transaction come back in EXEC's array.
+    Some(cache::Hook::Decoded {
+        decode: compression::Decode::Exec(decodes),
+        inner: inner.map(Box::new),
+    })
 }
 
 /// The transaction is over (EXEC or DISCARD): so is any WATCH.
 fn end_multi(s: &mut Session) {
     s.multi_hooks.clear();
+    s.multi_decodes.clear();
     s.state.multi = false;
     s.state.watching = false;
     s.state.multi_aborted = false;
