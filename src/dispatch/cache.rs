@@ -352,23 +352,14 @@ fn send_fill(
     for (i, pttl) in pttls.iter().enumerate() {
         requests.push((pttl, side(i as u64)));
     }
-    match conn.send_all(&requests) {
-        Ok(()) => {
-            s.inflight += 1;
-            s.inflight_route = Some(route);
-        }
-        Err(e) => {
-            s.ctx.metrics.upstream_error();
-            if let Some(id) = fill {
-                s.fills.remove(&id);
-            }
-            let mut frame = e.to_resp();
-            if let Some(hook) = s.hooks.remove(&seq) {
-                frame = after_reply(s, hook, frame);
-            }
-            s.queue.complete(seq, frame);
+    let sent = conn.send_all(&requests);
+    drop(requests);
+    if sent.is_err() {
+        if let Some(id) = fill {
+            s.fills.remove(&id);
         }
     }
+    super::account_send(s, route, seq, sent);
 }
 
 /// `MGET key [key ...]`, split: hits from L1, misses in one upstream `MGET`.

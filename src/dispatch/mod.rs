@@ -554,7 +554,15 @@ fn send_hooked(
             timed,
         },
     };
-    match conn.send(raw, to) {
+    let sent = conn.send(raw, to);
+    account_send(s, route, seq, sent);
+}
+
+/// After a request for queue slot `seq` was handed to a connection: it is
+/// in flight on `route`, or, refused, answered at once with the error (its
+/// hook run on it).
+fn account_send(s: &mut Session, route: Route, seq: u64, sent: Result<(), UpstreamError>) {
+    match sent {
         Ok(()) => {
             s.inflight += 1;
             s.inflight_route = Some(route);

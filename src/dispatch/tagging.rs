@@ -129,20 +129,7 @@ pub(super) async fn forward(
     requests.push((b"*1\r\n$4\r\nEXEC\r\n", to(seq)));
     let sent = conn.send_all(&requests);
     drop(requests);
-    match sent {
-        Ok(()) => {
-            s.inflight += 1;
-            s.inflight_route = Some(route);
-        }
-        Err(e) => {
-            s.ctx.metrics.upstream_error();
-            let mut frame = e.to_resp();
-            if let Some(hook) = s.hooks.remove(&seq) {
-                frame = super::cache::after_reply(s, hook, frame);
-            }
-            s.queue.complete(seq, frame);
-        }
-    }
+    super::account_send(s, route, seq, sent);
     Flow::Continue
 }
 

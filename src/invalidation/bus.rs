@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
-use super::link::Link;
+use super::link::{Link, Reconnect};
 use crate::cache::glob::{KeyPattern, MAX_PATTERN_LEN};
 use crate::cache::{Holder, L1};
 use crate::metrics::{Metrics, Source};
@@ -568,8 +568,7 @@ impl From<String> for LinkError {
 /// starts: nothing is cached before the first subscription is live.
 pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
     let timeouts = control.upstream.timeouts();
-    let mut backoff = timeouts.backoff_min;
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(timeouts);
     let mut out = Outgoing::default();
     loop {
         let started = Instant::now();
@@ -578,21 +577,14 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
             return;
         }
         lose_trust(&control);
-        if started.elapsed() > timeouts.backoff_max {
-            backoff = timeouts.backoff_min;
-            failures = 0;
-        }
-        failures += 1;
-        if failures == 1 {
+        if reconnect.failed(started.elapsed()) == 1 {
             tracing::warn!(event = "bus_lost", error = %err, "invalidation bus link lost: L1 flushed and suspended until it is back");
         } else {
-            tracing::debug!(error = %err, failures, "invalidation bus link still down");
+            tracing::debug!(error = %err, "invalidation bus link still down");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        if !reconnect.wait(&mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(timeouts.backoff_max);
     }
 }
 

@@ -4,13 +4,14 @@
 //! what comes back in order, pushes and pub/sub messages included.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::ReplyFramer;
+use crate::upstream::Timeouts;
 
 /// The socket, its unread input and the heartbeats it waits for.
 pub(crate) struct Link {
@@ -68,5 +69,47 @@ impl Link {
                 Err(e) => return Err(format!("{} read: {e}", self.what)),
             }
         }
+    }
+}
+
+/// The reconnect schedule of a control link: exponential backoff from
+/// `backoff_min` to `backoff_max`, started over once a link has lived
+/// longer than `backoff_max` (its failure is a new one, not a repeat).
+pub(crate) struct Reconnect {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+    failures: u32,
+}
+
+impl Reconnect {
+    pub(crate) fn new(timeouts: Timeouts) -> Reconnect {
+        Reconnect {
+            min: timeouts.backoff_min,
+            max: timeouts.backoff_max,
+            next: timeouts.backoff_min,
+            failures: 0,
+        }
+    }
+
+    /// A link that lived `lived` failed; returns how many links in a row
+    /// have failed (1: a new failure, worth a warning).
+    pub(crate) fn failed(&mut self, lived: Duration) -> u32 {
+        if lived > self.max {
+            self.next = self.min;
+            self.failures = 0;
+        }
+        self.failures += 1;
+        self.failures
+    }
+
+    /// Waits out the backoff; `false` if `stop` fired first.
+    pub(crate) async fn wait(&mut self, stop: &mut tokio::sync::watch::Receiver<()>) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.next) => {}
+            _ = stop.changed() => return false,
+        }
+        self.next = (self.next * 2).min(self.max);
+        true
     }
 }

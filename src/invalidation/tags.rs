@@ -594,26 +594,41 @@ pub async fn set_tagged(
 /// When upstream fails or refuses a step.
 pub async fn members(conn: &Conn, prefix: &[u8], tag: &[u8]) -> Result<Vec<Bytes>, TagError> {
     let side = sidecar(prefix, tag);
+    sscan_checked(conn, &side, "the member check script", |chunk| {
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+        keys.push(&side);
+        keys.extend(chunk.iter().map(|k| &k[..]));
+        eval(&[TAGGED, LIVE_MEMBERS], &keys, &[prefix, tag])
+    })
+    .await
+}
+
+/// Walks the set `set` with `SSCAN` ([`BATCH`] per step) and sends, for each
+/// chunk of members, the script `check` builds, which answers the members
+/// to keep (and prunes the others); returns those, sorted and without the
+/// repeats `SSCAN` may give.
+async fn sscan_checked(
+    conn: &Conn,
+    set: &[u8],
+    what: &'static str,
+    check: impl Fn(&[Bytes]) -> Bytes,
+) -> Result<Vec<Bytes>, TagError> {
     let batch = BATCH.to_string();
     let mut cursor = Bytes::from_static(b"0");
     let mut out = Vec::new();
     loop {
-        let sscan = reply::encode_command(&[b"SSCAN", &side, &cursor, b"COUNT", batch.as_bytes()]);
+        let sscan = reply::encode_command(&[b"SSCAN", set, &cursor, b"COUNT", batch.as_bytes()]);
         let (next, found) = scan_reply(&call(conn, &sscan).await?, "SSCAN")?;
         // `COUNT` is a hint: a large batch is checked in several scripts.
         for chunk in found.chunks(BATCH) {
-            let mut keys: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
-            keys.push(&side);
-            keys.extend(chunk.iter().map(|k| &k[..]));
-            let live = call(conn, &eval(&[TAGGED, LIVE_MEMBERS], &keys, &[prefix, tag])).await?;
-            out.extend(strings(&live, "the member check script")?);
+            let kept = call(conn, &check(chunk)).await?;
+            out.extend(strings(&kept, what)?);
         }
         if &next[..] == b"0" {
             break;
         }
         cursor = next;
     }
-    // SSCAN may return a member more than once.
     out.sort();
     out.dedup();
     Ok(out)
@@ -632,30 +647,16 @@ pub async fn tags_of(conn: &Conn, prefix: &[u8], key: &[u8]) -> Result<Vec<Bytes
     if count(&exists, "the key check script")? == 0 {
         return Ok(Vec::new());
     }
-    let batch = BATCH.to_string();
-    let mut cursor = Bytes::from_static(b"0");
-    let mut out = Vec::new();
-    loop {
-        let sscan = reply::encode_command(&[b"SSCAN", &rev, &cursor, b"COUNT", batch.as_bytes()]);
-        let (next, found) = scan_reply(&call(conn, &sscan).await?, "SSCAN")?;
-        for chunk in found.chunks(BATCH) {
-            let sidecars: Vec<Vec<u8>> = chunk.iter().map(|t| sidecar(prefix, t)).collect();
-            let mut keys: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 2);
-            keys.push(&rev);
-            keys.push(key);
-            keys.extend(sidecars.iter().map(Vec::as_slice));
-            let args: Vec<&[u8]> = chunk.iter().map(|t| &t[..]).collect();
-            let live = call(conn, &eval(&[LIVE_TAGS], &keys, &args)).await?;
-            out.extend(strings(&live, "the tag check script")?);
-        }
-        if &next[..] == b"0" {
-            break;
-        }
-        cursor = next;
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    sscan_checked(conn, &rev, "the tag check script", |chunk| {
+        let sidecars: Vec<Vec<u8>> = chunk.iter().map(|t| sidecar(prefix, t)).collect();
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 2);
+        keys.push(&rev);
+        keys.push(key);
+        keys.extend(sidecars.iter().map(Vec::as_slice));
+        let args: Vec<&[u8]> = chunk.iter().map(|t| &t[..]).collect();
+        eval(&[LIVE_TAGS], &keys, &args)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::link::Link;
+use super::link::{Link, Reconnect};
 use crate::cache::L1;
 use crate::command::{CommandTable, TableCell};
 use crate::config::TrackingMode;
@@ -188,8 +188,7 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
             metrics.flushed(None);
         }));
     }
-    let mut backoff = timeouts.backoff_min;
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(timeouts);
     loop {
         let started = Instant::now();
         let err = tokio::select! {
@@ -197,12 +196,7 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
             _ = stop.changed() => return,
         };
         lose_trust(&control);
-        if started.elapsed() > timeouts.backoff_max {
-            // It worked for a while: this is a new failure, not a repeat.
-            backoff = timeouts.backoff_min;
-            failures = 0;
-        }
-        failures += 1;
+        let failures = reconnect.failed(started.elapsed());
         if failures == 1 && control.tracking.mode == TrackingMode::Off {
             tracing::warn!(event = "control_lost", error = %err, "control link lost: reconnecting");
         } else if failures == 1 {
@@ -210,11 +204,9 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
         } else {
             tracing::debug!(error = %err, failures, "tracking link still down");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        if !reconnect.wait(&mut stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(timeouts.backoff_max);
     }
 }
 

@@ -138,13 +138,18 @@ pub async fn poll_until(
     }
 }
 
-/// Reads `key` twice through `probe`; the second read must be an L1 hit.
-/// Returns its reply.
+/// Reads `key` through `probe` until a read is an L1 hit (a fill is
+/// complete only once its `PTTL` has come back, which may be just after the
+/// reply the client saw), failing after 5 s. Returns the hit's reply.
 pub async fn cache(probe: &mut L1Probe, key: &str) -> Bytes {
-    probe.read(&["GET", key]).await;
-    let (reply, outcome) = probe.read(&["GET", key]).await;
-    assert_eq!(outcome, Outcome::Hit, "GET {key} is cached");
-    reply
+    let deadline = Deadline::new(Duration::from_secs(5), "GET to be an L1 hit");
+    loop {
+        let (reply, outcome) = probe.read(&["GET", key]).await;
+        if outcome == Outcome::Hit {
+            return reply;
+        }
+        deadline.tick().await;
+    }
 }
 
 /// `PUBLISH channel payload` straight to Redis; returns how many
