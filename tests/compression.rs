@@ -1289,3 +1289,78 @@ async fn compressed_values_moved_to_other_rules_read_back_plain() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+// ---------------------------------------------------------------------------
+// 10. CACHE.SET and RESP3 subscribers
+// ---------------------------------------------------------------------------
+
+/// `CACHE.SET` stores a value as a `SET` through tierd would: compressed
+/// for a compressing rule, and read back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_set_stores_values_compressed_like_set() {
+    let redis = RedisServer::start();
+    let tierd = start(&redis, TrackingMode::Default).await;
+    let mut t = tierd.raw().await;
+    let mut direct = direct(&redis).await;
+    let doc = json_doc(8_000, 41);
+    let reply = call(
+        &mut t,
+        &[
+            b"CACHE.SET".to_vec(),
+            b"c:set".to_vec(),
+            doc.clone(),
+            b"TAGS".to_vec(),
+            b"docs".to_vec(),
+        ],
+    )
+    .await;
+    assert_eq!(&reply[..], b"+OK\r\n");
+    let held = stored(&mut direct, "c:set").await.unwrap();
+    assert!(
+        held.starts_with(&MAGIC) && held.len() < doc.len() / 2,
+        "{}",
+        held.len()
+    );
+    let got = call(&mut t, &[b"GET".to_vec(), b"c:set".to_vec()]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&doc[..]));
+    // A value that starts with the magic is framed too, so it reads back.
+    let odd = [&MAGIC[..], b"not a frame"].concat();
+    call(
+        &mut t,
+        &[b"CACHE.SET".to_vec(), b"c:odd".to_vec(), odd.clone()],
+    )
+    .await;
+    let got = call(&mut t, &[b"GET".to_vec(), b"c:odd".to_vec()]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&odd[..]));
+}
+
+/// A RESP3 subscriber may send any command, but its replies come back as
+/// they are: a command on a value compressed in Redis is refused with an
+/// error naming the key, and one on other keys still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp3_subscriber_is_refused_commands_on_compressed_values() {
+    let redis = RedisServer::start();
+    let tierd = start(&redis, TrackingMode::Default).await;
+    let mut t = tierd.raw().await;
+    let value = json_doc(4_000, 7);
+    call(&mut t, &[b"SET".to_vec(), b"c:s".to_vec(), value.clone()]).await;
+    let mut sub = tierd.raw().await;
+    assert!(sub.cmd(&["HELLO", "3"]).await.starts_with(b"%"));
+    assert!(sub.cmd(&["SUBSCRIBE", "ch"]).await.starts_with(b">3\r\n"));
+    let refused = sub.cmd(&["GET", "c:s"]).await;
+    assert!(
+        refused.starts_with(b"-ERR tierd: GET on 'c:s' on a subscribed connection"),
+        "{}",
+        show(&refused)
+    );
+    let appended = sub.cmd(&["APPEND", "c:s", "x"]).await;
+    assert!(
+        appended.starts_with(b"-ERR tierd: APPEND"),
+        "{}",
+        show(&appended)
+    );
+    assert_eq!(&sub.cmd(&["SET", "p:s", "v"]).await[..], b"+OK\r\n");
+    // The compressed value is untouched.
+    let got = call(&mut t, &[b"GET".to_vec(), b"c:s".to_vec()]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&value[..]));
+}

@@ -146,6 +146,44 @@ pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
     Plan::Pass
 }
 
+/// A `SET key value …` request (encoded) as tierd forwards it: with the
+/// value compressed when the key's rule says so (for `CACHE.SET`).
+pub(crate) fn stored_set(ctx: &Ctx, set: Bytes) -> Bytes {
+    let mut parser = crate::protocol::RequestParser::new(ctx.parse_limits.clone());
+    let mut buf = BytesMut::from(&set[..]);
+    let Ok(Some(req)) = parser.parse(&mut buf) else {
+        return set;
+    };
+    match plan(ctx, &req) {
+        Plan::Forward {
+            request: Some(rewritten),
+            ..
+        } => rewritten.raw,
+        _ => set,
+    }
+}
+
+/// The error for `req` on a RESP3 subscriber's stream when it touches a
+/// value compressed in Redis: stream replies reach the client as they
+/// come, undecoded, and string commands there would run on the compressed
+/// bytes, so tierd refuses them. `None` for anything else.
+pub(crate) fn stream_refusal(ctx: &Ctx, req: &Request) -> Option<Bytes> {
+    if matches!(plan(ctx, req), Plan::Pass) {
+        return None;
+    }
+    let name = String::from_utf8_lossy(req.name()).to_uppercase();
+    let key = req
+        .arg(1)
+        .map(|k| crate::admin::shown(k).into_owned())
+        .unwrap_or_default();
+    let mut out = BytesMut::new();
+    reply::error(
+        &mut out,
+        format!("ERR tierd: {name} on '{key}' on a subscribed connection is not supported: its rule compresses values").as_bytes(),
+    );
+    Some(out.freeze())
+}
+
 /// The value as it is stored: compressed when it is at least the
 /// threshold (or starts with the magic, which must not be read back as a
 /// header) and compressing pays. `None` keeps it plain.
@@ -245,6 +283,7 @@ fn decode_bulk(frame: Bytes, max: usize) -> Bytes {
             out.freeze()
         }
         Err(e) => {
+            tracing::warn!(event = "corrupt_value", error = %e, "a compressed value in Redis does not decode");
             let mut out = BytesMut::new();
             reply::error(&mut out, e.client_error().as_bytes());
             out.freeze()

@@ -62,7 +62,8 @@
 //!   write that turns a plain value into a compressed one between them can
 //!   make the request run on the compressed bytes.
 //! - An emulated write is a `SET`: keyspace notifications say `set`, not
-//!   `append` or `incrby`, and the key's LRU/LFU data is reset.
+//!   `append` or `incrby` (the key's LFU counter is kept, as for any
+//!   overwrite).
 //! - A plain value that `APPEND`, `SETRANGE` and the like grow past the
 //!   threshold stays plain; only whole-value writes compress.
 //! - `DUMP` serializes the plain value, so `RESTORE` through or around tierd
@@ -98,6 +99,21 @@ const TEMP_TTL_MS: &[u8] = b"60000";
 /// Optimistic attempts of a read-modify-write whose `EXEC` keeps being
 /// aborted by concurrent writes, before the client gets an error.
 const MAX_ATTEMPTS: usize = 16;
+
+/// Before attempt `n` of an optimistic write: nothing for the first, then
+/// a growing pause with jitter, so that writers contending for one key
+/// spread out instead of aborting each other in step.
+async fn backoff(n: usize) {
+    if n == 0 {
+        return;
+    }
+    let jitter = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % 200;
+    let micros = 100 * (1u64 << n.min(6)) + jitter;
+    tokio::time::sleep(std::time::Duration::from_micros(micros)).await;
+}
 
 /// Whether a command only reads its keys or reads, modifies and writes one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,7 +312,8 @@ async fn run_move(s: &mut Session, req: Request) -> Flow {
     let keys = [src.clone(), dst.clone()];
     invalidate_local(&ctx, &keys);
     let work = async {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            backoff(attempt).await;
             let got = conn.request(&command(&[b"GET", &src])).await?;
             let stored = match Stored::of(&got, max_value_size(&ctx)) {
                 Stored::Compressed(plain) => plain,
@@ -756,7 +773,8 @@ impl Modify<'_> {
         let max = max_value_size(self.ctx);
         let keys = [self.key.clone()];
         let unwatch = || async { conn.request(&command(&[b"UNWATCH"])).await.map(|_| ()) };
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
+            backoff(attempt).await;
             let replies = pipeline(
                 conn,
                 &[

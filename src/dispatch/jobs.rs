@@ -430,6 +430,8 @@ async fn perform(ctx: &Ctx, conn: &Conn, db: u32, job: Job) -> Bytes {
             all.extend(ctx.rules.tags_for(&key));
             let keys = [key];
             invalidate_local(ctx, &keys);
+            // The value is stored as a SET through tierd would store it.
+            let set = super::compression::stored_set(ctx, set);
             let result = tags::set_tagged(conn, prefix, set, &keys[0], &all).await;
             announce_keys(ctx, db, &keys);
             ctx.metrics.invalidated(Source::Command, 1);

@@ -98,6 +98,10 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 Flow::Continue
             }
             _ => {
+                if let Some(refusal) = compression::stream_refusal(&s.ctx, &req) {
+                    s.local(refusal);
+                    return Flow::Continue;
+                }
                 cache::before_stream_request(s, kind, &req);
                 forward_stream(s, req)
             }
