@@ -114,7 +114,7 @@ pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
         };
         let request = req
             .arg(v)
-            .and_then(|value| compressed_value(&c, value, max))
+            .and_then(|value| counted(ctx, value, compressed_value(&c, value, max)))
             .map(|framed| replace_args(req, &[(v, framed)]));
         return Plan::Forward {
             request,
@@ -126,7 +126,7 @@ pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
         let mut i = 1;
         while let (Some(key), Some(value)) = (req.arg(i), req.arg(i + 1)) {
             if let Some(c) = upstream(ctx, key) {
-                if let Some(framed) = compressed_value(&c, value, max) {
+                if let Some(framed) = counted(ctx, value, compressed_value(&c, value, max)) {
                     replaced.push((i + 1, framed));
                 }
             }
@@ -194,6 +194,14 @@ fn compressed_value(c: &CompressConfig, value: &[u8], max: u64) -> Option<Vec<u8
     compress::compress(value, usize::try_from(max).unwrap_or(usize::MAX))
 }
 
+/// Counts a value compressed on its way to Redis.
+fn counted(ctx: &Ctx, plain: &[u8], framed: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    if let Some(f) = &framed {
+        ctx.metrics.value_compressed(plain.len(), f.len());
+    }
+    framed
+}
+
 /// `req` with some arguments replaced.
 fn replace_args(req: &Request, replaced: &[(usize, Vec<u8>)]) -> Request {
     let args: Vec<&[u8]> = req
@@ -218,12 +226,18 @@ pub(crate) fn decode_reply(ctx: &Ctx, frame: Bytes, decode: &Decode) -> Bytes {
     }
     let max = usize::try_from(ctx.config.l1.max_value_size).unwrap_or(usize::MAX);
     let depth = ctx.config.limits.max_reply_depth;
-    decode_frame(frame, decode, max, depth)
+    decode_frame(frame, decode, max, depth, Some(&ctx.metrics))
 }
 
-fn decode_frame(frame: Bytes, decode: &Decode, max: usize, depth: usize) -> Bytes {
+fn decode_frame(
+    frame: Bytes,
+    decode: &Decode,
+    max: usize,
+    depth: usize,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> Bytes {
     match decode {
-        Decode::Bulk => decode_bulk(frame, max),
+        Decode::Bulk => decode_bulk(frame, max, metrics),
         Decode::Elements(flags) => rebuild(
             frame,
             depth,
@@ -235,12 +249,14 @@ fn decode_frame(frame: Bytes, decode: &Decode, max: usize, depth: usize) -> Byte
                     .then_some(&Decode::Bulk)
             },
             max,
+            metrics,
         ),
         Decode::Exec(specs) => rebuild(
             frame,
             depth,
             |i| specs.iter().find(|(j, _)| *j == i).map(|(_, d)| d),
             max,
+            metrics,
         ),
     }
 }
@@ -251,6 +267,7 @@ fn rebuild<'d>(
     depth: usize,
     spec: impl Fn(usize) -> Option<&'d Decode>,
     max: usize,
+    metrics: Option<&crate::metrics::Metrics>,
 ) -> Bytes {
     if frame.first() != Some(&b'*') {
         return frame;
@@ -263,7 +280,7 @@ fn rebuild<'d>(
     for (i, el) in elements.iter().enumerate() {
         let el = frame.slice_ref(el);
         match spec(i) {
-            Some(d) => out.extend_from_slice(&decode_frame(el, d, max, depth)),
+            Some(d) => out.extend_from_slice(&decode_frame(el, d, max, depth, metrics)),
             None => out.extend_from_slice(&el),
         }
     }
@@ -271,18 +288,24 @@ fn rebuild<'d>(
 }
 
 /// A bulk string reply with its value decoded, if it is compressed.
-fn decode_bulk(frame: Bytes, max: usize) -> Bytes {
+fn decode_bulk(frame: Bytes, max: usize, metrics: Option<&crate::metrics::Metrics>) -> Bytes {
     let Some(payload) = bulk_payload(&frame) else {
         return frame;
     };
     match compress::decode(payload, max) {
         Ok(Decoded::Plain(_)) => frame,
         Ok(Decoded::Compressed(plain)) => {
+            if let Some(m) = metrics {
+                m.value_decompressed(true);
+            }
             let mut out = BytesMut::with_capacity(plain.len() + 16);
             reply::bulk(&mut out, &plain);
             out.freeze()
         }
         Err(e) => {
+            if let Some(m) = metrics {
+                m.value_decompressed(false);
+            }
             tracing::warn!(event = "corrupt_value", error = %e, "a compressed value in Redis does not decode");
             let mut out = BytesMut::new();
             reply::error(&mut out, e.client_error().as_bytes());
@@ -339,7 +362,7 @@ pub(crate) fn l1_compressed(reply: &[u8]) -> bool {
 /// A client's reply from an L1 entry [`l1_compressed`] says is compressed.
 pub(crate) fn l1_hit(ctx: &Ctx, reply: &[u8]) -> Bytes {
     let max = usize::try_from(ctx.config.l1.max_value_size).unwrap_or(usize::MAX);
-    decode_bulk(Bytes::copy_from_slice(reply), max)
+    decode_bulk(Bytes::copy_from_slice(reply), max, Some(&ctx.metrics))
 }
 
 #[cfg(test)]
@@ -370,7 +393,7 @@ mod tests {
     fn bulk_replies_decode_to_the_plain_value() {
         let plain = json(5000);
         let framed = compress::compress(&plain, 1 << 20).unwrap();
-        assert_eq!(decode_bulk(bulk(&framed), 1 << 20), bulk(&plain));
+        assert_eq!(decode_bulk(bulk(&framed), 1 << 20, None), bulk(&plain));
         // Plain values, nils and other replies pass.
         for frame in [
             bulk(b"hello"),
@@ -378,13 +401,13 @@ mod tests {
             Bytes::from_static(b"_\r\n"),
             Bytes::from_static(b":1\r\n"),
         ] {
-            assert_eq!(decode_bulk(frame.clone(), 1 << 20), frame);
+            assert_eq!(decode_bulk(frame.clone(), 1 << 20, None), frame);
         }
         // Magic but not a header: as is.
         let odd = [&MAGIC[..], b"x"].concat();
-        assert_eq!(decode_bulk(bulk(&odd), 1 << 20), bulk(&odd));
+        assert_eq!(decode_bulk(bulk(&odd), 1 << 20, None), bulk(&odd));
         // A header declaring more than allowed: an error, not an allocation.
-        let err = decode_bulk(bulk(&framed), 100);
+        let err = decode_bulk(bulk(&framed), 100, None);
         assert!(
             err.starts_with(b"-ERR tierd: compressed value is corrupt"),
             "{err:?}"
@@ -405,6 +428,7 @@ mod tests {
             &Decode::Elements(vec![true, false, true]),
             1 << 20,
             8,
+            None,
         );
         let mut want = BytesMut::new();
         reply::array_header(&mut want, 3);
@@ -428,7 +452,7 @@ mod tests {
         assert_eq!(l1_form(&C, bulk(b"small"), 1 << 20), bulk(b"small"));
         let odd = [&MAGIC[..], b"x"].concat();
         let kept = l1_form(&C, bulk(&odd), 1 << 20);
-        assert_eq!(decode_bulk(kept, 1 << 20), bulk(&odd));
+        assert_eq!(decode_bulk(kept, 1 << 20, None), bulk(&odd));
         // upstream = false: a Redis value that parses as a frame is still
         // the client's plain bytes, framed again for L1.
         let l1_only = CompressConfig {
@@ -436,7 +460,7 @@ mod tests {
             ..C
         };
         let again = l1_form(&l1_only, bulk(&framed), 1 << 20);
-        assert_eq!(decode_bulk(again, 1 << 20), bulk(&framed));
+        assert_eq!(decode_bulk(again, 1 << 20, None), bulk(&framed));
     }
 
     #[test]

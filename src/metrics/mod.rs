@@ -82,6 +82,14 @@ pub mod names {
     /// Counter, label `reason` (`malformed`, `foreign`): messages on the
     /// bus channel that were ignored.
     pub const BUS_REJECTED: &str = "tierd_bus_rejected_total";
+    /// Counter, label `op` (`compress`, `decompress`, `corrupt`): values
+    /// tierd compressed on their way to Redis, restored on their way to a
+    /// client, or found corrupt.
+    pub const COMPRESSION_VALUES: &str = "tierd_compression_values_total";
+    /// Counter, label `form` (`plain`, `stored`): bytes of the values tierd
+    /// compressed on their way to Redis, before and after; their ratio is
+    /// what compression saves.
+    pub const COMPRESSION_BYTES: &str = "tierd_compression_bytes_total";
     /// Gauge: client connections open.
     pub const CLIENTS: &str = "tierd_client_connections";
     /// Counter: client connections accepted.
@@ -130,6 +138,11 @@ pub struct Metrics {
     bus_received: Counter,
     bus_malformed: Counter,
     bus_foreign: Counter,
+    compressed: Counter,
+    decompressed: Counter,
+    corrupt: Counter,
+    compressed_plain_bytes: Counter,
+    compressed_stored_bytes: Counter,
     flushes_write: Counter,
     flushes_tracking: Counter,
     flushes_link_lost: Counter,
@@ -239,6 +252,11 @@ impl Metrics {
             bus_received: counter(names::BUS_MESSAGES, &[("direction", "received")]),
             bus_malformed: counter(names::BUS_REJECTED, &[("reason", "malformed")]),
             bus_foreign: counter(names::BUS_REJECTED, &[("reason", "foreign")]),
+            compressed: counter(names::COMPRESSION_VALUES, &[("op", "compress")]),
+            decompressed: counter(names::COMPRESSION_VALUES, &[("op", "decompress")]),
+            corrupt: counter(names::COMPRESSION_VALUES, &[("op", "corrupt")]),
+            compressed_plain_bytes: counter(names::COMPRESSION_BYTES, &[("form", "plain")]),
+            compressed_stored_bytes: counter(names::COMPRESSION_BYTES, &[("form", "stored")]),
             flushes_write: counter(names::FLUSHES, &[("source", "write")]),
             flushes_tracking: counter(names::FLUSHES, &[("source", "tracking")]),
             flushes_link_lost: counter(names::FLUSHES, &[("source", "link_lost")]),
@@ -378,6 +396,24 @@ impl Metrics {
         }
     }
 
+    /// Counts a value compressed on its way to Redis: `plain` bytes stored
+    /// as `stored`.
+    pub fn value_compressed(&self, plain: usize, stored: usize) {
+        self.compressed.increment(1);
+        self.compressed_plain_bytes.increment(plain as u64);
+        self.compressed_stored_bytes.increment(stored as u64);
+    }
+
+    /// Counts a compressed value restored for a client (`true`), or found
+    /// corrupt.
+    pub fn value_decompressed(&self, ok: bool) {
+        if ok {
+            self.decompressed.increment(1);
+        } else {
+            self.corrupt.increment(1);
+        }
+    }
+
     /// The Prometheus text exposition of everything, with the L1 store's
     /// per-rule figures (`rules`) and cap copied in first.
     pub fn render(&self, rules: &[RuleStats], l1_max_bytes: u64) -> String {
@@ -445,6 +481,14 @@ fn describe(r: &PrometheusRecorder) {
         (
             BUS_REJECTED,
             "Messages on the bus channel ignored, by reason (malformed, foreign).",
+        ),
+        (
+            COMPRESSION_VALUES,
+            "Values compressed, restored or found corrupt, by op.",
+        ),
+        (
+            COMPRESSION_BYTES,
+            "Bytes of values compressed on their way to Redis, before (plain) and after (stored).",
         ),
         (CLIENTS_ACCEPTED, "Client connections accepted."),
         (
