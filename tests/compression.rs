@@ -125,10 +125,19 @@ fn frame_of(plain: &[u8]) -> Vec<u8> {
 /// What a stored value holds per the documented format: `Some(plain)` when
 /// it is a frame (which must then decode), `None` when it is plain.
 fn unframe(stored: &[u8]) -> Option<Vec<u8>> {
-    if stored.len() < HEADER_LEN || stored[..4] != MAGIC || stored[4] != 1 {
+    if stored.len() < HEADER_LEN || stored[..4] != MAGIC || stored[4] > 1 {
         return None;
     }
     let len = u32::from_le_bytes(stored[5..9].try_into().unwrap()) as usize;
+    if stored[4] == 0 {
+        // Codec 0: an escaped value, stored as it is behind the header.
+        assert_eq!(
+            stored.len() - HEADER_LEN,
+            len,
+            "raw frame of the wrong length"
+        );
+        return Some(stored[HEADER_LEN..].to_vec());
+    }
     let plain = lz4_flex::block::decompress(&stored[HEADER_LEN..], len)
         .unwrap_or_else(|e| panic!("Redis holds a frame that does not decode: {e}"));
     assert_eq!(plain.len(), len, "frame shorter than its header says");

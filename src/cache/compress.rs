@@ -12,9 +12,10 @@
 //! ```text
 //! offset  size  field
 //! 0       4     magic: F5 'T' 'Z' 01 (the last byte is the format version)
-//! 4       1     codec: 1 = lz4 block (lz4_flex's block format, not its frame)
+//! 4       1     codec: 1 = lz4 block (lz4_flex's block format, not its
+//!               frame); 0 = raw (an escaped value, stored as it is)
 //! 5       4     original length, u32 little-endian
-//! 9       ..    the lz4 block
+//! 9       ..    the lz4 block, or for codec 0 the value itself
 //! ```
 //!
 //! [`HEADER_LEN`] is 9. The first byte, `0xF5`, can never appear in UTF-8
@@ -30,11 +31,10 @@
 //!   most 90% of the original: compression must save at least 10%, or the
 //!   value is stored plain. Values above `max_value_size`, or above `u32`,
 //!   are always stored plain.
-//! - A plain value that itself starts with [`MAGIC`] is always framed (even
-//!   when that saves nothing, as long as it is within `max_value_size`), so
-//!   that reading it back can never mistake it for a frame. A plain value
-//!   above `max_value_size` that starts with the magic is the one case that
-//!   stays ambiguous.
+//! - A plain value that itself starts with [`MAGIC`] is always framed, so
+//!   that reading it back can never mistake it for a frame: compressed when
+//!   that pays and it is within `max_value_size`, else *raw* (codec 0, the
+//!   value as it is behind the header), at any size.
 //! - [`decode`] treats anything that does not start with a parseable header
 //!   (magic, a known codec, four length bytes) as plain and returns it as
 //!   is: a value that merely looks like the start of a frame is data.
@@ -61,8 +61,12 @@ pub const MAGIC: [u8; 4] = *b"\xf5TZ\x01";
 /// a different magic, so values of a future version read as plain here.
 pub const FORMAT_VERSION: u8 = MAGIC[3];
 
-/// Codec byte for lz4_flex's block format, the only codec so far.
+/// Codec byte for lz4_flex's block format.
 pub const CODEC_LZ4_BLOCK: u8 = 1;
+
+/// Codec byte for a value stored as it is behind the header: a value that
+/// starts with [`MAGIC`] and is not worth (or too large) to compress.
+pub const CODEC_RAW: u8 = 0;
 
 /// Bytes before the compressed payload: magic, codec, original length.
 pub const HEADER_LEN: usize = MAGIC.len() + 1 + 4;
@@ -169,11 +173,11 @@ impl CorruptValue {
 /// Whether a value is large enough to be worth trying (a rule's
 /// `threshold`) is the caller's decision.
 pub fn compress(value: &[u8], max_value_size: usize) -> Option<Vec<u8>> {
-    if value.len() > max_value_size {
-        return None;
-    }
     let declared = u32::try_from(value.len()).ok()?;
     let escape = value.starts_with(&MAGIC);
+    if value.len() > max_value_size {
+        return escape.then(|| raw(value, declared));
+    }
     // Even an empty payload would not save 10% of a value this short.
     if !escape && !saves_enough(value.len(), HEADER_LEN) {
         return None;
@@ -187,14 +191,24 @@ pub fn compress(value: &[u8], max_value_size: usize) -> Option<Vec<u8>> {
     framed.resize(capacity, 0);
     let payload_len = lz4_flex::block::compress_into(value, framed.get_mut(HEADER_LEN..)?).ok()?;
     let framed_len = HEADER_LEN + payload_len;
-    if !escape && !saves_enough(value.len(), framed_len) {
-        return None;
+    if !saves_enough(value.len(), framed_len) {
+        return escape.then(|| raw(value, declared));
     }
     framed.truncate(framed_len);
     // The worst-case buffer is ~10% larger than the value; a cache entry
     // should not carry that slack.
     framed.shrink_to_fit();
     Some(framed)
+}
+
+/// An escaped value behind a raw header.
+fn raw(value: &[u8], declared: u32) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(HEADER_LEN + value.len());
+    framed.extend_from_slice(&MAGIC);
+    framed.push(CODEC_RAW);
+    framed.extend_from_slice(&declared.to_le_bytes());
+    framed.extend_from_slice(value);
+    framed
 }
 
 /// The value `stored` holds: `Plain(stored)` unless it starts with a header
@@ -208,13 +222,26 @@ pub fn compress(value: &[u8], max_value_size: usize) -> Option<Vec<u8>> {
 /// `max_value_size` (checked before allocating), or the payload is not an
 /// lz4 block that decompresses to exactly the declared length.
 pub fn decode(stored: &[u8], max_value_size: usize) -> Result<Decoded<'_>, CorruptValue> {
-    let Some((declared, payload)) = parse_header(stored) else {
+    let Some((codec, declared, payload)) = parse_header(stored) else {
         return Ok(Decoded::Plain(stored));
     };
     let corrupt = |reason| CorruptValue {
         declared_len: declared,
         reason,
     };
+    if codec == CODEC_RAW {
+        // Nothing to inflate, so no size to fear: the bytes are here.
+        return match usize::try_from(declared) {
+            Ok(len) if len == payload.len() => Ok(Decoded::Compressed(payload.to_vec())),
+            _ if (declared as usize) < payload.len() => {
+                Err(corrupt(CorruptReason::Longer { declared }))
+            }
+            _ => Err(corrupt(CorruptReason::Shorter {
+                declared,
+                actual: payload.len(),
+            })),
+        };
+    }
     let len = match usize::try_from(declared) {
         Ok(len) if len <= max_value_size => len,
         _ => {
@@ -239,19 +266,19 @@ pub fn decode(stored: &[u8], max_value_size: usize) -> Result<Decoded<'_>, Corru
 /// that parses; `None` for a plain value. The payload is not checked, so a
 /// corrupt frame still reports what its header says.
 pub fn original_len(stored: &[u8]) -> Option<usize> {
-    parse_header(stored).and_then(|(declared, _)| usize::try_from(declared).ok())
+    parse_header(stored).and_then(|(_, declared, _)| usize::try_from(declared).ok())
 }
 
 /// The declared length and the payload, when `stored` starts with a header
 /// this version understands.
-fn parse_header(stored: &[u8]) -> Option<(u32, &[u8])> {
+fn parse_header(stored: &[u8]) -> Option<(u8, u32, &[u8])> {
     let rest = stored.strip_prefix(MAGIC.as_slice())?;
     let (&codec, rest) = rest.split_first()?;
-    if codec != CODEC_LZ4_BLOCK {
+    if codec != CODEC_LZ4_BLOCK && codec != CODEC_RAW {
         return None;
     }
     let (len, payload) = rest.split_first_chunk::<4>()?;
-    Some((u32::from_le_bytes(*len), payload))
+    Some((codec, u32::from_le_bytes(*len), payload))
 }
 
 /// The 10% rule: a frame of `framed` bytes is worth storing instead of
@@ -462,15 +489,7 @@ mod tests {
     #[test]
     fn other_versions_and_codecs_are_plain() {
         let framed = compress(&json_like(2000), MIB).unwrap();
-        for (at, byte) in [
-            (0, 0xf4),
-            (1, b't'),
-            (3, 0),
-            (3, 2),
-            (3, 0xff),
-            (4, 0),
-            (4, 2),
-        ] {
+        for (at, byte) in [(0, 0xf4), (1, b't'), (3, 0), (3, 2), (3, 0xff), (4, 2)] {
             let mut stored = framed.clone();
             stored[at] = byte;
             assert_eq!(
@@ -591,8 +610,20 @@ mod tests {
         assert_eq!(round_trip(&MAGIC, MIB), MAGIC);
         let magic_and_noise = [&MAGIC[..], &random_bytes(100, 1)].concat();
         assert_eq!(round_trip(&magic_and_noise, MIB), magic_and_noise);
-        // Not within the limit: stored plain, the documented ambiguity.
-        assert_eq!(compress(&inner, 10), None);
+        // Above the limit, or not worth compressing: escaped raw, and read
+        // back intact whatever the limit.
+        let escaped = compress(&inner, 10).unwrap();
+        assert_eq!(escaped[4], CODEC_RAW);
+        assert_eq!(decode(&escaped, 10).unwrap().as_bytes(), inner.as_slice());
+        assert_eq!(escaped[4], CODEC_RAW);
+        let noisy = compress(&magic_and_noise, MIB).unwrap();
+        assert_eq!(noisy[4], CODEC_RAW, "random bytes do not compress");
+        // A raw frame whose length lies is corrupt, not a misread value.
+        let mut liar = escaped.clone();
+        liar.push(b'!');
+        assert!(decode(&liar, MIB).is_err());
+        liar.truncate(escaped.len() - 2);
+        assert!(decode(&liar, MIB).is_err());
     }
 
     fn compressible() -> impl Strategy<Value = Vec<u8>> {

@@ -123,6 +123,10 @@ enum Access {
     /// `RENAME`, `RENAMENX`, `COPY` from a key compressed in Redis to one
     /// that is not: the destination must get the plain value.
     Move,
+    /// A command that puts a value into a compressing key without tierd
+    /// seeing it (`RESTORE`, or a move from a key that does not compress):
+    /// a value that would start with the magic is escaped.
+    Escape,
 }
 
 /// A command emulated on compressed keys: where its keys are, and what it
@@ -192,7 +196,20 @@ const COMMANDS: &[Spec] = &[
         keys: &[1, 2],
         access: Access::Move,
     },
+    Spec {
+        name: "RESTORE",
+        keys: KEY,
+        access: Access::Escape,
+    },
 ];
+
+/// A move into a compressing key from one that does not compress: run
+/// like a `RESTORE`, escaping the destination.
+const ESCAPE_DESTINATION: Spec = Spec {
+    name: "",
+    keys: &[2],
+    access: Access::Escape,
+};
 
 /// The emulated command `req` is, if it is one.
 fn spec(req: &Request) -> Option<&'static Spec> {
@@ -223,8 +240,11 @@ fn wanted(rules: &Rules, req: &Request) -> Option<&'static Spec> {
     if spec.access == Access::Move {
         // Between keys that compress alike, the stored bytes stay right.
         let (src, dst) = (req.arg(1)?, req.arg(2)?);
-        return (compresses(rules, src).is_some() && compresses(rules, dst).is_none())
-            .then_some(spec);
+        return match (compresses(rules, src), compresses(rules, dst)) {
+            (Some(_), None) => Some(spec),
+            (None, Some(_)) => Some(&ESCAPE_DESTINATION),
+            _ => None,
+        };
     }
     let mut any = false;
     for &i in spec.keys {
@@ -257,7 +277,7 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         s.state.multi_aborted = true;
         return Flow::Continue;
     }
-    let Some(spec) = spec(&req) else {
+    let Some(spec) = wanted(&s.ctx.rules, &req).or_else(|| spec(&req)) else {
         s.local(error(&format!(
             "ERR tierd: '{}' is not emulated on compressed keys",
             shown(req.name())
@@ -271,7 +291,76 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         Access::Read => run_read(s, req, spec).await,
         Access::Write => run_write(s, req, spec).await,
         Access::Move => run_move(s, req).await,
+        Access::Escape => run_escaped(s, req, spec.keys.first().copied().unwrap_or(1)).await,
     }
+}
+
+/// `KEYS[1]` the key, `ARGV[1]` the magic, `ARGV[2..]` the client's
+/// request: runs it, then escapes the key's new value behind a raw header
+/// (codec 0) if it starts with the magic, so that it reads back as written.
+const ESCAPE_AFTER: &str = r"
+local key, magic = KEYS[1], ARGV[1]
+local r = redis.pcall(unpack(ARGV, 2))
+if type(r) == 'table' and r.err then return r end
+if redis.pcall('GETRANGE', key, 0, 3) == magic then
+  local v = redis.call('GET', key)
+  local n = #v
+  local len = string.char(n % 256, math.floor(n / 256) % 256,
+    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
+  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
+end
+return r
+";
+
+/// A command that puts a value into the compressing key `req.arg(at)`
+/// ([`Access::Escape`]), run by [`ESCAPE_AFTER`] in one step, with the
+/// key's rule tags registered in the same transaction.
+async fn run_escaped(s: &mut Session, req: Request, at: usize) -> Flow {
+    let Some(key) = req.arg(at).cloned() else {
+        return Flow::Continue;
+    };
+    let route = choose(s, Want::Any);
+    let Some(conn) = super::route_conn(s, route).await else {
+        return Flow::Continue;
+    };
+    let ctx = s.ctx.clone();
+    let keys: Vec<Bytes> = req.args.get(1..=at).unwrap_or_default().to_vec();
+    let evals = super::tagging::registrations(s, &req);
+    let mut args: Vec<&[u8]> = vec![b"EVAL", ESCAPE_AFTER.as_bytes(), b"1", &key, &MAGIC];
+    args.extend(req.args.iter().map(|a| &a[..]));
+    let script = command(&args);
+    invalidate_local(&ctx, &keys);
+    let work = async {
+        if evals.is_empty() {
+            return conn.request(&script).await;
+        }
+        let mut batch = Vec::with_capacity(evals.len() + 3);
+        batch.push(command(&[b"MULTI"]));
+        batch.push(script.clone());
+        batch.extend(evals.iter().cloned());
+        batch.push(command(&[b"EXEC"]));
+        Ok(
+            match transaction(&pipeline(&conn, &batch).await?, batch.len() - 2, &ctx) {
+                Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
+                Txn::Refused(reply) => reply,
+                Txn::Aborted => error("ERR tierd: EXEC aborted without a WATCH"),
+            },
+        )
+    };
+    let pushes = match route {
+        Route::Pinned => s.pinned.as_mut().map(|p| &mut p.rx),
+        Route::Pool { .. } => None,
+    };
+    let (result, arrived) = drive(pushes, work).await;
+    for ev in arrived {
+        s.on_upstream(ev, true);
+    }
+    announce_keys(&ctx, s.state.db, &keys);
+    s.local(result.unwrap_or_else(|e| {
+        ctx.metrics.upstream_error();
+        e.to_resp()
+    }));
+    Flow::Continue
 }
 
 /// `KEYS[1]` the source, `KEYS[2]` the destination; `ARGV[1]` the source's
@@ -310,36 +399,52 @@ async fn run_move(s: &mut Session, req: Request) -> Flow {
     };
     let ctx = s.ctx.clone();
     let keys = [src.clone(), dst.clone()];
+    // The destination's rule tags, as a plain move through tierd gets them.
+    let evals = super::tagging::registrations(s, &req);
     invalidate_local(&ctx, &keys);
     let work = async {
         for attempt in 0..MAX_ATTEMPTS {
             backoff(attempt).await;
             let got = conn.request(&command(&[b"GET", &src])).await?;
-            let stored = match Stored::of(&got, max_value_size(&ctx)) {
-                Stored::Compressed(plain) => plain,
+            let script = match Stored::of(&got, max_value_size(&ctx)) {
                 Stored::Corrupt(e) => return Ok(corrupt(&src, &e)),
-                _ => return conn.request(&req.raw).await,
+                Stored::Compressed(plain) => {
+                    let raw = inspect::string_payload(&got).unwrap_or_default();
+                    let mut args: Vec<&[u8]> = vec![
+                        b"EVAL",
+                        MOVE_PLAIN.as_bytes(),
+                        b"2",
+                        &src,
+                        &dst,
+                        raw,
+                        &plain,
+                        req.name(),
+                    ];
+                    args.extend(req.args.iter().skip(3).map(|a| &a[..]));
+                    command(&args)
+                }
+                // Not compressed (or not a string): the request as it is.
+                _ => req.raw.clone(),
             };
-            let Some(raw) = inspect::string_payload(&got) else {
-                return conn.request(&req.raw).await;
+            let reply = if evals.is_empty() {
+                conn.request(&script).await?
+            } else {
+                let mut batch = Vec::with_capacity(evals.len() + 3);
+                batch.push(command(&[b"MULTI"]));
+                batch.push(script);
+                batch.extend(evals.iter().cloned());
+                batch.push(command(&[b"EXEC"]));
+                match transaction(&pipeline(&conn, &batch).await?, batch.len() - 2, &ctx) {
+                    Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
+                    Txn::Refused(reply) => return Ok(reply),
+                    Txn::Aborted => continue,
+                }
             };
-            let mut args: Vec<&[u8]> = vec![
-                b"EVAL",
-                MOVE_PLAIN.as_bytes(),
-                b"2",
-                &src,
-                &dst,
-                raw,
-                &stored,
-                req.name(),
-            ];
-            args.extend(req.args.iter().skip(3).map(|a| &a[..]));
-            let reply = conn.request(&command(&args)).await?;
             if !reply.starts_with(b"-TIERD_CHANGED") {
                 return Ok(reply);
             }
         }
-        Ok(error(&format!(
+        Ok::<Bytes, UpstreamError>(error(&format!(
             "ERR tierd: too much contention on compressed key '{}'",
             shown(&src)
         )))
@@ -507,6 +612,55 @@ fn command(args: &[&[u8]]) -> Bytes {
     reply::encode_command(args)
 }
 
+/// `GETRANGE key 0 8`: the header's worth of a value.
+fn probe(key: &[u8]) -> Bytes {
+    command(&[b"GETRANGE", key, b"0", b"8"])
+}
+
+/// Whether a [`probe`]'s reply is the start of a frame (a header that
+/// parses), so that the whole value must be read and decoded.
+fn is_frame_probe(reply: &[u8]) -> bool {
+    reply.first() == Some(&b'$')
+        && inspect::string_payload(reply).is_some_and(|p| compress::original_len(p).is_some())
+}
+
+/// `KEYS[1]` the key, `ARGV[1]` the magic, `ARGV[2..]` the client's
+/// request. Runs the request in one step unless the value is a frame
+/// (then `-TIERD_COMPRESSED`, and the write is emulated), and escapes a
+/// result that would start with the magic behind a raw header (codec 0)
+/// so that it reads back as written.
+const PLAIN_WRITE: &str = r"
+local key, magic = KEYS[1], ARGV[1]
+if redis.pcall('GETRANGE', key, 0, 3) == magic then return {err = 'TIERD_COMPRESSED'} end
+local r = redis.pcall(unpack(ARGV, 2))
+if type(r) == 'table' and r.err then return r end
+if redis.call('GETRANGE', key, 0, 3) == magic then
+  local v = redis.call('GET', key)
+  local n = #v
+  local len = string.char(n % 256, math.floor(n / 256) % 256,
+    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
+  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
+end
+return r
+";
+
+/// Writes whose replies a script passes on byte for byte (integers and
+/// bulk strings), which [`PLAIN_WRITE`] can run on a plain value.
+fn scriptable(name: &[u8]) -> bool {
+    [
+        &b"INCR"[..],
+        b"DECR",
+        b"INCRBY",
+        b"DECRBY",
+        b"INCRBYFLOAT",
+        b"APPEND",
+        b"SETRANGE",
+        b"SETBIT",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// A read: see the module's documentation.
 async fn read_value(
     ctx: &Ctx,
@@ -517,16 +671,15 @@ async fn read_value(
     atomic: bool,
 ) -> Result<Bytes, UpstreamError> {
     let max = max_value_size(ctx);
-    let gets: Vec<Bytes> = spec
-        .keys
-        .iter()
-        .filter_map(|&i| req.arg(i))
-        .map(|k| command(&[b"GET", k]))
-        .collect();
+    let keys: Vec<&Bytes> = spec.keys.iter().filter_map(|&i| req.arg(i)).collect();
+    let gets: Vec<Bytes> = keys.iter().map(|k| command(&[b"GET", k])).collect();
+    // Only a frame needs the value: the first bytes say whether it is one,
+    // so a large plain value is not fetched for nothing.
+    let probes: Vec<Bytes> = keys.iter().map(|k| probe(k)).collect();
     let (values, answer) = if atomic {
-        let mut batch = Vec::with_capacity(gets.len() + 3);
+        let mut batch = Vec::with_capacity(probes.len() + 3);
         batch.push(command(&[b"MULTI"]));
-        batch.extend(gets);
+        batch.extend(probes);
         batch.push(req.raw.clone());
         batch.push(command(&[b"EXEC"]));
         let n = batch.len() - 2;
@@ -540,8 +693,16 @@ async fn read_value(
             Txn::Aborted => return Ok(error("ERR tierd: EXEC aborted without a WATCH")),
         }
     } else {
-        (pipeline(conn, &gets).await?, None)
+        (pipeline(conn, &probes).await?, None)
     };
+    let unreadable = values.iter().any(|v| inspect::is_error(v));
+    if unreadable || !values.iter().any(|v| is_frame_probe(v)) {
+        return match answer {
+            Some(answer) => Ok(answer),
+            None => conn.request(&req.raw).await,
+        };
+    }
+    let values = pipeline(conn, &gets).await?;
     let stored: Vec<Stored> = values.iter().map(|v| Stored::of(v, max)).collect();
     let compressed = stored.iter().any(|s| matches!(s, Stored::Compressed(_)));
     let unreadable = stored.iter().any(|s| matches!(s, Stored::Unreadable));
@@ -772,23 +933,37 @@ impl Modify<'_> {
     async fn attempts(&self, conn: &Conn) -> Result<Bytes, UpstreamError> {
         let max = max_value_size(self.ctx);
         let keys = [self.key.clone()];
+        if self.evals.is_empty() && scriptable(self.req.name()) {
+            // A plain value (a counter, say) takes one atomic step, with no
+            // WATCH to lose under contention.
+            let mut args: Vec<&[u8]> =
+                vec![b"EVAL", PLAIN_WRITE.as_bytes(), b"1", &self.key, &MAGIC];
+            args.extend(self.req.args.iter().map(|a| &a[..]));
+            invalidate_local(self.ctx, &keys);
+            let reply = conn.request(&command(&args)).await;
+            announce_keys(self.ctx, self.db, &keys);
+            let reply = reply?;
+            if !reply.starts_with(b"-TIERD_COMPRESSED") {
+                return Ok(reply);
+            }
+        }
         let unwatch = || async { conn.request(&command(&[b"UNWATCH"])).await.map(|_| ()) };
         for attempt in 0..MAX_ATTEMPTS {
             backoff(attempt).await;
-            let replies = pipeline(
-                conn,
-                &[
-                    command(&[b"WATCH", &self.key]),
-                    command(&[b"GET", &self.key]),
-                ],
-            )
-            .await?;
-            let (Some(watched), Some(got)) = (replies.first(), replies.get(1)) else {
-                return Err(UpstreamError::unavailable("no reply to WATCH and GET"));
+            let replies =
+                pipeline(conn, &[command(&[b"WATCH", &self.key]), probe(&self.key)]).await?;
+            let (Some(watched), Some(probed)) = (replies.first(), replies.get(1)) else {
+                return Err(UpstreamError::unavailable("no reply to WATCH and GETRANGE"));
             };
             if inspect::is_error(watched) {
                 return Ok(watched.clone());
             }
+            // Under the WATCH, the whole value only for a frame.
+            let got = if is_frame_probe(probed) {
+                &conn.request(&command(&[b"GET", &self.key])).await?
+            } else {
+                probed
+            };
             // The request to send, and the reply the client gets if it
             // runs (`None`: its own).
             let (write, emulated) = match Stored::of(got, max) {
@@ -961,7 +1136,9 @@ mod tests {
             "INCRBYFLOAT",
         ];
         let moves = ["RENAME", "RENAMENX", "COPY"];
-        assert_eq!(COMMANDS.len(), reads.len() + writes.len() + moves.len());
+        assert_eq!(COMMANDS.len(), reads.len() + writes.len() + moves.len() + 1);
+        let restore = spec(&Request::from_strs(&["RESTORE", "k", "0", "x"])).unwrap();
+        assert_eq!(restore.access, Access::Escape);
         for name in moves {
             let s = spec(&Request::from_strs(&[name, "a", "b"])).unwrap();
             assert_eq!((s.access, s.keys), (Access::Move, &[1, 2][..]), "{name}");

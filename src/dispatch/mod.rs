@@ -174,10 +174,23 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
 
     match kind {
         Kind::Plain => {
+            // A rewritten request that has to wait is retried as the
+            // client sent it: planned again, it would be compressed twice.
+            let mut original = None;
             let (req, decode) = match compression::plan(&s.ctx, &req) {
                 Plan::Pass => (req, None),
                 Plan::Emulate => return emulate::run(s, req).await,
-                Plan::Forward { request, decode } => (request.unwrap_or(req), decode),
+                Plan::Forward {
+                    request: Some(rewritten),
+                    decode,
+                } => {
+                    original = Some(req);
+                    (rewritten, decode)
+                }
+                Plan::Forward {
+                    request: None,
+                    decode,
+                } => (req, decode),
             };
             let want = if req.raw.len() > LARGE_REQUEST {
                 Want::Pinned
@@ -200,7 +213,10 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
                 }),
                 None => hook,
             };
-            forward_write(s, req, want, hook).await
+            match (forward_write(s, req, want, hook).await, original) {
+                (Flow::Stall(_), Some(original)) => Flow::Stall(original),
+                (flow, _) => flow,
+            }
         }
         Kind::Blocking => {
             let hook = cache::before_write(s, &req);
