@@ -528,3 +528,80 @@ async fn getbit_on_a_large_plain_value_does_not_fetch_the_whole_value() {
         "Redis sent {sent} bytes to answer one GETBIT and one SETBIT on a plain 8 MiB value"
     );
 }
+
+/// A move into a compressing key that does not happen (`COPY` without
+/// `REPLACE` onto an existing key, `RENAMENX`) leaves the destination as it
+/// was: the escape applies only to a value the command wrote. (Found while
+/// documenting: the escape wrapped the existing compressed value.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_does_not_happen_leaves_the_compressed_destination_alone() {
+    let redis = RedisServer::start();
+    let tierd = start(&redis).await;
+    let mut t = tierd.raw().await;
+    let doc = json_doc(4_000, 3);
+    let odd = [&MAGIC[..], b"looks like a frame"].concat();
+    call(&mut t, &[b"SET", b"c:dst", &doc]).await;
+    call(&mut t, &[b"SET", b"p:src", &odd]).await;
+    assert_eq!(
+        show(&call(&mut t, &[b"COPY", b"p:src", b"c:dst"]).await),
+        show(b":0\r\n")
+    );
+    assert_eq!(
+        show(&call(&mut t, &[b"RENAMENX", b"p:src", b"c:dst"]).await),
+        show(b":0\r\n")
+    );
+    let got = call(&mut t, &[b"GET", b"c:dst"]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&doc[..]), "{}", show(&got));
+    // The move that happens escapes the value that looks like a frame.
+    call(&mut t, &[b"COPY", b"p:src", b"c:dst", b"REPLACE"]).await;
+    let got = call(&mut t, &[b"GET", b"c:dst"]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&odd[..]), "{}", show(&got));
+}
+
+/// Under a compressing rule with tags, writes on plain values still take
+/// the one-step script (no contention errors) and still escape a result
+/// that would look like a frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_under_a_tagged_compressing_rule_escape_and_never_contend() {
+    let redis = RedisServer::start();
+    let mut tagged = compress_rule("t", "t:*", true);
+    tagged.tags = vec![tierd::cache::template::TagTemplate::new("grp", &tagged.pattern).unwrap()];
+    let mut cfg = config(&redis);
+    cfg.rules.push(tagged);
+    let tierd = start_with(cfg).await;
+    let mut t = tierd.raw().await;
+    let frame_like = frame_of(&json_doc(2_000, 5));
+    call(&mut t, &[b"APPEND", b"t:a", &frame_like]).await;
+    let got = call(&mut t, &[b"GET", b"t:a"]).await;
+    assert_eq!(
+        bulk_of(&got).as_deref(),
+        Some(&frame_like[..]),
+        "{}",
+        show(&got)
+    );
+    let tags = call(&mut t, &[b"CACHE.TAGS", b"t:a"]).await;
+    assert!(show(&tags).contains("grp"), "{}", show(&tags));
+
+    let addr = tierd.addr;
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr).await;
+            let mut failed = Vec::new();
+            for _ in 0..20 {
+                let r = c.cmd(&["INCR", "t:counter"]).await;
+                if !r.starts_with(b":") {
+                    failed.push(text(&r));
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = Vec::new();
+    for c in clients {
+        failed.extend(c.await.unwrap());
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let got = call(&mut t, &[b"GET", b"t:counter"]).await;
+    assert_eq!(bulk_of(&got).as_deref(), Some(&b"320"[..]));
+}

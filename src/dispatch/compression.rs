@@ -62,8 +62,13 @@ fn upstream(ctx: &Ctx, key: &[u8]) -> Option<CompressConfig> {
     ctx.rules.compress_for(key).filter(|c| c.upstream)
 }
 
-/// What `req` needs. Cheap when no rule compresses.
+/// What `req` needs. Cheap when no rule compresses. Values it compresses
+/// are counted in the metrics.
 pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
+    plan_counted(ctx, req, true)
+}
+
+fn plan_counted(ctx: &Ctx, req: &Request, count: bool) -> Plan {
     if !ctx.rules.any_compress() || req.args.len() < 2 {
         return Plan::Pass;
     }
@@ -114,7 +119,7 @@ pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
         };
         let request = req
             .arg(v)
-            .and_then(|value| counted(ctx, value, compressed_value(&c, value, max)))
+            .and_then(|value| counted(ctx, count, value, compressed_value(&c, value, max)))
             .map(|framed| replace_args(req, &[(v, framed)]));
         return Plan::Forward {
             request,
@@ -126,7 +131,7 @@ pub(crate) fn plan(ctx: &Ctx, req: &Request) -> Plan {
         let mut i = 1;
         while let (Some(key), Some(value)) = (req.arg(i), req.arg(i + 1)) {
             if let Some(c) = upstream(ctx, key) {
-                if let Some(framed) = counted(ctx, value, compressed_value(&c, value, max)) {
+                if let Some(framed) = counted(ctx, count, value, compressed_value(&c, value, max)) {
                     replaced.push((i + 1, framed));
                 }
             }
@@ -168,7 +173,7 @@ pub(crate) fn stored_set(ctx: &Ctx, set: Bytes) -> Bytes {
 /// come, undecoded, and string commands there would run on the compressed
 /// bytes, so tierd refuses them. `None` for anything else.
 pub(crate) fn stream_refusal(ctx: &Ctx, req: &Request) -> Option<Bytes> {
-    if matches!(plan(ctx, req), Plan::Pass) {
+    if matches!(plan_counted(ctx, req, false), Plan::Pass) {
         return None;
     }
     let name = String::from_utf8_lossy(req.name()).to_uppercase();
@@ -195,8 +200,8 @@ fn compressed_value(c: &CompressConfig, value: &[u8], max: u64) -> Option<Vec<u8
 }
 
 /// Counts a value compressed on its way to Redis.
-fn counted(ctx: &Ctx, plain: &[u8], framed: Option<Vec<u8>>) -> Option<Vec<u8>> {
-    if let Some(f) = &framed {
+fn counted(ctx: &Ctx, count: bool, plain: &[u8], framed: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    if let (true, Some(f)) = (count, &framed) {
         ctx.metrics.value_compressed(plain.len(), f.len());
     }
     framed

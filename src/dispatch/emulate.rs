@@ -302,6 +302,14 @@ const ESCAPE_AFTER: &str = r"
 local key, magic = KEYS[1], ARGV[1]
 local r = redis.pcall(unpack(ARGV, 2))
 if type(r) == 'table' and r.err then return r end
+-- Only a command that wrote (RESTORE's and RENAME's OK, COPY's and
+-- RENAMENX's 1) put a value there.
+if not ((type(r) == 'table' and r.ok) or r == 1) then return r end
+if string.upper(ARGV[2]) == 'COPY' then
+  for i = 5, #ARGV - 1 do
+    if string.upper(ARGV[i]) == 'DB' then redis.call('SELECT', ARGV[i + 1]) end
+  end
+end
 if redis.pcall('GETRANGE', key, 0, 3) == magic then
   local v = redis.call('GET', key)
   local n = #v
@@ -644,6 +652,21 @@ end
 return r
 ";
 
+/// `KEYS[1]` the key, `ARGV[1]` the magic: escapes the key's value behind a
+/// raw header if it starts with the magic (after a write tierd ran as the
+/// client sent it, inside the same transaction).
+const ESCAPE_KEY: &str = r"
+local key, magic = KEYS[1], ARGV[1]
+if redis.pcall('GETRANGE', key, 0, 3) == magic then
+  local v = redis.call('GET', key)
+  local n = #v
+  local len = string.char(n % 256, math.floor(n / 256) % 256,
+    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
+  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
+end
+return 0
+";
+
 /// Writes whose replies a script passes on byte for byte (integers and
 /// bulk strings), which [`PLAIN_WRITE`] can run on a plain value.
 fn scriptable(name: &[u8]) -> bool {
@@ -711,10 +734,9 @@ async fn read_value(
         _ => None,
     });
     if unreadable || (!compressed && broken.is_none()) {
-        return match answer {
-            Some(answer) => Ok(answer),
-            None => conn.request(&req.raw).await,
-        };
+        // Rewritten since the probe: the answer computed on the frame is
+        // stale, so the request runs again, on what is there now.
+        return conn.request(&req.raw).await;
     }
     if let Some(broken) = broken {
         return Ok(broken);
@@ -933,14 +955,32 @@ impl Modify<'_> {
     async fn attempts(&self, conn: &Conn) -> Result<Bytes, UpstreamError> {
         let max = max_value_size(self.ctx);
         let keys = [self.key.clone()];
-        if self.evals.is_empty() && scriptable(self.req.name()) {
+        if scriptable(self.req.name()) {
             // A plain value (a counter, say) takes one atomic step, with no
-            // WATCH to lose under contention.
+            // WATCH to lose under contention (and the rule's tags in the
+            // same transaction).
             let mut args: Vec<&[u8]> =
                 vec![b"EVAL", PLAIN_WRITE.as_bytes(), b"1", &self.key, &MAGIC];
             args.extend(self.req.args.iter().map(|a| &a[..]));
+            let script = command(&args);
             invalidate_local(self.ctx, &keys);
-            let reply = conn.request(&command(&args)).await;
+            let reply = if self.evals.is_empty() {
+                conn.request(&script).await
+            } else {
+                let mut batch = Vec::with_capacity(self.evals.len() + 3);
+                batch.push(command(&[b"MULTI"]));
+                batch.push(script);
+                batch.extend(self.evals.iter().cloned());
+                batch.push(command(&[b"EXEC"]));
+                let queued = batch.len() - 2;
+                pipeline(conn, &batch).await.map(|replies| {
+                    match transaction(&replies, queued, self.ctx) {
+                        Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
+                        Txn::Refused(reply) => reply,
+                        Txn::Aborted => error("ERR tierd: EXEC aborted without a WATCH"),
+                    }
+                })
+            };
             announce_keys(self.ctx, self.db, &keys);
             let reply = reply?;
             if !reply.starts_with(b"-TIERD_COMPRESSED") {
@@ -992,15 +1032,28 @@ impl Modify<'_> {
                 }
                 _ => (self.req.raw.clone(), None),
             };
-            let mut batch = Vec::with_capacity(self.evals.len() + 3);
+            let mut batch = Vec::with_capacity(self.evals.len() + 4);
             batch.push(command(&[b"MULTI"]));
             batch.push(write);
+            if emulated.is_none() {
+                // A plain value the client's own command (BITFIELD, say)
+                // left starting with the magic is escaped in the same
+                // transaction. (An emulated write stores a proper frame.)
+                batch.push(command(&[
+                    b"EVAL",
+                    ESCAPE_KEY.as_bytes(),
+                    b"1",
+                    &self.key,
+                    &MAGIC,
+                ]));
+            }
             batch.extend(self.evals.iter().cloned());
             batch.push(command(&[b"EXEC"]));
             invalidate_local(self.ctx, &keys);
+            let queued = batch.len() - 2;
             let replies = pipeline(conn, &batch).await;
             let txn = match replies {
-                Ok(replies) => transaction(&replies, 1 + self.evals.len(), self.ctx),
+                Ok(replies) => transaction(&replies, queued, self.ctx),
                 Err(e) => {
                     // It may have run.
                     announce_keys(self.ctx, self.db, &keys);
