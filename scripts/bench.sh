@@ -21,6 +21,15 @@
 #          own redis-server and three tierds and prints its own tables
 #          (propagation latency, CACHE.INVALIDATE PATTERN throughput); about
 #          15 s plus the build. With other suites, its tables follow theirs.
+#   compression
+#          Not run by default. Transparent lz4 compression (issue 6): runs
+#          `cargo bench --bench compression` (benches/compression.rs), which
+#          starts its own redis-server and two tierds, stores 10,000 generated
+#          JSON documents of 4-64 KB plain and compressed, and prints its own
+#          tables (Redis used_memory, GET throughput from Redis and from L1,
+#          L1 bytes per document, codec cost per document size); about 80 s
+#          plus the build. With other suites, its tables follow theirs (after
+#          bus).
 #
 # Targets are interleaved per case (direct, twemproxy, tierd, tierd-l1; next
 # case; ...) and all cases are repeated BENCH_ROUNDS times, so slow drift on a
@@ -32,9 +41,11 @@
 # Only the L1 rows:   BENCH_SUITES=l1 scripts/bench.sh
 # Only the proxy rows: BENCH_SUITES=proxy scripts/bench.sh
 # Only the bus tables: BENCH_SUITES=bus scripts/bench.sh
+# Only the compression tables: BENCH_SUITES=compression scripts/bench.sh
 #
 # Environment (defaults in brackets):
-#   BENCH_SUITES          suites to run, any of: proxy l1 bus [proxy l1]
+#   BENCH_SUITES          suites to run, any of: proxy l1 bus compression
+#                         [proxy l1]
 #   BENCH_TARGETS         targets to run, any of: direct twemproxy tierd tierd-l1
 #                         [all four]; the proxy suite ignores tierd-l1, the l1
 #                         suite needs it
@@ -114,8 +125,8 @@ for t in $BENCH_TARGETS; do
 done
 for s in $BENCH_SUITES; do
 	case "$s" in
-	proxy | l1 | bus) ;;
-	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus)" ;;
+	proxy | l1 | bus | compression) ;;
+	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus compression)" ;;
 	esac
 done
 want() { case " $BENCH_TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
@@ -132,11 +143,38 @@ bus_suite() {
 	echo
 	cargo bench --bench bus
 }
-only_bus=1
-for s in $BENCH_SUITES; do [ "$s" = bus ] || only_bus=0; done
-if [ "$only_bus" = 1 ]; then
+# compression_suite: the compression suite's tables on stdout. Like the bus
+# suite, benches/compression.rs starts its own redis-server and tierds.
+compression_suite() {
+	local rev
+	rev=$(git rev-parse --short HEAD 2>/dev/null) || rev="uncommitted"
+	if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev-dirty"; fi
+	log "compression suite: cargo bench --bench compression"
+	echo "## Transparent compression: cargo bench --bench compression, $(date -u +%F), rev $rev"
+	echo
+	cargo bench --bench compression
+}
+# self_contained_suites: the bus and compression suites, in that order, each
+# after a blank line when something was printed before it.
+self_contained_suites() {
+	local sep=${1:-}
+	if suite bus; then
+		[ -z "$sep" ] || echo
+		bus_suite
+		sep=1
+	fi
+	if suite compression; then
+		[ -z "$sep" ] || echo
+		compression_suite
+	fi
+}
+only_self_contained=1
+for s in $BENCH_SUITES; do
+	case "$s" in bus | compression) ;; *) only_self_contained=0 ;; esac
+done
+if [ "$only_self_contained" = 1 ]; then
 	mkdir -p "$ROOT/target/bench"
-	bus_suite | tee "$ROOT/target/bench/latest.md"
+	self_contained_suites | tee "$ROOT/target/bench/latest.md"
 	log "written to target/bench/latest.md"
 	exit 0
 fi
@@ -633,9 +671,6 @@ report() {
 mkdir -p "$ROOT/target/bench"
 {
 	report
-	if suite bus; then
-		echo
-		bus_suite
-	fi
+	self_contained_suites 1
 } | tee "$ROOT/target/bench/latest.md"
 log "written to target/bench/latest.md"
