@@ -262,6 +262,57 @@ pub fn decode(stored: &[u8], max_value_size: usize) -> Result<Decoded<'_>, Corru
     }
 }
 
+/// [`decode`] appending to `out` instead of allocating: appends the value
+/// `stored` holds and returns `true` when it is a frame, leaves `out` as it
+/// was and returns `false` when it is plain. The hot path of a reply or an
+/// L1 hit, which then need not copy the value again.
+///
+/// # Errors
+///
+/// As [`decode`]; `out` is then left as it was.
+pub fn decode_append(
+    stored: &[u8],
+    max_value_size: usize,
+    out: &mut bytes::BytesMut,
+) -> Result<bool, CorruptValue> {
+    let Some((codec, declared, payload)) = parse_header(stored) else {
+        return Ok(false);
+    };
+    if codec == CODEC_RAW {
+        // Rare (escaped values): the allocating path has the checks.
+        let value = decode(stored, max_value_size)?;
+        out.extend_from_slice(value.as_bytes());
+        return Ok(true);
+    }
+    let corrupt = |reason| CorruptValue {
+        declared_len: declared,
+        reason,
+    };
+    let len = match usize::try_from(declared) {
+        Ok(len) if len <= max_value_size => len,
+        _ => {
+            return Err(corrupt(CorruptReason::TooLarge {
+                declared,
+                max: max_value_size,
+            }))
+        }
+    };
+    let start = out.len();
+    out.resize(start + len, 0);
+    let result =
+        lz4_flex::block::decompress_into(payload, out.get_mut(start..).unwrap_or_default());
+    let err = match result {
+        Ok(actual) if actual == len => return Ok(true),
+        Ok(actual) => corrupt(CorruptReason::Shorter { declared, actual }),
+        Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) => {
+            corrupt(CorruptReason::Longer { declared })
+        }
+        Err(err) => corrupt(CorruptReason::Malformed(err.to_string())),
+    };
+    out.truncate(start);
+    Err(err)
+}
+
 /// The original length a frame declares, when `stored` starts with a header
 /// that parses; `None` for a plain value. The payload is not checked, so a
 /// corrupt frame still reports what its header says.
@@ -589,6 +640,29 @@ mod tests {
             assert!(err.to_string().starts_with("compressed value is corrupt ("));
             assert_eq!(err.error_source(), ErrorSource::Upstream);
         }
+    }
+
+    #[test]
+    fn decode_append_agrees_with_decode() {
+        let mut out = bytes::BytesMut::from(&b"head"[..]);
+        for value in [
+            json_like(5000),
+            random_bytes(300, 3),
+            [&MAGIC[..], b"x"].concat(),
+        ] {
+            let stored = compress(&value, MIB).unwrap_or_else(|| value.clone());
+            let before = out.len();
+            let framed = decode_append(&stored, MIB, &mut out).unwrap();
+            assert_eq!(framed, stored != value);
+            let appended = if framed { &out[before..] } else { &stored[..] };
+            assert_eq!(appended, decode(&stored, MIB).unwrap().as_bytes());
+            out.truncate(before);
+        }
+        // A corrupt frame leaves `out` as it was.
+        let mut bad = compress(&json_like(5000), MIB).unwrap();
+        bad.truncate(bad.len() - 3);
+        assert!(decode_append(&bad, MIB, &mut out).is_err());
+        assert_eq!(&out[..], b"head");
     }
 
     #[test]

@@ -292,21 +292,38 @@ fn rebuild<'d>(
     out.freeze()
 }
 
-/// A bulk string reply with its value decoded, if it is compressed.
+/// A bulk string reply with its value decoded, if it is compressed: the
+/// value is inflated straight into the reply being built.
 fn decode_bulk(frame: Bytes, max: usize, metrics: Option<&crate::metrics::Metrics>) -> Bytes {
-    let Some(payload) = bulk_payload(&frame) else {
-        return frame;
-    };
-    match compress::decode(payload, max) {
-        Ok(Decoded::Plain(_)) => frame,
-        Ok(Decoded::Compressed(plain)) => {
+    match decode_bulk_ref(&frame, max, metrics) {
+        Some(decoded) => decoded,
+        None => frame,
+    }
+}
+
+/// [`decode_bulk`] on borrowed bytes: `None` when the reply is not a
+/// compressed bulk string (the caller keeps it as it is).
+fn decode_bulk_ref(
+    frame: &[u8],
+    max: usize,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> Option<Bytes> {
+    let payload = bulk_payload(frame)?;
+    let len = compress::original_len(payload)?;
+    let mut out = BytesMut::with_capacity(len.min(max) + 24);
+    let mut head = itoa::Buffer::new();
+    out.extend_from_slice(b"$");
+    out.extend_from_slice(head.format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    match compress::decode_append(payload, max, &mut out) {
+        Ok(true) => {
             if let Some(m) = metrics {
                 m.value_decompressed(true);
             }
-            let mut out = BytesMut::with_capacity(plain.len() + 16);
-            reply::bulk(&mut out, &plain);
-            out.freeze()
+            out.extend_from_slice(b"\r\n");
+            Some(out.freeze())
         }
+        Ok(false) => None,
         Err(e) => {
             if let Some(m) = metrics {
                 m.value_decompressed(false);
@@ -314,7 +331,7 @@ fn decode_bulk(frame: Bytes, max: usize, metrics: Option<&crate::metrics::Metric
             tracing::warn!(event = "corrupt_value", error = %e, "a compressed value in Redis does not decode");
             let mut out = BytesMut::new();
             reply::error(&mut out, e.client_error().as_bytes());
-            out.freeze()
+            Some(out.freeze())
         }
     }
 }
@@ -367,7 +384,7 @@ pub(crate) fn l1_compressed(reply: &[u8]) -> bool {
 /// A client's reply from an L1 entry [`l1_compressed`] says is compressed.
 pub(crate) fn l1_hit(ctx: &Ctx, reply: &[u8]) -> Bytes {
     let max = usize::try_from(ctx.config.l1.max_value_size).unwrap_or(usize::MAX);
-    decode_bulk(Bytes::copy_from_slice(reply), max, Some(&ctx.metrics))
+    decode_bulk_ref(reply, max, Some(&ctx.metrics)).unwrap_or_else(|| Bytes::copy_from_slice(reply))
 }
 
 #[cfg(test)]
