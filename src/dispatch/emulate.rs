@@ -295,6 +295,60 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
     }
 }
 
+/// Sends `request` with the tag registrations `evals` in one transaction
+/// (`MULTI`, the request, the registrations, `EXEC`), or alone without any;
+/// returns the request's own reply. `None`: a `WATCH` on the connection
+/// aborted the transaction.
+async fn with_registrations(
+    conn: &Conn,
+    ctx: &Ctx,
+    request: Bytes,
+    evals: &[Bytes],
+) -> Result<Option<Bytes>, UpstreamError> {
+    if evals.is_empty() {
+        return conn.request(&request).await.map(Some);
+    }
+    let mut batch = Vec::with_capacity(evals.len() + 3);
+    batch.push(command(&[b"MULTI"]));
+    batch.push(request);
+    batch.extend(evals.iter().cloned());
+    batch.push(command(&[b"EXEC"]));
+    let queued = batch.len() - 2;
+    Ok(
+        match transaction(&pipeline(conn, &batch).await?, queued, ctx) {
+            Txn::Ran(results) => Some(results.into_iter().next().unwrap_or_default()),
+            Txn::Refused(reply) => Some(reply),
+            Txn::Aborted => None,
+        },
+    )
+}
+
+/// Awaits `work` on `route`'s connection (taking its pushes meanwhile, then
+/// handing them to the session first, as they came on the wire), announces
+/// `keys` if it wrote any, and queues the reply.
+async fn answer<F>(s: &mut Session, route: Route, work: F, keys: &[Bytes]) -> Flow
+where
+    F: std::future::Future<Output = Result<Bytes, UpstreamError>>,
+{
+    let pushes = match route {
+        Route::Pinned => s.pinned.as_mut().map(|p| &mut p.rx),
+        Route::Pool { .. } => None,
+    };
+    let (result, arrived) = drive(pushes, work).await;
+    for ev in arrived {
+        s.on_upstream(ev, true);
+    }
+    let ctx = s.ctx.clone();
+    if !keys.is_empty() {
+        announce_keys(&ctx, s.state.db, keys);
+    }
+    s.local(result.unwrap_or_else(|e| {
+        ctx.metrics.upstream_error();
+        e.to_resp()
+    }));
+    Flow::Continue
+}
+
 /// `KEYS[1]` the key, `ARGV[1]` the magic, `ARGV[2..]` the client's
 /// request: runs it, then escapes the key's new value behind a raw header
 /// (codec 0) if it starts with the magic, so that it reads back as written.
@@ -339,36 +393,11 @@ async fn run_escaped(s: &mut Session, req: Request, at: usize) -> Flow {
     let script = command(&args);
     invalidate_local(&ctx, &keys);
     let work = async {
-        if evals.is_empty() {
-            return conn.request(&script).await;
-        }
-        let mut batch = Vec::with_capacity(evals.len() + 3);
-        batch.push(command(&[b"MULTI"]));
-        batch.push(script.clone());
-        batch.extend(evals.iter().cloned());
-        batch.push(command(&[b"EXEC"]));
-        Ok(
-            match transaction(&pipeline(&conn, &batch).await?, batch.len() - 2, &ctx) {
-                Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
-                Txn::Refused(reply) => reply,
-                Txn::Aborted => error("ERR tierd: EXEC aborted without a WATCH"),
-            },
-        )
+        Ok(with_registrations(&conn, &ctx, script, &evals)
+            .await?
+            .unwrap_or_else(|| error("ERR tierd: EXEC aborted without a WATCH")))
     };
-    let pushes = match route {
-        Route::Pinned => s.pinned.as_mut().map(|p| &mut p.rx),
-        Route::Pool { .. } => None,
-    };
-    let (result, arrived) = drive(pushes, work).await;
-    for ev in arrived {
-        s.on_upstream(ev, true);
-    }
-    announce_keys(&ctx, s.state.db, &keys);
-    s.local(result.unwrap_or_else(|e| {
-        ctx.metrics.upstream_error();
-        e.to_resp()
-    }));
-    Flow::Continue
+    answer(s, route, work, &keys).await
 }
 
 /// `KEYS[1]` the source, `KEYS[2]` the destination; `ARGV[1]` the source's
@@ -434,19 +463,8 @@ async fn run_move(s: &mut Session, req: Request) -> Flow {
                 // Not compressed (or not a string): the request as it is.
                 _ => req.raw.clone(),
             };
-            let reply = if evals.is_empty() {
-                conn.request(&script).await?
-            } else {
-                let mut batch = Vec::with_capacity(evals.len() + 3);
-                batch.push(command(&[b"MULTI"]));
-                batch.push(script);
-                batch.extend(evals.iter().cloned());
-                batch.push(command(&[b"EXEC"]));
-                match transaction(&pipeline(&conn, &batch).await?, batch.len() - 2, &ctx) {
-                    Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
-                    Txn::Refused(reply) => return Ok(reply),
-                    Txn::Aborted => continue,
-                }
+            let Some(reply) = with_registrations(&conn, &ctx, script, &evals).await? else {
+                continue;
             };
             if !reply.starts_with(b"-TIERD_CHANGED") {
                 return Ok(reply);
@@ -457,20 +475,7 @@ async fn run_move(s: &mut Session, req: Request) -> Flow {
             shown(&src)
         )))
     };
-    let pushes = match route {
-        Route::Pinned => s.pinned.as_mut().map(|p| &mut p.rx),
-        Route::Pool { .. } => None,
-    };
-    let (result, arrived) = drive(pushes, work).await;
-    for ev in arrived {
-        s.on_upstream(ev, true);
-    }
-    announce_keys(&ctx, s.state.db, &keys);
-    s.local(result.unwrap_or_else(|e| {
-        ctx.metrics.upstream_error();
-        e.to_resp()
-    }));
-    Flow::Continue
+    answer(s, route, work, &keys).await
 }
 
 async fn run_read(s: &mut Session, req: Request, spec: &'static Spec) -> Flow {
@@ -483,22 +488,8 @@ async fn run_read(s: &mut Session, req: Request, spec: &'static Spec) -> Flow {
     // The client's WATCH lives on its connection, and an EXEC there would
     // end it.
     let atomic = !s.state.watching;
-    let pushes = match route {
-        Route::Pinned => s.pinned.as_mut().map(|p| &mut p.rx),
-        Route::Pool { .. } => None,
-    };
     let work = read_value(&ctx, &conn, &scratch, &req, spec, atomic);
-    let (result, arrived) = drive(pushes, work).await;
-    // What the dedicated connection delivered meanwhile comes first, as it
-    // did on the wire.
-    for ev in arrived {
-        s.on_upstream(ev, true);
-    }
-    s.local(result.unwrap_or_else(|e| {
-        ctx.metrics.upstream_error();
-        e.to_resp()
-    }));
-    Flow::Continue
+    answer(s, route, work, &[]).await
 }
 
 async fn run_write(s: &mut Session, req: Request, spec: &'static Spec) -> Flow {
@@ -964,23 +955,9 @@ impl Modify<'_> {
             args.extend(self.req.args.iter().map(|a| &a[..]));
             let script = command(&args);
             invalidate_local(self.ctx, &keys);
-            let reply = if self.evals.is_empty() {
-                conn.request(&script).await
-            } else {
-                let mut batch = Vec::with_capacity(self.evals.len() + 3);
-                batch.push(command(&[b"MULTI"]));
-                batch.push(script);
-                batch.extend(self.evals.iter().cloned());
-                batch.push(command(&[b"EXEC"]));
-                let queued = batch.len() - 2;
-                pipeline(conn, &batch).await.map(|replies| {
-                    match transaction(&replies, queued, self.ctx) {
-                        Txn::Ran(results) => results.into_iter().next().unwrap_or_default(),
-                        Txn::Refused(reply) => reply,
-                        Txn::Aborted => error("ERR tierd: EXEC aborted without a WATCH"),
-                    }
-                })
-            };
+            let reply = with_registrations(conn, self.ctx, script, &self.evals)
+                .await
+                .map(|r| r.unwrap_or_else(|| error("ERR tierd: EXEC aborted without a WATCH")));
             announce_keys(self.ctx, self.db, &keys);
             let reply = reply?;
             if !reply.starts_with(b"-TIERD_COMPRESSED") {
