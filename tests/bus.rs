@@ -30,7 +30,7 @@ use support::bus::{
 use support::exchange::{assert_frame, text};
 use support::l1::{decode, direct, must, rule, rule_stats, L1Probe, Outcome, Resp, HOUR};
 use support::probe::bulk;
-use support::{Raw, RedisServer, Tierd};
+use support::{staleness, Raw, RedisServer, Tierd};
 
 /// How soon a write through one tierd must be visible through another.
 const DELIVERY: Duration = Duration::from_millis(50);
@@ -58,127 +58,17 @@ async fn instances(
 
 const WRITERS: usize = 3;
 const READERS_PER_INSTANCE: usize = 2;
-const KEYS: usize = 50;
-
-/// One acknowledged write: the key got `counter`, acknowledged at `at`.
-struct Write {
-    counter: u64,
-    at: Instant,
-}
-
-/// One read: started at `at`, returned `counter` for `key`.
-struct Read {
-    key: usize,
-    at: Instant,
-    counter: u64,
-}
-
-fn staleness_duration() -> Duration {
-    let secs = std::env::var("TIERD_BUS_STALENESS_SECS")
-        .ok()
-        .map(|s| {
-            s.parse::<u64>()
-                .expect("TIERD_BUS_STALENESS_SECS is a number of seconds")
-        })
-        .unwrap_or(10);
-    Duration::from_secs(secs)
-}
-
-/// The counters in a GET or MGET reply.
-fn counters(reply: &[u8]) -> Result<Vec<u64>, String> {
-    let counter = |item: &Resp| match item {
-        Resp::Bulk(Some(b)) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| format!("not a counter: {:?}", text(b))),
-        other => Err(format!("unexpected reply {other:?}")),
-    };
-    match decode(reply) {
-        Resp::Array(Some(items)) => items.iter().map(counter).collect(),
-        single => Ok(vec![counter(&single)?]),
-    }
-}
-
-/// Writer `w` owns keys `w, w + WRITERS, …` and SETs them in turn through
-/// tierd A, each value one past the key's last.
-async fn writer(a: std::net::SocketAddr, w: usize, stop: Arc<AtomicBool>) -> Vec<(usize, Write)> {
-    let mut raw = Raw::connect(a).await;
-    let owned: Vec<usize> = (w..KEYS).step_by(WRITERS).collect();
-    let mut values = vec![0u64; owned.len()];
-    let mut log = Vec::new();
-    let mut turn = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let slot = turn % owned.len();
-        turn += 1;
-        values[slot] += 1;
-        let key = owned[slot];
-        let reply = raw
-            .cmd(&["SET", &format!("s:{key}"), &values[slot].to_string()])
-            .await;
-        let at = Instant::now();
-        assert_frame(&reply, b"+OK\r\n");
-        log.push((
-            key,
-            Write {
-                counter: values[slot],
-                at,
-            },
-        ));
-        // Paced so that keys stay cached between writes and most reads on
-        // B and C are L1 hits: the point is to race bus invalidations with
-        // hits, not to turn the readers' tierds into pass-throughs.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    log
-}
-
-/// Reader `r` walks the keys with its own stride through one tierd; every
-/// other read is an MGET of three keys.
-async fn reader(tierd: std::net::SocketAddr, r: usize, stop: Arc<AtomicBool>) -> Vec<Read> {
-    let mut raw = Raw::connect(tierd).await;
-    let mut log = Vec::new();
-    let mut key = r * 13 % KEYS;
-    let step = [7, 11, 13, 17][r % 4];
-    let mut mget = false;
-    while !stop.load(Ordering::Relaxed) {
-        key = (key + step) % KEYS;
-        mget = !mget;
-        let keys: Vec<usize> = if mget {
-            vec![key, (key + 1) % KEYS, (key + 2) % KEYS]
-        } else {
-            vec![key]
-        };
-        let names: Vec<String> = keys.iter().map(|k| format!("s:{k}")).collect();
-        let mut args = vec![if mget { "MGET" } else { "GET" }];
-        args.extend(names.iter().map(String::as_str));
-        let at = Instant::now();
-        let reply = raw.cmd(&args).await;
-        let values = counters(&reply).unwrap_or_else(|e| panic!("reader {r}, {args:?}: {e}"));
-        assert_eq!(values.len(), keys.len(), "reader {r}: {args:?}");
-        for (key, counter) in keys.into_iter().zip(values) {
-            log.push(Read { key, at, counter });
-        }
-    }
-    log
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_without_tracking_stay_fresh_through_the_bus() {
     let redis = RedisServer::start();
     let mut d = direct(&redis).await;
-    for key in 0..KEYS {
+    for key in 0..staleness::KEYS {
         must(&mut d, &["SET", &format!("s:{key}"), "0"]).await;
     }
     let all = instances(&redis, 3, &[rule("s", "s:*", HOUR)]).await;
     let (a, readers_on) = (&all[0], &all[1..]);
-    let mut writes: Vec<Vec<Write>> = (0..KEYS)
-        .map(|_| {
-            vec![Write {
-                counter: 0,
-                at: Instant::now(),
-            }]
-        })
-        .collect();
+    let mut writes = staleness::initial_writes();
     let mut stats = Vec::new();
     for inst in readers_on {
         let mut raw = inst.tierd.raw().await;
@@ -188,17 +78,21 @@ async fn three_instances_without_tracking_stay_fresh_through_the_bus() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer_tasks: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(writer(a.tierd.addr, w, stop.clone())))
+        .map(|w| tokio::spawn(staleness::writer(a.tierd.addr, w, WRITERS, stop.clone())))
         .collect();
     let mut reader_tasks = Vec::new();
     for (i, inst) in readers_on.iter().enumerate() {
         for r in 0..READERS_PER_INSTANCE {
             let n = i * READERS_PER_INSTANCE + r;
-            reader_tasks.push(tokio::spawn(reader(inst.tierd.addr, n, stop.clone())));
+            reader_tasks.push(tokio::spawn(staleness::reader(
+                inst.tierd.addr,
+                n,
+                stop.clone(),
+            )));
         }
     }
     // The length of the run, not a wait for anything.
-    tokio::time::sleep(staleness_duration()).await;
+    tokio::time::sleep(staleness::duration("TIERD_BUS_STALENESS_SECS")).await;
     stop.store(true, Ordering::Relaxed);
 
     for task in writer_tasks {
@@ -212,30 +106,7 @@ async fn three_instances_without_tracking_stay_fresh_through_the_bus() {
     }
     let write_count: usize = writes.iter().map(|w| w.len() - 1).sum();
 
-    let mut violations = Vec::new();
-    for read in &reads {
-        let log = &writes[read.key];
-        let known = log.partition_point(|w| w.at + DELIVERY < read.at);
-        if known > 0 {
-            let floor = &log[known - 1];
-            if read.counter < floor.counter {
-                violations.push(format!(
-                    "s:{} read {} but {} was acknowledged on A {:?} before the read started",
-                    read.key,
-                    read.counter,
-                    floor.counter,
-                    read.at - floor.at
-                ));
-            }
-        }
-        let newest = log.last().unwrap().counter;
-        assert!(
-            read.counter <= newest,
-            "s:{} read {} but the writer never got past {newest}",
-            read.key,
-            read.counter
-        );
-    }
+    let violations = staleness::violations(&writes, &reads, DELIVERY);
 
     let mut rates = Vec::new();
     for (name, (raw, before)) in ["B", "C"].iter().zip(stats.iter_mut()) {

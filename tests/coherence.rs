@@ -26,7 +26,7 @@ use support::l1::{
     Resp, HOUR,
 };
 use support::probe::{bulk, bulk_text};
-use support::{Raw, RedisServer, Tierd};
+use support::{staleness, Raw, RedisServer, Tierd};
 use tierd::config::TrackingMode;
 
 /// How soon a write that bypassed tierd must be visible through it.
@@ -1059,113 +1059,6 @@ async fn a_write_through_one_tierd_reaches_another_with_bcast_tracking() {
 
 const WRITERS: usize = 4;
 const READERS: usize = 4;
-const KEYS: usize = 50;
-
-/// One acknowledged write: `key` got `counter`, acknowledged at `at`.
-struct Write {
-    counter: u64,
-    at: Instant,
-}
-
-/// One read through tierd: started at `at`, returned `counter`.
-struct Read {
-    key: usize,
-    at: Instant,
-    counter: u64,
-}
-
-fn staleness_duration() -> Duration {
-    let secs = std::env::var("TIERD_STALENESS_SECS")
-        .ok()
-        .map(|s| {
-            s.parse::<u64>()
-                .expect("TIERD_STALENESS_SECS is a number of seconds")
-        })
-        .unwrap_or(20);
-    Duration::from_secs(secs)
-}
-
-/// The counters in a GET or MGET reply.
-fn counters(reply: &[u8]) -> Result<Vec<u64>, String> {
-    let counter = |item: &Resp| match item {
-        Resp::Bulk(Some(b)) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| format!("not a counter: {:?}", text(b))),
-        other => Err(format!("unexpected reply {other:?}")),
-    };
-    match decode(reply) {
-        Resp::Array(Some(items)) => items.iter().map(counter).collect(),
-        single => Ok(vec![counter(&single)?]),
-    }
-}
-
-/// Writer `w` owns keys `w, w + WRITERS, …` and bumps them in turn, each
-/// write one past the last.
-async fn writer(
-    redis: std::net::SocketAddr,
-    w: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<(usize, Write)> {
-    let mut raw = Raw::connect(redis).await;
-    let owned: Vec<usize> = (w..KEYS).step_by(WRITERS).collect();
-    let mut counters = vec![0u64; owned.len()];
-    let mut log = Vec::new();
-    let mut turn = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let slot = turn % owned.len();
-        turn += 1;
-        counters[slot] += 1;
-        let key = owned[slot];
-        let reply = raw
-            .cmd(&["SET", &format!("s:{key}"), &counters[slot].to_string()])
-            .await;
-        let at = Instant::now();
-        assert_frame(&reply, b"+OK\r\n");
-        log.push((
-            key,
-            Write {
-                counter: counters[slot],
-                at,
-            },
-        ));
-        // Pace the writers so that keys stay cached between writes and
-        // most reads are L1 hits: the point is to race invalidations with
-        // hits, not to turn tierd into a pass-through.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    log
-}
-
-/// Reader `r` walks the keys with its own stride; every other read is an
-/// `MGET` of three keys, so split MGETs race invalidations too.
-async fn reader(tierd: std::net::SocketAddr, r: usize, stop: Arc<AtomicBool>) -> Vec<Read> {
-    let mut raw = Raw::connect(tierd).await;
-    let mut log = Vec::new();
-    let mut key = r * 13 % KEYS;
-    let step = [7, 11, 13, 17][r % 4];
-    let mut mget = false;
-    while !stop.load(Ordering::Relaxed) {
-        key = (key + step) % KEYS;
-        mget = !mget;
-        let keys: Vec<usize> = if mget {
-            vec![key, (key + 1) % KEYS, (key + 2) % KEYS]
-        } else {
-            vec![key]
-        };
-        let names: Vec<String> = keys.iter().map(|k| format!("s:{k}")).collect();
-        let mut args = vec![if mget { "MGET" } else { "GET" }];
-        args.extend(names.iter().map(String::as_str));
-        let at = Instant::now();
-        let reply = raw.cmd(&args).await;
-        let values = counters(&reply).unwrap_or_else(|e| panic!("reader {r}, {args:?}: {e}"));
-        assert_eq!(values.len(), keys.len(), "reader {r}: {args:?}");
-        for (key, counter) in keys.into_iter().zip(values) {
-            log.push(Read { key, at, counter });
-        }
-    }
-    log
-}
 
 async fn staleness_run(tracking: TrackingMode) {
     let redis = RedisServer::start();
@@ -1178,25 +1071,21 @@ async fn staleness_run(tracking: TrackingMode) {
     wait_until_caching(&tierd, "s", "s:warm").await;
     let mut probe = L1Probe::new(&redis, &tierd, "s").await;
     let mut d = direct(&redis).await;
-    let mut writes: Vec<Vec<Write>> = Vec::new();
-    for key in 0..KEYS {
+    for key in 0..staleness::KEYS {
         must(&mut d, &["SET", &format!("s:{key}"), "0"]).await;
-        writes.push(vec![Write {
-            counter: 0,
-            at: Instant::now(),
-        }]);
     }
+    let mut writes = staleness::initial_writes();
     let before = probe.stats().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer_tasks: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(writer(redis.addr(), w, stop.clone())))
+        .map(|w| tokio::spawn(staleness::writer(redis.addr(), w, WRITERS, stop.clone())))
         .collect();
     let reader_tasks: Vec<_> = (0..READERS)
-        .map(|r| tokio::spawn(reader(tierd.addr, r, stop.clone())))
+        .map(|r| tokio::spawn(staleness::reader(tierd.addr, r, stop.clone())))
         .collect();
     // The length of the run, not a wait for anything.
-    tokio::time::sleep(staleness_duration()).await;
+    tokio::time::sleep(staleness::duration("TIERD_STALENESS_SECS")).await;
     stop.store(true, Ordering::Relaxed);
 
     for task in writer_tasks {
@@ -1214,31 +1103,7 @@ async fn staleness_run(tracking: TrackingMode) {
 
     // A read that started more than DELIVERY after a write was acknowledged
     // must return that write's counter or a later one.
-    let mut violations = Vec::new();
-    for read in &reads {
-        let log = &writes[read.key];
-        let known = log.partition_point(|w| w.at + DELIVERY < read.at);
-        if known == 0 {
-            continue;
-        }
-        let floor = &log[known - 1];
-        if read.counter < floor.counter {
-            violations.push(format!(
-                "s:{} read {} but {} was acknowledged {:?} before the read started",
-                read.key,
-                read.counter,
-                floor.counter,
-                read.at - floor.at
-            ));
-        }
-        let newest = log.last().unwrap().counter;
-        assert!(
-            read.counter <= newest,
-            "s:{} read {} but the writer never got past {newest}",
-            read.key,
-            read.counter
-        );
-    }
+    let violations = staleness::violations(&writes, &reads, DELIVERY);
     eprintln!(
         "staleness run ({}): {write_count} writes, {} reads, {hits} L1 hits, {} violations",
         tracking.as_str(),

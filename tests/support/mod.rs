@@ -12,6 +12,8 @@ pub mod l1;
 pub mod probe;
 /// A throttled relay between tierd and Redis.
 pub mod slow_link;
+/// The monotonic-counter staleness check.
+pub mod staleness;
 /// A byte-level connection and request encoder independent of tierd.
 pub mod wire;
 
