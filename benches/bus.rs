@@ -30,17 +30,19 @@
 //! [2000] and `BUS_REPEAT` the runs of measurements 2 and 3 [3]. The servers
 //! are stopped on the way out, also after a panic.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tierd::config::{Config, Overrides};
+use tierd::config::Config;
 use tierd::protocol::reply::encode_command;
-use tierd::protocol::ReplyFramer;
+
+#[path = "support/servers.rs"]
+mod servers;
+
+use servers::{benching, env_usize, load_average, read_all, rule_stats, Client, Instance, Redis};
 
 /// Keys the propagation rounds cycle through.
 const PROPAGATION_KEYS: usize = 100;
@@ -53,11 +55,11 @@ const OTHERS: usize = 50_000;
 const BASELINE: Duration = Duration::from_millis(500);
 /// The L1-hit key the probe clients read.
 const PROBE_KEY: &str = "bench:probe";
+/// GETs in flight when filling L1.
+const READ_WINDOW: usize = 1000;
 
 fn main() {
-    // `cargo test --benches` runs this too: nothing to measure there.
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
+    if !benching() {
         return;
     }
     let rounds = env_usize("BUS_ROUNDS", 2000);
@@ -95,21 +97,6 @@ fn main() {
         started.elapsed().as_secs_f64(),
         load_average()
     );
-}
-
-/// The 1-minute load average: other work on the machine shows in the tails.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------
@@ -384,8 +371,8 @@ fn measure_l1_only(redis: &Redis, fleet: &Fleet, repeat: usize) -> (Vec<L1Run>, 
     let mut runs = Vec::new();
     for _ in 0..repeat {
         for client in [&mut b, &mut c] {
-            read_all(client, "x", MATCHING);
-            read_all(client, "y", OTHERS);
+            read_all(client, "x", MATCHING, READ_WINDOW);
+            read_all(client, "y", OTHERS, READ_WINDOW);
             assert_eq!(
                 rule_stats(client, "x").entries,
                 MATCHING as u64,
@@ -577,178 +564,9 @@ fn delete_matching(direct: &mut Client, glob: &str) {
     ]);
 }
 
-/// GETs `{prefix}:0` … `{prefix}:{n-1}` through tierd, 1,000 in flight.
-fn read_all(client: &mut Client, prefix: &str, n: usize) {
-    const WINDOW: usize = 1000;
-    for start in (0..n).step_by(WINDOW) {
-        let end = n.min(start + WINDOW);
-        let mut batch = Vec::new();
-        for i in start..end {
-            let key = format!("{prefix}:{i}");
-            batch.extend_from_slice(&encode_command(&[b"GET", key.as_bytes()]));
-        }
-        client.send(&batch);
-        for _ in start..end {
-            let reply = client.frame();
-            assert!(reply.starts_with(b"$"), "GET {prefix}:*: {reply:?}");
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RuleStats {
-    hits: u64,
-    entries: u64,
-}
-
-/// `CACHE.STATS rule`: a flat array in RESP2, field name then value.
-fn rule_stats(client: &mut Client, rule: &str) -> RuleStats {
-    let reply = client.cmd(&["CACHE.STATS", rule]);
-    let field = |name: &str| -> u64 {
-        let tag = format!("${}\r\n{name}\r\n:", name.len());
-        let at = find(&reply, tag.as_bytes())
-            .unwrap_or_else(|| panic!("no {name} in CACHE.STATS {rule}: {reply:?}"))
-            + tag.len();
-        let digits: Vec<u8> = reply[at..]
-            .iter()
-            .copied()
-            .take_while(u8::is_ascii_digit)
-            .collect();
-        String::from_utf8_lossy(&digits).parse().unwrap_or(0)
-    };
-    RuleStats {
-        hits: field("hits"),
-        entries: field("entries"),
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 // ---------------------------------------------------------------------------
-// Servers
+// The fleet
 // ---------------------------------------------------------------------------
-
-/// A redis-server on a free loopback port, killed on drop (also when the
-/// bench panics: the guard unwinds with it).
-struct Redis {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let bin = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (or named by REDIS_SERVER)");
-        let redis = Redis {
-            port,
-            child,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = Client::try_connect(redis.addr()) {
-                if c.cmd(&["PING"]) == b"+PONG\r\n" {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn version(&self) -> String {
-        let info = Client::connect(self.addr()).cmd(&["INFO", "server"]);
-        let info = String::from_utf8_lossy(&info).into_owned();
-        info.lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map_or_else(|| "redis-server".into(), |v| format!("redis-server {v}"))
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local address").port()
-}
-
-/// One tierd on its own thread, as `main.rs` runs it with `threads = 1`;
-/// stopped and joined on drop.
-struct Instance {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Instance {
-    fn start(config: Config) -> Instance {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(config.listen)
-                    .await
-                    .expect("bind tierd listener");
-                let _ = bound_tx.send(listener.local_addr().expect("local address"));
-                let shutdown = async move {
-                    let _ = stopped.await;
-                };
-                if let Err(e) = tierd::server::run(listener, Arc::new(config), shutdown).await {
-                    eprintln!("tierd stopped with an error: {e}");
-                }
-            });
-        });
-        let addr = bound_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("tierd did not bind");
-        Instance {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 /// A, B and C on one Redis, with their buses live.
 struct Fleet {
@@ -758,8 +576,9 @@ struct Fleet {
 
 impl Fleet {
     fn start(redis: &Redis, tracking: &str) -> Fleet {
-        let instances: Vec<Instance> = (0..3)
-            .map(|_| Instance::start(config(redis, tracking)))
+        let instances: Vec<Instance> = ["tierd-a", "tierd-b", "tierd-c"]
+            .into_iter()
+            .map(|name| Instance::start(config(redis, tracking), name))
             .collect();
         let addrs = [instances[0].addr, instances[1].addr, instances[2].addr];
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -814,87 +633,7 @@ match = "y:*"
 ttl = "1h"
 "#
     );
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        upstream: Some(format!("redis://127.0.0.1:{}", redis.port)),
-        log_level: None,
-        metrics_listen: Some(String::new()),
-    };
-    Config::from_toml_str(&toml, &overrides).expect("bench config")
-}
-
-// ---------------------------------------------------------------------------
-// A blocking RESP client: one request at a time keeps its overhead low
-// ---------------------------------------------------------------------------
-
-struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    framer: ReplyFramer,
-}
-
-impl Client {
-    fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Client {
-            stream,
-            buf: Vec::with_capacity(1 << 16),
-            framer: ReplyFramer::new(128),
-        })
-    }
-
-    fn connect(addr: SocketAddr) -> Client {
-        Client::try_connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write");
-    }
-
-    /// The next whole reply frame.
-    fn frame(&mut self) -> Vec<u8> {
-        loop {
-            if let Some(len) = self.framer.frame(&self.buf).expect("a RESP reply") {
-                return self.buf.drain(..len).collect();
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.stream.read(&mut chunk).expect("read");
-            assert!(n > 0, "connection closed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        self.send(&encode_command(&args));
-        self.frame()
-    }
-
-    fn ok(&mut self, args: &[&str]) {
-        let reply = self.cmd(args);
-        assert_eq!(reply, b"+OK\r\n", "{args:?}");
-    }
-
-    fn int(&mut self, args: &[&str]) -> i64 {
-        let reply = self.cmd(args);
-        let text = String::from_utf8_lossy(&reply);
-        text.strip_prefix(':')
-            .and_then(|t| t.trim_end().parse().ok())
-            .unwrap_or_else(|| panic!("{args:?}: expected an integer, got {text:?}"))
-    }
-
-    /// `GET key`: the value, or `None` for nil.
-    fn get(&mut self, key: &str) -> Option<Vec<u8>> {
-        let reply = self.cmd(&["GET", key]);
-        if reply == b"$-1\r\n" {
-            return None;
-        }
-        let header = find(&reply, b"\r\n").filter(|_| reply.starts_with(b"$"));
-        let header = header.unwrap_or_else(|| panic!("GET {key}: {reply:?}"));
-        Some(reply[header + 2..reply.len() - 2].to_vec())
-    }
+    redis.tierd_config(&toml)
 }
 
 // ---------------------------------------------------------------------------

@@ -43,32 +43,36 @@
 //! compress_codec`.
 
 use std::hint::black_box;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tierd::cache::compress::{self, Decoded};
 use tierd::cache::store::{RuleCap, Store, StoreConfig, Variant};
-use tierd::config::{Config, Overrides};
+use tierd::config::Config;
 use tierd::protocol::reply::{self, encode_command};
-use tierd::protocol::{inspect, Proto, ReplyFramer};
+use tierd::protocol::{inspect, Proto};
 
 #[path = "support/docs.rs"]
 mod docs;
+#[path = "support/servers.rs"]
+mod servers;
+
+use servers::{
+    benching, env_usize, load_average, read_all, rule_stats, thread_id, Client, Instance, Redis,
+    RuleStats,
+};
 
 /// tierd's default `l1.max_value_size`, the decoding limit.
 const MAX_VALUE: usize = 1 << 20;
 /// The compressing rule's threshold, as in the issue's `users` seed.
 const THRESHOLD: &str = "1kb";
+/// GETs in flight when warming L1.
+const READ_WINDOW: usize = 64;
 
 fn main() {
-    // `cargo test --benches` runs this too: nothing to measure there.
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
+    if !benching() {
         return;
     }
     let n_docs = env_usize("COMPRESSION_DOCS", 10_000).max(100);
@@ -134,22 +138,6 @@ fn main() {
         started.elapsed().as_secs_f64(),
         load_average()
     );
-}
-
-/// The 1-minute load average: other work on the machine shows in the
-/// spread.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn mb(bytes: f64) -> String {
@@ -645,9 +633,9 @@ struct Case {
 fn warm(b: &Instance, n: usize) -> [(&'static str, RuleStats); 2] {
     let mut client = Client::connect(b.addr);
     for prefix in ["plain", "doc"] {
-        read_all(&mut client, prefix, n);
+        read_all(&mut client, prefix, n, READ_WINDOW);
         let before = rule_stats(&mut client, prefix);
-        read_all(&mut client, prefix, n);
+        read_all(&mut client, prefix, n, READ_WINDOW);
         let after = rule_stats(&mut client, prefix);
         assert_eq!(
             after.hits - before.hits,
@@ -900,24 +888,6 @@ fn print_throughput(
     println!();
 }
 
-/// GETs `{prefix}:0` … `{prefix}:{n-1}` through tierd, 64 in flight.
-fn read_all(client: &mut Client, prefix: &str, n: usize) {
-    const WINDOW: usize = 64;
-    for start in (0..n).step_by(WINDOW) {
-        let end = n.min(start + WINDOW);
-        let mut batch = Vec::new();
-        for i in start..end {
-            let key = format!("{prefix}:{i}");
-            batch.extend_from_slice(&encode_command(&[b"GET", key.as_bytes()]));
-        }
-        client.send(&batch);
-        for _ in start..end {
-            let reply = client.frame();
-            assert!(reply.starts_with(b"$"), "GET {prefix}:*: {reply:?}");
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // 3. L1 bytes per document
 // ---------------------------------------------------------------------------
@@ -949,51 +919,8 @@ fn print_l1(rules: &[(&str, RuleStats); 2], corpus: &[Vec<u8>]) {
 }
 
 // ---------------------------------------------------------------------------
-// CACHE.STATS and CPU time
+// CPU time
 // ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy, Default)]
-struct RuleStats {
-    hits: u64,
-    misses: u64,
-    entries: u64,
-    bytes: u64,
-}
-
-/// `CACHE.STATS rule`: a flat array in RESP2, field name then value.
-fn rule_stats(client: &mut Client, rule: &str) -> RuleStats {
-    let reply = client.cmd(&["CACHE.STATS", rule]);
-    let field = |name: &str| -> u64 {
-        let tag = format!("${}\r\n{name}\r\n:", name.len());
-        let at = find(&reply, tag.as_bytes())
-            .unwrap_or_else(|| panic!("no {name} in CACHE.STATS {rule}: {reply:?}"))
-            + tag.len();
-        let digits: Vec<u8> = reply[at..]
-            .iter()
-            .copied()
-            .take_while(u8::is_ascii_digit)
-            .collect();
-        String::from_utf8_lossy(&digits).parse().unwrap_or(0)
-    };
-    RuleStats {
-        hits: field("hits"),
-        misses: field("misses"),
-        entries: field("entries"),
-        bytes: field("bytes"),
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The calling thread's id (`/proc/thread-self` is `PID/task/TID`).
-fn thread_id() -> u32 {
-    std::fs::read_link("/proc/thread-self")
-        .ok()
-        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
-        .unwrap_or(0)
-}
 
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -1030,149 +957,8 @@ fn process_cpu(pid: u32) -> f64 {
 }
 
 // ---------------------------------------------------------------------------
-// Servers
+// tierd's configuration
 // ---------------------------------------------------------------------------
-
-/// A redis-server on a free loopback port, killed on drop (also when the
-/// bench panics: the guard unwinds with it).
-struct Redis {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let bin = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (or named by REDIS_SERVER)");
-        let redis = Redis {
-            port,
-            child,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = Client::try_connect(redis.addr()) {
-                if c.cmd(&["PING"]) == b"+PONG\r\n" {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn version(&self) -> String {
-        let info = Client::connect(self.addr()).cmd(&["INFO", "server"]);
-        let info = String::from_utf8_lossy(&info).into_owned();
-        info.lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map_or_else(|| "redis-server".into(), |v| format!("redis-server {v}"))
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local address").port()
-}
-
-/// One tierd on its own named thread, as `main.rs` runs it with
-/// `threads = 1`; stopped and joined on drop.
-struct Instance {
-    addr: SocketAddr,
-    /// The thread's id, for its CPU time.
-    tid: u32,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Instance {
-    fn start(config: Config, name: &str) -> Instance {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind(config.listen)
-                        .await
-                        .expect("bind tierd listener");
-                    let addr = listener.local_addr().expect("local address");
-                    let _ = bound_tx.send((addr, thread_id()));
-                    let shutdown = async move {
-                        let _ = stopped.await;
-                    };
-                    if let Err(e) = tierd::server::run(listener, Arc::new(config), shutdown).await {
-                        eprintln!("tierd stopped with an error: {e}");
-                    }
-                });
-            })
-            .expect("spawn tierd thread");
-        let (addr, tid) = bound_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("tierd did not bind");
-        // Ready once it answers PING.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = Client::try_connect(addr) {
-                if c.cmd(&["PING"]) == b"+PONG\r\n" {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tierd {name} did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Instance {
-            addr,
-            tid,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 /// A's rules (`cache = false`: every GET goes to Redis) or B's (cached
 /// for an hour). `doc:*` compresses, `plain:*` does not; nothing else
@@ -1205,88 +991,5 @@ match = "plain:*"
 {cache}
 "#
     );
-    let overrides = Overrides {
-        listen: Some("127.0.0.1:0".into()),
-        upstream: Some(format!("redis://127.0.0.1:{}", redis.port)),
-        log_level: None,
-        metrics_listen: Some(String::new()),
-    };
-    Config::from_toml_str(&toml, &overrides).expect("bench config")
-}
-
-// ---------------------------------------------------------------------------
-// A blocking RESP client for loading, checks and CACHE.STATS
-// ---------------------------------------------------------------------------
-
-struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    framer: ReplyFramer,
-}
-
-impl Client {
-    fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Client {
-            stream,
-            buf: Vec::with_capacity(1 << 20),
-            framer: ReplyFramer::new(128),
-        })
-    }
-
-    fn connect(addr: SocketAddr) -> Client {
-        Client::try_connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write");
-    }
-
-    /// The next whole reply frame.
-    fn frame(&mut self) -> Vec<u8> {
-        loop {
-            if let Some(len) = self.framer.frame(&self.buf).expect("a RESP reply") {
-                return self.buf.drain(..len).collect();
-            }
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.stream.read(&mut chunk).expect("read");
-            assert!(n > 0, "connection closed");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        self.send(&encode_command(&args));
-        self.frame()
-    }
-
-    fn ok(&mut self, args: &[&str]) {
-        let reply = self.cmd(args);
-        assert_eq!(reply, b"+OK\r\n", "{args:?}");
-    }
-
-    fn int(&mut self, args: &[&str]) -> i64 {
-        let reply = self.cmd(args);
-        let text = String::from_utf8_lossy(&reply);
-        text.strip_prefix(':')
-            .and_then(|t| t.trim_end().parse().ok())
-            .unwrap_or_else(|| panic!("{args:?}: expected an integer, got {text:?}"))
-    }
-
-    /// `GET key`: the value, or `None` for nil.
-    fn get(&mut self, key: &str) -> Option<Vec<u8>> {
-        let reply = self.cmd(&["GET", key]);
-        if reply == b"$-1\r\n" {
-            return None;
-        }
-        let payload = inspect::string_payload(&reply).filter(|_| reply.starts_with(b"$"));
-        Some(
-            payload
-                .unwrap_or_else(|| panic!("GET {key}: {:?}", String::from_utf8_lossy(&reply)))
-                .to_vec(),
-        )
-    }
+    redis.tierd_config(&toml)
 }
