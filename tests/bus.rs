@@ -24,11 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::bus::{
-    bus_config, cache, ids_named, info_num, noise, poll_until, publish, start_instance, tierd_info,
-    wait_info, Instance, Message, CHANNEL, PUBLISHER, SUBSCRIBER,
+    bus_config, cache, ids_named, info_num, noise, publish, start_instance, tierd_info, wait_info,
+    Instance, Message, CHANNEL, PUBLISHER, SUBSCRIBER,
 };
 use support::exchange::{assert_frame, text};
-use support::l1::{decode, direct, must, rule, rule_stats, L1Probe, Outcome, Resp, HOUR};
+use support::l1::{
+    decode, direct, must, poll_until, rule, rule_stats, L1Probe, Outcome, Resp, HOUR,
+};
 use support::probe::bulk;
 use support::{staleness, Raw, RedisServer, Tierd};
 

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use support::exchange::{assert_frame, encode, text};
 use support::l1::{
-    clients_named, decode, direct, l1_config, must, rule, wait_until_caching, L1Probe, Outcome,
-    Resp, HOUR,
+    clients_named, decode, direct, l1_config, must, poll_until, rule, wait_until_caching, L1Probe,
+    Outcome, Resp, HOUR,
 };
 use support::probe::{bulk, bulk_text};
 use support::{staleness, Raw, RedisServer, Tierd};
@@ -772,31 +772,6 @@ async fn every_direct_write_reaches_l1_within_50ms_with_bcast_tracking() {
 // ---------------------------------------------------------------------------
 // Expiry, eviction, flushes
 // ---------------------------------------------------------------------------
-
-/// Reads `key` through `probe` every 1 ms until the reply is `want`; fails
-/// if that takes longer than `limit` from `since`. Returns the delay.
-async fn poll_until(
-    probe: &mut L1Probe,
-    key: &str,
-    want: &[u8],
-    since: Instant,
-    limit: Duration,
-) -> Duration {
-    loop {
-        let started = since.elapsed();
-        let (got, outcome) = probe.read(&["GET", key]).await;
-        if got.as_ref() == want {
-            return started;
-        }
-        assert!(
-            started <= limit,
-            "GET {key} through tierd still {:?} ({outcome:?}) {started:?} later; wanted {:?}",
-            text(&got),
-            text(want)
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
 
 async fn cache(probe: &mut L1Probe, key: &str) {
     probe.read(&["GET", key]).await;

@@ -19,6 +19,9 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::compression::{
+    bulk_of, compress_rule, frame_of, frame_with, HEADER_LEN, MAGIC, THRESHOLD,
+};
 use support::exchange::text;
 use support::l1::{
     decode, direct, l1_config, rule, upstream_calls, wait_until_caching, L1Probe, Outcome, Resp,
@@ -26,14 +29,8 @@ use support::l1::{
 };
 use support::probe::Deadline;
 use support::{Raw, RedisServer, Tierd};
-use tierd::config::{CompressConfig, RuleConfig, TrackingMode};
+use tierd::config::TrackingMode;
 
-/// The documented magic bytes: `F5 'T' 'Z'` and the format version.
-const MAGIC: [u8; 4] = *b"\xf5TZ\x01";
-/// The documented header: magic, codec byte, u32 LE original length.
-const HEADER_LEN: usize = 9;
-/// The `c:` and `l:` rules' threshold.
-const THRESHOLD: usize = 64;
 /// The default `l1.max_value_size`.
 const MIB: usize = 1 << 20;
 /// The prefix of tierd's corrupt-value error reply.
@@ -42,15 +39,6 @@ const CORRUPT: &[u8] = b"-ERR tierd: compressed value is corrupt";
 // ---------------------------------------------------------------------------
 // Setup
 // ---------------------------------------------------------------------------
-
-fn compress_rule(name: &str, pattern: &str, upstream: bool) -> RuleConfig {
-    let mut r = rule(name, pattern, HOUR);
-    r.compress = Some(CompressConfig {
-        threshold: THRESHOLD as u64,
-        upstream,
-    });
-    r
-}
 
 /// tierd on `redis` with the rules above, once it caches.
 async fn start(redis: &RedisServer, tracking: TrackingMode) -> Tierd {
@@ -106,20 +94,6 @@ fn repetitive(n: usize) -> Vec<u8> {
     v.resize(n - 2, b'a');
     v.extend_from_slice(b"\"}");
     v
-}
-
-/// A frame in the documented format around `payload`, declaring `declared`.
-fn frame_with(declared: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.push(1);
-    out.extend_from_slice(&declared.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A valid frame of `plain`, built here with lz4_flex's block API.
-fn frame_of(plain: &[u8]) -> Vec<u8> {
-    frame_with(plain.len() as u32, &lz4_flex::block::compress(plain))
 }
 
 /// What a stored value holds per the documented format: `Some(plain)` when
@@ -281,15 +255,6 @@ impl Diff {
             failures.join("\n")
         );
         replies.into_iter().map(|(t, _)| t).collect()
-    }
-}
-
-/// The bulk payload of a reply (RESP2 or RESP3); `None` for a nil.
-fn bulk_of(frame: &[u8]) -> Option<Vec<u8>> {
-    match decode(frame) {
-        Resp::Bulk(b) => b,
-        Resp::Null => None,
-        other => panic!("expected a bulk string, got {other:?}"),
     }
 }
 

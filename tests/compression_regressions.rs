@@ -12,25 +12,12 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use support::compression::{bulk_of, compress_rule, frame_of, frame_with, HEADER_LEN, MAGIC};
 use support::exchange::text;
-use support::l1::{decode, direct, l1_config, rule, wait_until_caching, Resp, HOUR};
+use support::l1::{direct, l1_config, rule, wait_until_caching, HOUR};
 use support::probe::{info_field, wait_blocked_clients};
 use support::{Raw, RedisServer, Tierd};
-use tierd::config::{CompressConfig, Config, RuleConfig, TrackingMode};
-
-/// The documented magic bytes: `F5 'T' 'Z'` and the format version.
-const MAGIC: [u8; 4] = *b"\xf5TZ\x01";
-const HEADER_LEN: usize = 9;
-const THRESHOLD: u64 = 64;
-
-fn compress_rule(name: &str, pattern: &str, upstream: bool) -> RuleConfig {
-    let mut r = rule(name, pattern, HOUR);
-    r.compress = Some(CompressConfig {
-        threshold: THRESHOLD,
-        upstream,
-    });
-    r
-}
+use tierd::config::{Config, TrackingMode};
 
 fn config(redis: &RedisServer) -> Config {
     l1_config(
@@ -71,20 +58,6 @@ fn json_doc(len: usize, seed: u64) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// A frame in the documented format around `payload`, declaring `declared`.
-fn frame_with(declared: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    out.push(1);
-    out.extend_from_slice(&declared.to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A valid frame of `plain`, built here with lz4_flex's block API.
-fn frame_of(plain: &[u8]) -> Vec<u8> {
-    frame_with(plain.len() as u32, &lz4_flex::block::compress(plain))
-}
-
 /// Decodes one documented frame; `None` when `stored` is not a frame.
 fn unframe(stored: &[u8]) -> Option<Vec<u8>> {
     if stored.len() < HEADER_LEN || stored[..4] != MAGIC || stored[4] != 1 {
@@ -101,14 +74,6 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 async fn call(raw: &mut Raw, args: &[&[u8]]) -> Bytes {
     raw.send(&resp(args)).await;
     raw.frame().await
-}
-
-fn bulk_of(frame: &[u8]) -> Option<Vec<u8>> {
-    match decode(frame) {
-        Resp::Bulk(b) => b,
-        Resp::Null => None,
-        other => panic!("expected a bulk string, got {other:?}"),
-    }
 }
 
 /// Bytes for an assertion message, cut short.

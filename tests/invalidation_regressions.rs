@@ -23,10 +23,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::bus::{bus_config, cache, poll_until, publish, start_instance, Message, CHANNEL};
+use support::bus::{bus_config, cache, publish, start_instance, Message, CHANNEL};
 use support::exchange::{assert_frame, text};
 use support::l1::{
-    decode, direct, l1_config, must, rule, rule_stats, wait_until_caching, L1Probe, Outcome, HOUR,
+    decode, direct, l1_config, must, poll_until, rule, rule_stats, wait_until_caching, L1Probe,
+    Outcome, HOUR,
 };
 use support::probe::{bulk, client_field, client_list, wait_blocked_clients, Deadline};
 use support::{free_port, Raw, RedisServer, Tierd};

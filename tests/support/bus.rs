@@ -5,7 +5,7 @@
 //! that a hand-built message tests tierd's decoder, not its encoder).
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tierd::config::{Config, RuleConfig, TrackingMode};
@@ -109,32 +109,6 @@ pub async fn wait_info(
             return v;
         }
         deadline.tick().await;
-    }
-}
-
-/// Reads `key` through `probe` until the reply is `want`; fails if a read
-/// that started more than `limit` after `since` still returned something
-/// else. Returns how long after `since` the first good read started.
-pub async fn poll_until(
-    probe: &mut L1Probe,
-    key: &str,
-    want: &[u8],
-    since: Instant,
-    limit: Duration,
-) -> Duration {
-    loop {
-        let started = since.elapsed();
-        let (got, outcome) = probe.read(&["GET", key]).await;
-        if got.as_ref() == want {
-            return started;
-        }
-        assert!(
-            started <= limit,
-            "GET {key} through tierd still {:?} ({outcome:?}) {started:?} later; wanted {:?}",
-            text(&got),
-            text(want)
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

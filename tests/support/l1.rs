@@ -5,7 +5,7 @@
 //! an L1 hit or a miss by comparing the rule's counters before and after.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tierd::cache::glob::Glob;
@@ -446,5 +446,31 @@ pub async fn wait_until_caching(tierd: &Tierd, rule: &str, key: &str) {
             "tierd did not start caching GET {key} within 10 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Reads `key` through `probe` until the reply is `want`; fails if a read
+/// that started more than `limit` after `since` still returned something
+/// else. Returns how long after `since` the first good read started.
+pub async fn poll_until(
+    probe: &mut L1Probe,
+    key: &str,
+    want: &[u8],
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    loop {
+        let started = since.elapsed();
+        let (got, outcome) = probe.read(&["GET", key]).await;
+        if got.as_ref() == want {
+            return started;
+        }
+        assert!(
+            started <= limit,
+            "GET {key} through tierd still {:?} ({outcome:?}) {started:?} later; wanted {:?}",
+            text(&got),
+            text(want)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

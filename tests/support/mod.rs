@@ -5,6 +5,8 @@
 
 /// Several tierds on one invalidation bus: instances, INFO, messages.
 pub mod bus;
+/// The documented format of compressed values, for the compression suites.
+pub mod compression;
 /// One command at a time on a [`Raw`] connection, with a reply limit.
 pub mod exchange;
 pub mod l1;
