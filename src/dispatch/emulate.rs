@@ -349,10 +349,32 @@ where
     Flow::Continue
 }
 
+/// Lua shared by the scripts that may leave a plain value starting with
+/// the magic: `escape(key, magic)` puts such a value behind a raw header
+/// (codec 0), keeping its TTL, so that it reads back as written. A macro,
+/// so that each script is one literal built at compile time.
+macro_rules! lua_escape {
+    () => {
+        r"
+local function escape(key, magic)
+  if redis.pcall('GETRANGE', key, 0, 3) == magic then
+    local v = redis.call('GET', key)
+    local n = #v
+    local len = string.char(n % 256, math.floor(n / 256) % 256,
+      math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
+    redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
+  end
+end
+"
+    };
+}
+
 /// `KEYS[1]` the key, `ARGV[1]` the magic, `ARGV[2..]` the client's
 /// request: runs it, then escapes the key's new value behind a raw header
 /// (codec 0) if it starts with the magic, so that it reads back as written.
-const ESCAPE_AFTER: &str = r"
+const ESCAPE_AFTER: &str = concat!(
+    lua_escape!(),
+    r"
 local key, magic = KEYS[1], ARGV[1]
 local r = redis.pcall(unpack(ARGV, 2))
 if type(r) == 'table' and r.err then return r end
@@ -364,15 +386,10 @@ if string.upper(ARGV[2]) == 'COPY' then
     if string.upper(ARGV[i]) == 'DB' then redis.call('SELECT', ARGV[i + 1]) end
   end
 end
-if redis.pcall('GETRANGE', key, 0, 3) == magic then
-  local v = redis.call('GET', key)
-  local n = #v
-  local len = string.char(n % 256, math.floor(n / 256) % 256,
-    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
-  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
-end
+escape(key, magic)
 return r
-";
+"
+);
 
 /// A command that puts a value into the compressing key `req.arg(at)`
 /// ([`Access::Escape`]), run by [`ESCAPE_AFTER`] in one step, with the
@@ -628,35 +645,29 @@ fn is_frame_probe(reply: &[u8]) -> bool {
 /// (then `-TIERD_COMPRESSED`, and the write is emulated), and escapes a
 /// result that would start with the magic behind a raw header (codec 0)
 /// so that it reads back as written.
-const PLAIN_WRITE: &str = r"
+const PLAIN_WRITE: &str = concat!(
+    lua_escape!(),
+    r"
 local key, magic = KEYS[1], ARGV[1]
 if redis.pcall('GETRANGE', key, 0, 3) == magic then return {err = 'TIERD_COMPRESSED'} end
 local r = redis.pcall(unpack(ARGV, 2))
 if type(r) == 'table' and r.err then return r end
-if redis.call('GETRANGE', key, 0, 3) == magic then
-  local v = redis.call('GET', key)
-  local n = #v
-  local len = string.char(n % 256, math.floor(n / 256) % 256,
-    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
-  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
-end
+escape(key, magic)
 return r
-";
+"
+);
 
 /// `KEYS[1]` the key, `ARGV[1]` the magic: escapes the key's value behind a
 /// raw header if it starts with the magic (after a write tierd ran as the
 /// client sent it, inside the same transaction).
-const ESCAPE_KEY: &str = r"
+const ESCAPE_KEY: &str = concat!(
+    lua_escape!(),
+    r"
 local key, magic = KEYS[1], ARGV[1]
-if redis.pcall('GETRANGE', key, 0, 3) == magic then
-  local v = redis.call('GET', key)
-  local n = #v
-  local len = string.char(n % 256, math.floor(n / 256) % 256,
-    math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256)
-  redis.call('SET', key, magic .. string.char(0) .. len .. v, 'KEEPTTL')
-end
+escape(key, magic)
 return 0
-";
+"
+);
 
 /// Writes whose replies a script passes on byte for byte (integers and
 /// bulk strings), which [`PLAIN_WRITE`] can run on a plain value.
