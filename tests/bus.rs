@@ -19,7 +19,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,19 +93,14 @@ async fn three_instances_without_tracking_stay_fresh_through_the_bus() {
             )));
         }
     }
-    // The length of the run, not a wait for anything.
-    tokio::time::sleep(staleness::duration("TIERD_BUS_STALENESS_SECS")).await;
-    stop.store(true, Ordering::Relaxed);
-
-    for task in writer_tasks {
-        for (key, write) in task.await.unwrap() {
-            writes[key].push(write);
-        }
-    }
-    let mut reads = Vec::new();
-    for task in reader_tasks {
-        reads.extend(task.await.unwrap());
-    }
+    let reads = staleness::finish(
+        staleness::duration("TIERD_BUS_STALENESS_SECS"),
+        &stop,
+        &mut writes,
+        writer_tasks,
+        reader_tasks,
+    )
+    .await;
     let write_count: usize = writes.iter().map(|w| w.len() - 1).sum();
 
     let violations = staleness::violations(&writes, &reads, DELIVERY);

@@ -15,7 +15,7 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1059,19 +1059,14 @@ async fn staleness_run(tracking: TrackingMode) {
     let reader_tasks: Vec<_> = (0..READERS)
         .map(|r| tokio::spawn(staleness::reader(tierd.addr, r, stop.clone())))
         .collect();
-    // The length of the run, not a wait for anything.
-    tokio::time::sleep(staleness::duration("TIERD_STALENESS_SECS")).await;
-    stop.store(true, Ordering::Relaxed);
-
-    for task in writer_tasks {
-        for (key, write) in task.await.unwrap() {
-            writes[key].push(write);
-        }
-    }
-    let mut reads = Vec::new();
-    for task in reader_tasks {
-        reads.extend(task.await.unwrap());
-    }
+    let reads = staleness::finish(
+        staleness::duration("TIERD_STALENESS_SECS"),
+        &stop,
+        &mut writes,
+        writer_tasks,
+        reader_tasks,
+    )
+    .await;
     let after = probe.stats().await;
     let hits = after.hits - before.hits;
     let write_count: usize = writes.iter().map(|w| w.len() - 1).sum();

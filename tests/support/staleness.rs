@@ -137,6 +137,30 @@ pub async fn reader(tierd: std::net::SocketAddr, r: usize, stop: Arc<AtomicBool>
     log
 }
 
+/// Lets the run go for `length`, stops the tasks, and collects what they
+/// logged: each writer's writes into `writes`, and the readers' reads.
+pub async fn finish(
+    length: Duration,
+    stop: &AtomicBool,
+    writes: &mut [Vec<Write>],
+    writers: Vec<tokio::task::JoinHandle<Vec<(usize, Write)>>>,
+    readers: Vec<tokio::task::JoinHandle<Vec<Read>>>,
+) -> Vec<Read> {
+    // The length of the run, not a wait for anything.
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in writers {
+        for (key, write) in task.await.unwrap() {
+            writes[key].push(write);
+        }
+    }
+    let mut reads = Vec::new();
+    for task in readers {
+        reads.extend(task.await.unwrap());
+    }
+    reads
+}
+
 /// The reads that broke the rule: each started more than `delivery` after
 /// a write of its key was acknowledged and returned an older counter. Also
 /// checks that no read returned a counter no writer wrote.
