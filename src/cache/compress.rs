@@ -222,50 +222,18 @@ fn raw(value: &[u8], declared: u32) -> Vec<u8> {
 /// `max_value_size` (checked before allocating), or the payload is not an
 /// lz4 block that decompresses to exactly the declared length.
 pub fn decode(stored: &[u8], max_value_size: usize) -> Result<Decoded<'_>, CorruptValue> {
-    let Some((codec, declared, payload)) = parse_header(stored) else {
-        return Ok(Decoded::Plain(stored));
-    };
-    let corrupt = |reason| CorruptValue {
-        declared_len: declared,
-        reason,
-    };
-    if codec == CODEC_RAW {
-        // Nothing to inflate, so no size to fear: the bytes are here.
-        return match usize::try_from(declared) {
-            Ok(len) if len == payload.len() => Ok(Decoded::Compressed(payload.to_vec())),
-            _ if (declared as usize) < payload.len() => {
-                Err(corrupt(CorruptReason::Longer { declared }))
-            }
-            _ => Err(corrupt(CorruptReason::Shorter {
-                declared,
-                actual: payload.len(),
-            })),
-        };
-    }
-    let len = match usize::try_from(declared) {
-        Ok(len) if len <= max_value_size => len,
-        _ => {
-            return Err(corrupt(CorruptReason::TooLarge {
-                declared,
-                max: max_value_size,
-            }))
-        }
-    };
-    let mut value = vec![0u8; len];
-    match lz4_flex::block::decompress_into(payload, &mut value) {
-        Ok(actual) if actual == len => Ok(Decoded::Compressed(value)),
-        Ok(actual) => Err(corrupt(CorruptReason::Shorter { declared, actual })),
-        Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) => {
-            Err(corrupt(CorruptReason::Longer { declared }))
-        }
-        Err(err) => Err(corrupt(CorruptReason::Malformed(err.to_string()))),
+    let mut value = bytes::BytesMut::new();
+    if decode_append(stored, max_value_size, &mut value)? {
+        Ok(Decoded::Compressed(value.into()))
+    } else {
+        Ok(Decoded::Plain(stored))
     }
 }
 
-/// [`decode`] appending to `out` instead of allocating: appends the value
-/// `stored` holds and returns `true` when it is a frame, leaves `out` as it
-/// was and returns `false` when it is plain. The hot path of a reply or an
-/// L1 hit, which then need not copy the value again.
+/// [`decode`] into a buffer of the caller's: appends the value `stored`
+/// holds and returns `true` when it is a frame, leaves `out` as it was and
+/// returns `false` when it is plain. The hot path of a reply or an L1 hit
+/// builds the reply around it, and need not copy the value again.
 ///
 /// # Errors
 ///
@@ -278,16 +246,26 @@ pub fn decode_append(
     let Some((codec, declared, payload)) = parse_header(stored) else {
         return Ok(false);
     };
-    if codec == CODEC_RAW {
-        // Rare (escaped values): the allocating path has the checks.
-        let value = decode(stored, max_value_size)?;
-        out.extend_from_slice(value.as_bytes());
-        return Ok(true);
-    }
     let corrupt = |reason| CorruptValue {
         declared_len: declared,
         reason,
     };
+    if codec == CODEC_RAW {
+        // Nothing to inflate, so no size to fear: the bytes are here.
+        return match usize::try_from(declared) {
+            Ok(len) if len == payload.len() => {
+                out.extend_from_slice(payload);
+                Ok(true)
+            }
+            _ if (declared as usize) < payload.len() => {
+                Err(corrupt(CorruptReason::Longer { declared }))
+            }
+            _ => Err(corrupt(CorruptReason::Shorter {
+                declared,
+                actual: payload.len(),
+            })),
+        };
+    }
     let len = match usize::try_from(declared) {
         Ok(len) if len <= max_value_size => len,
         _ => {
