@@ -205,7 +205,8 @@ fn rate_text(hits: u64, misses: u64) -> String {
 }
 
 /// `CACHE.STATS [rule]`: per rule, hits, misses, hit rate, entries, bytes,
-/// evictions and invalidations. One array (RESP2) or map (RESP3) per rule,
+/// evictions and invalidations, then the stampede-protection counters
+/// (coalesced reads, lease grants, waits, wake-ups, timeouts, refreshes). One array (RESP2) or map (RESP3) per rule,
 /// in an array; with a rule name, that rule's alone.
 fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
     if req.args.len() > 2 {
@@ -235,7 +236,7 @@ fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
         reply::array_header(&mut out, rules.len());
     }
     for r in &rules {
-        reply::map_header(&mut out, 8, proto);
+        reply::map_header(&mut out, 14, proto);
         reply::bulk(&mut out, b"rule");
         reply::bulk(&mut out, r.name.as_bytes());
         for (field, value) in [("hits", r.hits), ("misses", r.misses)] {
@@ -249,6 +250,12 @@ fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
             ("bytes", r.bytes),
             ("evictions", r.evictions),
             ("invalidations", r.invalidations),
+            ("coalesced", r.coalesced),
+            ("lease_grants", r.lease_grants),
+            ("lease_waits", r.lease_waits),
+            ("lease_wakeups", r.lease_wakeups),
+            ("lease_timeouts", r.lease_timeouts),
+            ("refreshes", r.refreshes),
         ] {
             reply::bulk(&mut out, field.as_bytes());
             int(&mut out, value);

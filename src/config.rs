@@ -238,6 +238,9 @@ pub const DEFAULT_L1_MAX_VALUE_SIZE: u64 = MB as u64;
 /// Default `l1.sweep_interval`. Expired entries are never served (each
 /// lookup checks the deadline); the sweep only gives their memory back.
 pub const DEFAULT_L1_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `l1.coalesce`: identical reads that miss L1 at the same time
+/// share one upstream request.
+pub const DEFAULT_L1_COALESCE: bool = true;
 
 /// The `[l1]` section: the in-process tier as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +255,10 @@ pub struct L1Config {
     /// How often expired entries are swept out (`l1.sweep_interval`); never
     /// zero.
     pub sweep_interval: Duration,
+    /// Whether identical cacheable reads that miss L1 while one of them is
+    /// already upstream wait for that one's reply instead of sending their
+    /// own (`l1.coalesce`).
+    pub coalesce: bool,
 }
 
 /// Default `invalidation.tracking`.
@@ -437,6 +444,11 @@ pub const MAX_RULE_TAGS: usize = 32;
 /// compressed in Redis too, which is where the memory and network savings
 /// are.
 pub const DEFAULT_COMPRESS_UPSTREAM: bool = true;
+/// Default `rules[N].stampede.lease`: how long a loader may take before
+/// another reader is made loader in its place.
+pub const DEFAULT_STAMPEDE_LEASE: Duration = Duration::from_secs(5);
+/// Default `rules[N].stampede.wait`: how long a reader waits for a loader.
+pub const DEFAULT_STAMPEDE_WAIT: Duration = Duration::from_secs(2);
 
 /// One `[[rules]]` entry, in file order (first match wins). Validation
 /// errors name a rule by its 0-based position in the file: `rules[0].ttl` is
@@ -472,7 +484,70 @@ pub struct RuleConfig {
     /// (`compress`); `None` compresses nothing. A `cache = false` rule may
     /// compress in Redis, but never has `upstream = false`.
     pub compress: Option<CompressConfig>,
+    /// Stampede protection with Redis-held leases (`stampede`); `None`
+    /// answers a nil read at once, as Redis does.
+    pub stampede: Option<StampedeConfig>,
+    /// Background refresh of entries read late in their life
+    /// (`refresh_ahead`); `None` lets them expire.
+    pub refresh_ahead: Option<RefreshAhead>,
 }
+
+/// A rule's `stampede = { lease = "5s", wait = "2s", on_timeout = "nil" }`:
+/// when a read of a matching key finds nothing upstream, one reader (across
+/// every tierd instance) gets the nil and a lease on the key in Redis, and
+/// is expected to load the value and write it; the others wait inside tierd
+/// for that write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StampedeConfig {
+    /// How long the lease lives in Redis (`lease`): if its holder never
+    /// writes the key, the next reader after this becomes the loader.
+    /// Above zero.
+    pub lease: Duration,
+    /// How long a reader waits for the loader's write (`wait`). Above zero.
+    pub wait: Duration,
+    /// What a reader gets when `wait` runs out (`on_timeout`).
+    pub on_timeout: OnTimeout,
+}
+
+/// What a reader that waited `stampede.wait` for a loader in vain gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// The nil its read got (`"nil"`, the default): it may load itself.
+    Nil,
+    /// A `-TRYAGAIN` error (`"error"`).
+    Error,
+}
+
+impl OnTimeout {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Nil => "nil",
+            OnTimeout::Error => "error",
+        }
+    }
+}
+
+/// A rule's `refresh_ahead`: when an L1 hit comes late in its entry's life,
+/// the reply is refreshed from upstream in the background while the entry
+/// keeps being served.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefreshAhead {
+    /// `refresh_ahead = 0.8`: a hit after this fraction of the entry's life
+    /// refreshes it. Strictly between 0 and 1.
+    Ratio(f64),
+    /// `refresh_ahead = { beta = 1.0 }`: probabilistic early refresh
+    /// (XFetch, Vattani et al. 2015): a hit refreshes when
+    /// `now - delta * beta * ln(rand) >= expiry`, `delta` being how long
+    /// the entry's upstream read took. Above zero; larger refreshes earlier.
+    XFetch {
+        /// How eagerly to refresh.
+        beta: f64,
+    },
+}
+
+// Validation admits only finite numbers, for which equality is total.
+impl Eq for RefreshAhead {}
 
 /// A rule's `compress = { threshold = "1kb", upstream = true }`: string
 /// values of matching keys are stored lz4-compressed behind a small header
@@ -626,6 +701,7 @@ impl Default for L1Config {
             max_memory: DEFAULT_L1_MAX_MEMORY,
             max_value_size: DEFAULT_L1_MAX_VALUE_SIZE,
             sweep_interval: DEFAULT_L1_SWEEP_INTERVAL,
+            coalesce: DEFAULT_L1_COALESCE,
         }
     }
 }
@@ -769,6 +845,7 @@ impl Config {
                     ("max_memory", size(self.l1.max_memory)),
                     ("max_value_size", size(self.l1.max_value_size)),
                     ("sweep_interval", duration(self.l1.sweep_interval)),
+                    ("coalesce", self.l1.coalesce.to_string()),
                 ],
             ),
             (
@@ -832,6 +909,27 @@ impl Config {
                         c.upstream
                     ),
                 ));
+            }
+            if let Some(st) = rule.stampede {
+                entries.push((
+                    "stampede",
+                    format!(
+                        "{{ lease = {}, wait = {}, on_timeout = {} }}",
+                        duration(st.lease),
+                        duration(st.wait),
+                        toml_string(st.on_timeout.as_str())
+                    ),
+                ));
+            }
+            match rule.refresh_ahead {
+                Some(RefreshAhead::Ratio(r)) => {
+                    entries.push(("refresh_ahead", toml::Value::Float(r).to_string()));
+                }
+                Some(RefreshAhead::XFetch { beta }) => entries.push((
+                    "refresh_ahead",
+                    format!("{{ beta = {} }}", toml::Value::Float(beta)),
+                )),
+                None => {}
             }
             (Some("[[rules]]"), entries)
         });
@@ -922,6 +1020,7 @@ struct FileL1 {
     max_memory: Option<Scalar>,
     max_value_size: Option<Scalar>,
     sweep_interval: Option<Scalar>,
+    coalesce: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -964,6 +1063,30 @@ struct FileRule {
     negative: Option<bool>,
     tags: Option<Vec<String>>,
     compress: Option<FileCompress>,
+    stampede: Option<FileStampede>,
+    refresh_ahead: Option<FileRefresh>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStampede {
+    lease: Option<Scalar>,
+    wait: Option<Scalar>,
+    on_timeout: Option<String>,
+}
+
+/// `refresh_ahead = 0.8` or `refresh_ahead = { beta = 1.0 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileRefresh {
+    Ratio(f64),
+    XFetch(FileXFetch),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileXFetch {
+    beta: f64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1299,6 +1422,7 @@ impl FileL1 {
             max_memory,
             max_value_size,
             sweep_interval,
+            coalesce: self.coalesce.unwrap_or(DEFAULT_L1_COALESCE),
         })
     }
 }
@@ -1653,6 +1777,11 @@ impl FileRule {
             .compress
             .map(|raw| raw.validate(index, cache, l1))
             .transpose()?;
+        let stampede = self.stampede.map(|raw| raw.validate(index)).transpose()?;
+        let refresh_ahead = self
+            .refresh_ahead
+            .map(|raw| raw.validate(index))
+            .transpose()?;
 
         if !cache {
             // These only shape what a rule caches; on a rule that caches
@@ -1661,6 +1790,8 @@ impl FileRule {
                 ("ttl", self.ttl.is_some()),
                 ("max_memory", self.max_memory.is_some()),
                 ("negative", self.negative.is_some()),
+                ("stampede", stampede.is_some()),
+                ("refresh_ahead", refresh_ahead.is_some()),
             ];
             if let Some((key, _)) = set.into_iter().find(|(_, is_set)| *is_set) {
                 return Err(invalid(
@@ -1677,6 +1808,8 @@ impl FileRule {
                 negative: false,
                 tags,
                 compress,
+                stampede: None,
+                refresh_ahead: None,
             });
         }
 
@@ -1721,6 +1854,8 @@ impl FileRule {
             negative: self.negative.unwrap_or(DEFAULT_RULE_NEGATIVE),
             tags,
             compress,
+            stampede,
+            refresh_ahead,
         })
     }
 }
@@ -1777,6 +1912,79 @@ impl FileCompress {
             threshold,
             upstream,
         })
+    }
+}
+
+impl FileStampede {
+    /// The `stampede` of `rules[index]`.
+    fn validate(self, index: usize) -> Result<StampedeConfig, ConfigError> {
+        let field = |name: &str| format!("rules[{index}].stampede.{name}");
+        let lease_field = field("lease");
+        let lease = duration(&lease_field, self.lease, DEFAULT_STAMPEDE_LEASE)?;
+        if lease < Duration::from_millis(1) {
+            return Err(invalid(
+                &lease_field,
+                "must be at least 1ms: how long a loader may take before another reader \
+                 loads in its place, e.g. lease = \"5s\"",
+            ));
+        }
+        let wait_field = field("wait");
+        let wait = duration(&wait_field, self.wait, DEFAULT_STAMPEDE_WAIT)?;
+        if wait < Duration::from_millis(1) {
+            return Err(invalid(
+                &wait_field,
+                "must be at least 1ms: how long a reader waits for the loader, e.g. \
+                 wait = \"2s\"",
+            ));
+        }
+        let on_timeout = match self.on_timeout.as_deref() {
+            None | Some("nil") => OnTimeout::Nil,
+            Some("error") => OnTimeout::Error,
+            Some(other) => {
+                return Err(invalid(
+                    &field("on_timeout"),
+                    format!("unknown value {other:?}: use \"nil\" or \"error\""),
+                ));
+            }
+        };
+        Ok(StampedeConfig {
+            lease,
+            wait,
+            on_timeout,
+        })
+    }
+}
+
+impl FileRefresh {
+    /// The `refresh_ahead` of `rules[index]`.
+    fn validate(self, index: usize) -> Result<RefreshAhead, ConfigError> {
+        match self {
+            FileRefresh::Ratio(ratio) => {
+                if !(ratio > 0.0 && ratio < 1.0) {
+                    return Err(invalid(
+                        &format!("rules[{index}].refresh_ahead"),
+                        format!(
+                            "{ratio} is not strictly between 0 and 1: write the fraction of an \
+                             entry's life after which a hit refreshes it, e.g. 0.8, or \
+                             {{ beta = 1.0 }} for probabilistic early refresh"
+                        ),
+                    ));
+                }
+                Ok(RefreshAhead::Ratio(ratio))
+            }
+            FileRefresh::XFetch(FileXFetch { beta }) => {
+                if !(beta.is_finite() && beta > 0.0 && beta <= 1000.0) {
+                    return Err(invalid(
+                        &format!("rules[{index}].refresh_ahead.beta"),
+                        format!(
+                            "{beta} must be above 0 and at most 1000: 1.0 is the usual choice, \
+                             larger refreshes earlier"
+                        ),
+                    ));
+                }
+                Ok(RefreshAhead::XFetch { beta })
+            }
+        }
     }
 }
 
@@ -2331,6 +2539,8 @@ mod tests {
                 threshold: 1024,
                 upstream: true,
             }),
+            stampede: None,
+            refresh_ahead: None,
         });
         let example = uncommented_example();
         assert_eq!(
@@ -2686,6 +2896,7 @@ mod tests {
                 max_memory: 1 << 20,
                 max_value_size: 1 << 20,
                 sweep_interval: Duration::from_millis(250),
+                coalesce: true,
             }
         );
         assert_eq!(c.invalidation.tracking, TrackingMode::Bcast);

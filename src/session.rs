@@ -102,6 +102,8 @@ pub struct Ctx {
     pub started: std::time::Instant,
     /// Request parser limits, from the configuration.
     pub parse_limits: ParseLimits,
+    /// Coalesced reads, leases and refreshes in flight.
+    pub(crate) stampede: Arc<crate::dispatch::stampede::Stampede>,
     next_client_id: AtomicU64,
     /// Live sessions by tierd client id. Sync lock, held only to look up,
     /// insert or remove.
@@ -136,6 +138,7 @@ impl Ctx {
         };
         Ctx {
             parse_limits: config.parse_limits(),
+            stampede: Arc::default(),
             bus,
             rules: Arc::new(Rules::from_config(&config.rules)),
             // Without L1 there is nothing to track for.
@@ -499,6 +502,10 @@ pub struct Session {
     /// Replies inside the open transaction that carry compressed values:
     /// (index in `EXEC`'s array, what to decode).
     pub(crate) multi_decodes: Vec<(usize, crate::dispatch::compression::Decode)>,
+    /// Reads waiting for another client to load their key
+    /// (`dispatch::stampede`), by queue sequence number: until they are
+    /// answered, nothing else is dispatched.
+    pub(crate) parked: std::collections::HashSet<u64>,
 }
 
 impl Drop for Session {
@@ -561,6 +568,7 @@ impl Session {
             stream_hooks: VecDeque::new(),
             stream_flush_after: 0,
             multi_decodes: Vec::new(),
+            parked: std::collections::HashSet::new(),
             last_command: None,
         }
     }
@@ -846,7 +854,9 @@ impl Session {
     /// going away: not for a blocked command or a push stream, which would
     /// otherwise keep upstream state alive for a client that left.
     fn abandon_on_close(&self) -> bool {
-        self.pinned.as_ref().is_some_and(|p| p.stream) || self.blocking_in_flight()
+        self.pinned.as_ref().is_some_and(|p| p.stream)
+            || self.blocking_in_flight()
+            || !self.parked.is_empty()
     }
 
     fn blocking_in_flight(&self) -> bool {
@@ -871,8 +881,15 @@ impl Session {
                 let mut frame = reply.unwrap_or_else(|e| e.to_resp());
                 if !self.hooks.is_empty() {
                     if let Some(hook) = self.hooks.remove(&seq) {
-                        frame = crate::dispatch::cache::after_reply(self, hook, frame);
+                        match crate::dispatch::cache::after_reply(self, hook, frame) {
+                            Some(reply) => frame = reply,
+                            // Waiting for a loader: answered later.
+                            None => return,
+                        }
                     }
+                }
+                if !self.parked.is_empty() {
+                    self.parked.remove(&seq);
                 }
                 if self.queue.complete(seq, frame) {
                     self.inflight = self.inflight.saturating_sub(1);
@@ -908,6 +925,7 @@ impl Session {
                     }
                 }
                 crate::dispatch::cache::stream_lost(self);
+                self.parked.clear();
                 for seq in pending {
                     if self.queue.complete(seq, resp.clone()) {
                         self.inflight = self.inflight.saturating_sub(1);

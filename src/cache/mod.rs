@@ -12,9 +12,12 @@ pub mod glob;
 pub mod rules;
 pub mod store;
 pub mod template;
+pub mod watch;
 
 pub use rules::{Rule, Rules};
-pub use store::{FillToken, Holder, ReplySlice, RuleStats, Store, StoreError, Variant};
+pub use store::{
+    Event, FillMark, FillToken, Holder, ReplySlice, RuleStats, Store, StoreError, Timing, Variant,
+};
 
 use crate::config::Config;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::cache::glob::Glob;
 use crate::cache::template::TagTemplate;
-use crate::config::{CompressConfig, RuleConfig};
+use crate::config::{CompressConfig, RefreshAhead, RuleConfig, StampedeConfig};
 
 /// One rule, ready for matching.
 #[derive(Debug, Clone)]
@@ -30,6 +30,10 @@ pub struct Rule {
     pub tags: Vec<TagTemplate>,
     /// How matching keys' string values are compressed, if they are.
     pub compress: Option<CompressConfig>,
+    /// Leases for reads that find nothing upstream, if any.
+    pub stampede: Option<StampedeConfig>,
+    /// Background refresh of entries read late in their life, if any.
+    pub refresh_ahead: Option<RefreshAhead>,
 }
 
 /// The rules in match order. A rule's index here is its index in the L1
@@ -59,6 +63,8 @@ impl Rules {
                     negative: r.negative,
                     tags: r.tags.clone(),
                     compress: r.compress,
+                    stampede: r.stampede,
+                    refresh_ahead: r.refresh_ahead,
                 })
                 .collect(),
             any_tags: rules.iter().any(|r| !r.tags.is_empty()),
@@ -189,6 +195,8 @@ mod tests {
             negative: true,
             tags: Vec::new(),
             compress: None,
+            stampede: None,
+            refresh_ahead: None,
         }
     }
 

@@ -72,7 +72,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use parking_lot::Mutex;
@@ -129,9 +129,39 @@ const ESTIMATED_ENTRY_WEIGHT: u64 = 256;
 const ENTRY_HEADER: usize = 16;
 
 /// Bytes before a record's request: db (u32), protocol (u8), expiry in
-/// nanoseconds since the store's base instant (u64), request length (u32),
-/// reply length (u32).
-const RECORD_HEADER: usize = 21;
+/// nanoseconds since the store's base instant (u64), the reply's life in
+/// milliseconds (u32) and how long its upstream read took in microseconds
+/// (u32), both for refresh-ahead ([`Timing`]), request length (u32), reply
+/// length (u32).
+const RECORD_HEADER: usize = 29;
+
+/// How a reply was filled, kept with it for refresh-ahead
+/// ([`Store::finish_fill_timed`], [`ReplySlice::refresh_due`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// How long the reply was given to live in L1 (its expiry minus the
+    /// time its read was sent). Zero means unknown: never refreshed.
+    pub life: Duration,
+    /// How long its upstream read took (XFetch's `delta`).
+    pub fetch: Duration,
+}
+
+/// What a stampede-protection event counts, per rule ([`Store::note`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A read answered by another read of the same reply in flight.
+    Coalesced,
+    /// A lease taken: a reader was made the loader.
+    LeaseGrant,
+    /// A read that found nothing and waited for a loader.
+    LeaseWait,
+    /// A wait that ended with a value.
+    LeaseWakeup,
+    /// A wait that ran out.
+    LeaseTimeout,
+    /// A background refresh sent.
+    Refresh,
+}
 
 /// Which reply a cached entry is: the same key read by different commands,
 /// arguments, db or protocol gives different bytes.
@@ -305,6 +335,18 @@ pub struct RuleStats {
     pub evictions: u64,
     /// Replies dropped by invalidations and flushes.
     pub invalidations: u64,
+    /// Reads answered by joining an identical read in flight.
+    pub coalesced: u64,
+    /// Leases taken for readers made loaders.
+    pub lease_grants: u64,
+    /// Reads that waited for a loader.
+    pub lease_waits: u64,
+    /// Waits that ended with a value.
+    pub lease_wakeups: u64,
+    /// Waits that ran out.
+    pub lease_timeouts: u64,
+    /// Background refreshes sent.
+    pub refreshes: u64,
 }
 
 /// What L1 holds for one key, as `CACHE.INSPECT` shows it
@@ -359,6 +401,24 @@ impl FillToken {
     pub fn key(&self) -> &[u8] {
         &self.key
     }
+
+    /// What [`Store::fill_current`] checks, kept apart from the token.
+    pub fn mark(&self) -> FillMark {
+        FillMark {
+            hash: self.hash,
+            mark_id: self.mark_id,
+            born: self.born,
+        }
+    }
+}
+
+/// Which fill a [`FillToken`] is, for asking whether it is still current
+/// after the token itself went elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillMark {
+    hash: u64,
+    mark_id: u64,
+    born: u64,
 }
 
 impl std::fmt::Debug for FillToken {
@@ -400,6 +460,8 @@ pub struct Store {
     /// held only while the floor is switched, so that one link resuming
     /// can never undo another link's suspension.
     holders: parking_lot::Mutex<u8>,
+    /// Readers waiting for keys to change ([`Store::watch`]).
+    watches: Arc<super::watch::Watches>,
 }
 
 /// What may hold the store suspended: each invalidation link on its own.
@@ -455,6 +517,12 @@ struct Counters {
     bytes: AtomicU64,
     evictions: AtomicU64,
     invalidations: AtomicU64,
+    coalesced: AtomicU64,
+    lease_grants: AtomicU64,
+    lease_waits: AtomicU64,
+    lease_wakeups: AtomicU64,
+    lease_timeouts: AtomicU64,
+    refreshes: AtomicU64,
 }
 
 /// Charges each entry its packed length plus [`ENTRY_OVERHEAD`].
@@ -610,6 +678,8 @@ struct Record<'a> {
     db: u32,
     proto: u8,
     expires: u64,
+    life_ms: u32,
+    fetch_us: u32,
     request: &'a [u8],
     /// Where the reply is in the entry.
     reply: Range<usize>,
@@ -716,8 +786,10 @@ impl<'a> Iterator for Records<'a> {
         let db = read_u32(buf, at)?;
         let proto = *buf.get(at + 4)?;
         let expires = read_u64(buf, at + 5)?;
-        let req_len = read_u32(buf, at + 13)? as usize;
-        let reply_len = read_u32(buf, at + 17)? as usize;
+        let life_ms = read_u32(buf, at + 13)?;
+        let fetch_us = read_u32(buf, at + 17)?;
+        let req_len = read_u32(buf, at + 21)? as usize;
+        let reply_len = read_u32(buf, at + 25)? as usize;
         let req_at = at + RECORD_HEADER;
         let reply_at = req_at + req_len;
         let end = reply_at + reply_len;
@@ -730,6 +802,8 @@ impl<'a> Iterator for Records<'a> {
             db,
             proto,
             expires,
+            life_ms,
+            fetch_us,
             request,
             reply: reply_at..end,
             span: at..end,
@@ -743,6 +817,7 @@ struct NewRecord<'a> {
     /// With [`KEY_ELIDED`] if the request is stored without its key.
     proto: u8,
     expires: u64,
+    timing: Timing,
     /// The stored request is these two parts, concatenated.
     request: &'a [u8],
     request_rest: &'a [u8],
@@ -789,6 +864,8 @@ fn encode_entry(
         out.put_u32_le(new.db);
         out.put_u8(new.proto);
         out.put_u64_le(new.expires);
+        out.put_u32_le(millis_u32(new.timing.life));
+        out.put_u32_le(micros_u32(new.timing.fetch));
         out.put_u32_le(u32::try_from(new.request_len()).ok()?);
         out.put_u32_le(u32::try_from(new.reply.len()).ok()?);
         out.extend_from_slice(new.request);
@@ -798,12 +875,27 @@ fn encode_entry(
     Some(Arc::from(out))
 }
 
+/// A duration in whole milliseconds, saturating at `u32::MAX` (49 days).
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// A duration in whole microseconds, saturating at `u32::MAX` (71 minutes).
+fn micros_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
 /// The reply bytes of a hit: shares the entry, so serving a hit copies
 /// nothing however large the reply (`Bytes::from_owner` takes it as is).
 #[derive(Clone)]
 pub struct ReplySlice {
     entry: Arc<[u8]>,
     range: Range<usize>,
+    /// The record's expiry (nanoseconds since the store's base), life and
+    /// read time, for [`Store::refresh_due`].
+    expires: u64,
+    life_ms: u32,
+    fetch_us: u32,
 }
 
 impl AsRef<[u8]> for ReplySlice {
@@ -873,6 +965,7 @@ impl Store {
             all_floor: AtomicU64::new(0),
             db_floors: std::array::from_fn(|_| AtomicU64::new(0)),
             holders: parking_lot::Mutex::new(0),
+            watches: Arc::default(),
         })
     }
 
@@ -904,8 +997,7 @@ impl Store {
             &slot.counters.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let (entry, range) = found?;
-        let hit = ReplySlice { entry, range };
+        let hit = found?;
         let out = f(&hit);
         Some((hit, out))
     }
@@ -918,7 +1010,7 @@ impl Store {
         key: &[u8],
         variants: &[VariantRef<'_>],
         now: Instant,
-    ) -> Option<(Arc<[u8]>, Range<usize>)> {
+    ) -> Option<ReplySlice> {
         let all = self.all_floor.load(Ordering::SeqCst);
         if all == SUSPENDED {
             return None;
@@ -936,8 +1028,15 @@ impl Store {
             .find_map(|v| view.records().find(|r| r.is(key, *v)))?;
         let now = self.nanos(now);
         if view.born >= self.floor(all, record.db) && record.expires > now {
-            let range = record.reply;
-            return Some((entry, range));
+            let (range, expires) = (record.reply, record.expires);
+            let (life_ms, fetch_us) = (record.life_ms, record.fetch_us);
+            return Some(ReplySlice {
+                entry,
+                range,
+                expires,
+                life_ms,
+                fetch_us,
+            });
         }
         drop(entry);
         self.compact(cache_index, hash, Some(now), DropReason::Dead);
@@ -976,11 +1075,25 @@ impl Store {
     /// cache shard.
     pub fn finish_fill(
         &self,
+        token: FillToken,
+        rule: usize,
+        variant: Variant,
+        reply: Bytes,
+        expires_at: Instant,
+    ) -> bool {
+        self.finish_fill_timed(token, rule, variant, reply, expires_at, Timing::default())
+    }
+
+    /// [`Store::finish_fill`], keeping how the reply was read for
+    /// refresh-ahead ([`Store::refresh_due`]).
+    pub fn finish_fill_timed(
+        &self,
         mut token: FillToken,
         rule: usize,
         variant: Variant,
         reply: Bytes,
         expires_at: Instant,
+        timing: Timing,
     ) -> bool {
         // Every early return leaves the token armed, so its Drop releases
         // the mark; only the main path releases it under the lock.
@@ -1004,6 +1117,7 @@ impl Store {
             db: variant.db,
             proto,
             expires: self.nanos(expires_at),
+            timing,
             request,
             request_rest,
             reply: &reply,
@@ -1095,6 +1209,7 @@ impl Store {
                 }
             }
         }
+        self.watches.fire(hash);
         for entry in &removed {
             self.account_drop(entry, DropReason::Invalidated);
         }
@@ -1107,6 +1222,7 @@ impl Store {
         let epoch = self.bump_epoch();
         self.all_floor.fetch_max(epoch, Ordering::SeqCst);
         self.marks.clear();
+        self.watches.fire_all();
         self.drop_all(DropReason::Invalidated);
     }
 
@@ -1122,6 +1238,14 @@ impl Store {
         if let Some(floor) = self.db_floors.get(db_slot(db)) {
             floor.fetch_max(epoch, Ordering::SeqCst);
         }
+        self.watches.fire_all();
+    }
+
+    /// A watch on `key`: it completes whenever the store hears that the
+    /// key changed (an invalidation of it, a flush, a suspension, a pattern
+    /// invalidation). See [`super::watch`].
+    pub fn watch(&self, key: &[u8]) -> super::watch::Watch {
+        self.watches.watch(self.hash_key(key))
     }
 
     /// Suspends caching while invalidations cannot be trusted (`holder`'s
@@ -1136,6 +1260,7 @@ impl Store {
         self.bump_epoch();
         self.marks.clear();
         drop(holders);
+        self.watches.fire_all();
         self.drop_all(DropReason::Invalidated);
     }
 
@@ -1163,6 +1288,7 @@ impl Store {
     /// every entry like [`Store::sweep`], one shard lock at a time.
     pub fn invalidate_matching(&self, now: Instant, mut matches: impl FnMut(&[u8]) -> bool) -> u64 {
         self.marks.clear();
+        self.watches.fire_all();
         let mut doomed: Vec<Box<[u8]>> = Vec::new();
         self.for_each_key(now, |key| {
             if matches(key) {
@@ -1202,8 +1328,75 @@ impl Store {
                 bytes: r.counters.bytes.load(Ordering::Relaxed),
                 evictions: r.counters.evictions.load(Ordering::Relaxed),
                 invalidations: r.counters.invalidations.load(Ordering::Relaxed),
+                coalesced: r.counters.coalesced.load(Ordering::Relaxed),
+                lease_grants: r.counters.lease_grants.load(Ordering::Relaxed),
+                lease_waits: r.counters.lease_waits.load(Ordering::Relaxed),
+                lease_wakeups: r.counters.lease_wakeups.load(Ordering::Relaxed),
+                lease_timeouts: r.counters.lease_timeouts.load(Ordering::Relaxed),
+                refreshes: r.counters.refreshes.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// Whether a hit should refresh its entry in the background under
+    /// `policy`: it comes after `ratio` of the entry's life, or XFetch says
+    /// so, given `uniform`, a random number in (0, 1]. An entry filled
+    /// without [`Timing`] never refreshes.
+    pub fn refresh_due(
+        &self,
+        hit: &ReplySlice,
+        now: Instant,
+        policy: crate::config::RefreshAhead,
+        uniform: f64,
+    ) -> bool {
+        if hit.life_ms == 0 {
+            return false;
+        }
+        let now = self.nanos(now);
+        let life = u64::from(hit.life_ms) * 1_000_000;
+        match policy {
+            crate::config::RefreshAhead::Ratio(ratio) => {
+                let left = hit.expires.saturating_sub(now);
+                // Past `ratio` of the life: less than (1 - ratio) of it left.
+                (left as f64) < life as f64 * (1.0 - ratio)
+            }
+            crate::config::RefreshAhead::XFetch { beta } => {
+                let delta = u64::from(hit.fetch_us).max(1) as f64 * 1000.0;
+                let early = delta * beta * -uniform.max(f64::MIN_POSITIVE).ln();
+                now as f64 + early >= hit.expires as f64
+            }
+        }
+    }
+
+    /// Counts a stampede-protection event for `rule`.
+    pub fn note(&self, rule: usize, event: Event) {
+        let Some(slot) = self.rules.get(rule) else {
+            return;
+        };
+        let c = &slot.counters;
+        let counter = match event {
+            Event::Coalesced => &c.coalesced,
+            Event::LeaseGrant => &c.lease_grants,
+            Event::LeaseWait => &c.lease_waits,
+            Event::LeaseWakeup => &c.lease_wakeups,
+            Event::LeaseTimeout => &c.lease_timeouts,
+            Event::Refresh => &c.refreshes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the fill `token` marks could still insert for `db`: nothing
+    /// invalidated its key or flushed the db since it began. For readers
+    /// deciding whether to share that fill's reply.
+    pub fn fill_current(&self, token: &FillMark, db: u32) -> bool {
+        let current = {
+            let shard = self.marks.shard(token.hash).lock();
+            shard
+                .map
+                .get(&token.hash)
+                .is_some_and(|m| m.id == token.mark_id)
+        };
+        current && token.born >= self.floor(self.all_floor.load(Ordering::SeqCst), db)
     }
 
     /// Bytes charged across all caches, overhead included.

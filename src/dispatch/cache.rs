@@ -72,9 +72,11 @@ pub(crate) enum Hook {
     Invalidate(Vec<Bytes>),
     /// A write that empties dbs, or whose keys cannot be known.
     Flush(Flush),
-    /// A single-key read being filled: the reply passes through and is kept
-    /// for fill `id`.
-    Fill(u64),
+    /// A single-key read that went upstream (or joined one that did): the
+    /// reply passes through, is kept for its fill, handed to the reads that
+    /// joined it, and, when nil for a rule with leases, waits for a loader
+    /// instead ([`super::stampede`]).
+    Fill(Box<ReadHook>),
     /// A split `MGET`: the client's reply is assembled from `parts` and the
     /// upstream `MGET` of the misses; fill `id` caches what came back.
     Mget {
@@ -107,6 +109,16 @@ pub(crate) enum Hook {
         /// The request's own hook.
         inner: Option<Box<Hook>>,
     },
+}
+
+/// What a single-key read does with its reply ([`Hook::Fill`]).
+pub(crate) struct ReadHook {
+    /// The fill that caches it, if any.
+    pub(crate) fill: Option<u64>,
+    /// The reads that joined it, if it leads any.
+    pub(crate) flight: Option<super::stampede::FlightGuard>,
+    /// How it waits for a loader when the reply is nil.
+    pub(crate) lease: Option<super::stampede::Lease>,
 }
 
 /// Which dbs a flush empties.
@@ -143,7 +155,7 @@ pub(crate) struct PendingFill {
     pttls_left: usize,
 }
 
-struct FillEntry {
+pub(crate) struct FillEntry {
     token: FillToken,
     rule: usize,
     ttl: Duration,
@@ -156,6 +168,37 @@ struct FillEntry {
     compress: Option<CompressConfig>,
     reply: Option<Bytes>,
     pttl: Option<i64>,
+}
+
+impl FillEntry {
+    /// A single-key fill's entry, before its reply and `PTTL` arrive.
+    pub(crate) fn new(
+        token: FillToken,
+        rule: usize,
+        ttl: Duration,
+        negative: bool,
+        variant: Variant,
+        compress: Option<CompressConfig>,
+    ) -> FillEntry {
+        FillEntry {
+            token,
+            rule,
+            ttl,
+            negative,
+            variant,
+            element: 0,
+            compress,
+            reply: None,
+            pttl: None,
+        }
+    }
+
+    /// The entry with its reply and the key's `PTTL` in.
+    pub(crate) fn replied(mut self, reply: Bytes, pttl: Option<i64>) -> FillEntry {
+        self.reply = Some(reply);
+        self.pttl = pttl;
+        self
+    }
 }
 
 /// Whether this session may use L1 at all: the default identity, no state
@@ -200,7 +243,7 @@ pub(crate) fn read(
     let (db, proto, now) = (s.state.db, s.state.proto, s.now);
     // Field by field, so that the hit can write to the session's output
     // while the table and the store are borrowed.
-    let miss = {
+    let looked = {
         let (Some(l1), Some(table)) = (s.ctx.l1.as_deref(), s.table.as_deref()) else {
             return Err(req);
         };
@@ -233,62 +276,133 @@ pub(crate) fn read(
                 crate::session::answer(queue, out, mode, hit.as_ref(), shared);
             }
         });
-        let request = hit.is_none().then(|| Bytes::copy_from_slice(&scratch));
-        crate::session::keep_scratch(&mut s.scratch, scratch);
-        let Some(request) = request else {
-            return Ok(Flow::Continue);
+        let due = match (&hit, rule.refresh_ahead) {
+            (Some((slice, ())), Some(policy)) => {
+                l1.store
+                    .refresh_due(slice, now, policy, super::stampede::uniform())
+            }
+            _ => false,
         };
-        (
-            rule_index,
-            rule.ttl,
-            rule.negative,
-            Bytes::copy_from_slice(key),
-            Variant { db, proto, request },
+        let found = (hit.is_none() || due).then(|| Miss {
+            rule: rule_index,
+            ttl: rule.ttl,
+            // A nil under a lease means "being loaded", not "missing".
+            negative: rule.negative && rule.stampede.is_none(),
+            key: Bytes::copy_from_slice(key),
+            variant: Variant {
+                db,
+                proto,
+                request: Bytes::copy_from_slice(&scratch),
+            },
             compress,
-        )
+            stampede: rule.stampede,
+        });
+        crate::session::keep_scratch(&mut s.scratch, scratch);
+        match found {
+            None => return Ok(Flow::Continue),
+            Some(found) => (found, hit.is_some()),
+        }
     };
-    let (rule_index, ttl, negative, key, variant, compress) = miss;
+    let (miss, refresh) = looked;
+    if refresh {
+        // A hit late in its life: served above, refreshed behind it.
+        let request = reply::encode_command(&req.args.iter().map(|a| &a[..]).collect::<Vec<_>>());
+        super::stampede::refresh(
+            &s.ctx,
+            super::stampede::Refresh {
+                rule: miss.rule,
+                ttl: miss.ttl,
+                negative: miss.negative,
+                key: miss.key,
+                variant: miss.variant,
+                request,
+                compress: miss.compress,
+            },
+        );
+        return Ok(Flow::Continue);
+    }
+    let lease = |seq: u64, miss: &Miss| {
+        miss.stampede.map(|config| super::stampede::Lease {
+            seq,
+            rule: miss.rule,
+            key: miss.key.clone(),
+            variant: miss.variant.clone(),
+            request: reply::encode_command(&req.args.iter().map(|a| &a[..]).collect::<Vec<_>>()),
+            config,
+            decode: decode.cloned(),
+        })
+    };
+    if let Some(seq) = super::stampede::join(s, &miss.variant, miss.rule) {
+        let hook = ReadHook {
+            fill: None,
+            flight: None,
+            lease: lease(seq, &miss),
+        };
+        register(s, seq, read_hook(hook, decode));
+        return Ok(Flow::Continue);
+    }
     let Some((conn, route)) = fill_conn(s, true) else {
         return Err(req);
     };
     let Some(l1) = s.ctx.l1.clone() else {
         return Err(req);
     };
-    let Some(token) = l1.store.begin_fill(&key) else {
+    let Some(token) = l1.store.begin_fill(&miss.key) else {
         return Err(req);
     };
-    let entry = FillEntry {
-        token,
-        rule: rule_index,
-        ttl,
-        negative,
-        variant,
-        element: 0,
-        compress,
-        reply: None,
-        pttl: None,
-    };
+    let flight = super::stampede::lead(s, &miss.variant, token.mark(), route);
     let id = s.next_fill;
     s.next_fill += 1;
     let seq = s.pending_slot();
+    let hook = ReadHook {
+        fill: Some(id),
+        flight,
+        lease: lease(seq, &miss),
+    };
+    let key = miss.key.clone();
     s.fills.insert(
         id,
         PendingFill {
             sent: now,
-            entries: vec![entry],
+            entries: vec![FillEntry::new(
+                token,
+                miss.rule,
+                miss.ttl,
+                miss.negative,
+                miss.variant,
+                miss.compress,
+            )],
             pttls_left: 1,
         },
     );
-    let hook = match decode {
-        Some(decode) => Hook::Decoded {
-            decode: decode.clone(),
-            inner: Some(Box::new(Hook::Fill(id))),
-        },
-        None => Hook::Fill(id),
-    };
-    register(s, seq, hook);
+    register(s, seq, read_hook(hook, decode));
     send_fill(s, &conn, route, seq, Some(id), &req.raw, &[key]);
     Ok(Flow::Continue)
+}
+
+/// A single-key read that L1 did not answer (or answered late in its
+/// entry's life): what its fill or refresh needs.
+struct Miss {
+    rule: usize,
+    ttl: Duration,
+    negative: bool,
+    key: Bytes,
+    variant: Variant,
+    compress: Option<CompressConfig>,
+    stampede: Option<crate::config::StampedeConfig>,
+}
+
+/// A read's hook, inside the decoding of compressed values if its reply
+/// carries any.
+fn read_hook(hook: ReadHook, decode: Option<&Decode>) -> Hook {
+    let hook = Hook::Fill(Box::new(hook));
+    match decode {
+        Some(decode) => Hook::Decoded {
+            decode: decode.clone(),
+            inner: Some(Box::new(hook)),
+        },
+        None => hook,
+    }
 }
 
 /// The pooled connection a fill goes out on, if requests in flight
@@ -458,7 +572,7 @@ fn mget(s: &mut Session, req: Request, decode: Vec<bool>) -> Result<Flow, Reques
                 token,
                 rule: rule_index,
                 ttl: rule.ttl,
-                negative: rule.negative,
+                negative: rule.negative && rule.stampede.is_none(),
                 variant: get_variant(db, proto, key),
                 element,
                 compress: rule.compress,
@@ -564,7 +678,7 @@ fn mget_lookup(
         .map(|(hit, ())| hit)
 }
 
-fn is_nil(frame: &[u8]) -> bool {
+pub(crate) fn is_nil(frame: &[u8]) -> bool {
     matches!(frame, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n")
 }
 
@@ -588,6 +702,30 @@ impl Hook {
             Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => false,
         }
     }
+
+    /// Whether other reads wait for this one's reply.
+    fn leads(&self) -> bool {
+        match self {
+            Hook::Fill(read) => read.flight.is_some(),
+            Hook::Decoded { inner, .. } => inner.as_ref().is_some_and(|h| h.leads()),
+            _ => false,
+        }
+    }
+
+    /// Hands the reply to the reads that joined this one, if it leads any.
+    fn hand_out(self, frame: &Bytes) {
+        match self {
+            Hook::Fill(read) => {
+                if let Some(flight) = read.flight {
+                    flight.complete(frame);
+                }
+            }
+            Hook::Decoded {
+                inner: Some(inner), ..
+            } => inner.hand_out(frame),
+            _ => {}
+        }
+    }
 }
 
 /// Registers `hook` for the reply to request `seq`.
@@ -605,18 +743,23 @@ pub(crate) fn run_now(s: &mut Session, hook: Hook) {
 }
 
 /// Runs a request's hook when its reply arrives; returns the frame the
-/// client gets (an assembled `MGET`, or the reply unchanged).
-pub(crate) fn after_reply(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
+/// client gets (an assembled `MGET`, or the reply unchanged), or `None`
+/// when the read now waits for a loader ([`super::stampede::park`]): its
+/// slot stays pending until the herd answers it.
+pub(crate) fn after_reply(s: &mut Session, hook: Hook, frame: Bytes) -> Option<Bytes> {
     if hook.is_write() {
         s.writes_in_flight = s.writes_in_flight.saturating_sub(1);
     }
     run(s, hook, frame)
 }
 
-fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
-    match hook {
+fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Option<Bytes> {
+    Some(match hook {
         Hook::Invalidate(keys) => {
             announce_keys(&s.ctx, s.state.db, &keys);
+            if !inspect::is_error(&frame) {
+                super::stampede::written(&s.ctx, s.state.db, &keys);
+            }
             frame
         }
         Hook::Flush(flush) => {
@@ -635,18 +778,34 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
             }
             frame
         }
-        Hook::Fill(id) => {
-            if inspect::is_error(&frame) {
-                s.fills.remove(&id);
-            } else if let Some(entry) = s.fills.get_mut(&id).and_then(|f| f.entries.first_mut()) {
-                entry.reply = Some(frame.clone());
+        Hook::Fill(read) => {
+            let ReadHook {
+                fill,
+                flight,
+                lease,
+            } = *read;
+            if let Some(flight) = flight {
+                flight.complete(&frame);
+            }
+            if let Some(id) = fill {
+                if inspect::is_error(&frame) {
+                    s.fills.remove(&id);
+                } else if let Some(entry) = s.fills.get_mut(&id).and_then(|f| f.entries.first_mut())
+                {
+                    entry.reply = Some(frame.clone());
+                }
+            }
+            if let Some(lease) = lease {
+                if is_nil(&frame) && super::stampede::park(s, lease, frame.clone()) {
+                    return None;
+                }
             }
             frame
         }
         Hook::Tagged { id, write } => {
             let frame = super::tagging::write_reply(s, id, frame);
             match write {
-                Some(hook) => run(s, *hook, frame),
+                Some(hook) => run(s, *hook, frame)?,
                 None => frame,
             }
         }
@@ -657,13 +816,13 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Bytes {
         } => assemble_mget(s, fill, parts, &decode, frame),
         Hook::Decoded { decode, inner } => {
             let frame = match inner {
-                Some(hook) => run(s, *hook, frame),
+                Some(hook) => run(s, *hook, frame)?,
                 None => frame,
             };
             compression::decode_reply(&s.ctx, frame, &decode)
         }
         Hook::Info(sections) => crate::admin::append_info(&s.ctx, sections, frame),
-    }
+    })
 }
 
 /// The client's `MGET` reply from its hits and the upstream reply for the
@@ -770,40 +929,51 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
     let Some(l1) = s.ctx.l1.clone() else {
         return;
     };
-    let tracked = s.ctx.tracking.mode() != crate::config::TrackingMode::Off;
+    let fetch = pending.sent.elapsed();
     for entry in pending.entries {
-        let (Some(reply), Some(pttl)) = (entry.reply, entry.pttl) else {
-            continue;
-        };
-        if inspect::is_error(&reply) {
-            continue;
-        }
-        let nil = is_nil(&reply);
-        if nil && !entry.negative {
-            continue;
-        }
-        let life = match pttl {
-            // No TTL upstream: the rule decides.
-            -1 => entry.ttl,
-            // No key. If it vanished (expired) between the read and the
-            // PTTL, tracking reports it and the fill mark is gone; without
-            // tracking, only a reply that says "no such key" is safe.
-            -2 if tracked || looks_absent(&reply) => entry.ttl,
-            ms if ms >= 0 => entry.ttl.min(Duration::from_millis(ms.unsigned_abs())),
-            _ => continue,
-        };
-        let reply = match &entry.compress {
-            Some(c) => compression::l1_form(c, reply, s.ctx.config.l1.max_value_size),
-            None => reply,
-        };
-        l1.store.finish_fill(
-            entry.token,
-            entry.rule,
-            entry.variant,
-            reply,
-            pending.sent + life,
-        );
+        store_fill(&s.ctx, &l1, pending.sent, fetch, entry);
     }
+}
+
+/// Caches a fill's reply, once its `PTTL` is in, for the shorter of the
+/// rule's ttl and the key's remaining upstream TTL counted from `sent`
+/// (when the read was sent, so expiries err early). `fetch` is how long
+/// the read took, kept for refresh-ahead. Errors are never cached, nor
+/// nils unless the rule caches them.
+pub(crate) fn store_fill(ctx: &Ctx, l1: &L1, sent: Instant, fetch: Duration, entry: FillEntry) {
+    let (Some(reply), Some(pttl)) = (entry.reply, entry.pttl) else {
+        return;
+    };
+    if inspect::is_error(&reply) {
+        return;
+    }
+    let nil = is_nil(&reply);
+    if nil && !entry.negative {
+        return;
+    }
+    let tracked = ctx.tracking.mode() != crate::config::TrackingMode::Off;
+    let life = match pttl {
+        // No TTL upstream: the rule decides.
+        -1 => entry.ttl,
+        // No key. If it vanished (expired) between the read and the
+        // PTTL, tracking reports it and the fill mark is gone; without
+        // tracking, only a reply that says "no such key" is safe.
+        -2 if tracked || looks_absent(&reply) => entry.ttl,
+        ms if ms >= 0 => entry.ttl.min(Duration::from_millis(ms.unsigned_abs())),
+        _ => return,
+    };
+    let reply = match &entry.compress {
+        Some(c) => compression::l1_form(c, reply, ctx.config.l1.max_value_size),
+        None => reply,
+    };
+    l1.store.finish_fill_timed(
+        entry.token,
+        entry.rule,
+        entry.variant,
+        reply,
+        sent + life,
+        crate::cache::Timing { life, fetch },
+    );
 }
 
 /// A request on a RESP3 pub/sub stream, where Redis accepts any command
@@ -932,7 +1102,8 @@ pub(crate) fn orphaned(
     mut writes: std::collections::HashMap<u64, Hook>,
     mut inbox: tokio::sync::mpsc::UnboundedReceiver<crate::upstream::Upstreamed>,
 ) {
-    writes.retain(|_, hook| hook.is_write());
+    // Writes, and reads that other sessions' reads joined.
+    writes.retain(|_, hook| hook.is_write() || hook.leads());
     if writes.is_empty() {
         return;
     }
@@ -947,9 +1118,10 @@ pub(crate) fn orphaned(
         let wait = async {
             while !writes.is_empty() {
                 match inbox.recv().await {
-                    Some(crate::upstream::Upstreamed::Reply { seq, .. }) => {
+                    Some(crate::upstream::Upstreamed::Reply { seq, reply }) => {
                         if let Some(hook) = writes.remove(&seq) {
                             announce_hook(&ctx, db, &hook);
+                            hook.hand_out(&reply.unwrap_or_else(|e| e.to_resp()));
                         }
                     }
                     Some(_) => {}

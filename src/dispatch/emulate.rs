@@ -1094,6 +1094,8 @@ mod tests {
                 negative: true,
                 tags: Vec::new(),
                 compress: *compress,
+                stampede: None,
+                refresh_ahead: None,
             })
             .collect();
         Rules::from_config(&configs)

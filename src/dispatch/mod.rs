@@ -26,6 +26,7 @@ pub(crate) mod cache;
 pub(crate) mod compression;
 pub(crate) mod emulate;
 pub(crate) mod jobs;
+pub(crate) mod stampede;
 pub(crate) mod tagging;
 
 use std::sync::Arc;
@@ -60,7 +61,9 @@ const LARGE_REQUEST: usize = 1024 * 1024;
 /// Dispatches one request.
 pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     // A RESET on a stream is on its way; nothing else may overtake it.
-    if s.reset_at.is_some() {
+    // A read waiting for a loader blocks the connection like a blocking
+    // command: what comes after it runs after it.
+    if s.reset_at.is_some() || !s.parked.is_empty() {
         return Flow::Stall(req);
     }
     let kind = classify(&req);
@@ -591,7 +594,8 @@ fn account_send(s: &mut Session, route: Route, seq: u64, sent: Result<(), Upstre
             s.ctx.metrics.upstream_error();
             let mut frame = e.to_resp();
             if let Some(hook) = s.hooks.remove(&seq) {
-                frame = cache::after_reply(s, hook, frame);
+                // An error never parks a read: there is always a frame.
+                frame = cache::after_reply(s, hook, frame.clone()).unwrap_or(frame);
             }
             s.queue.complete(seq, frame);
         }

@@ -54,6 +54,20 @@ pub mod names {
     pub const L1_MAX_BYTES: &str = "tierd_l1_max_bytes";
     /// Counter, label `rule`: replies evicted to make room.
     pub const L1_EVICTIONS: &str = "tierd_l1_evictions_total";
+    /// Counter, label `rule`: reads answered by joining an identical read
+    /// already upstream.
+    pub const L1_COALESCED: &str = "tierd_l1_coalesced_total";
+    /// Counter, label `rule`: background refreshes sent (refresh-ahead).
+    pub const L1_REFRESHES: &str = "tierd_l1_refreshes_total";
+    /// Counter, label `rule`: leases taken, each making a reader the loader.
+    pub const LEASE_GRANTS: &str = "tierd_lease_grants_total";
+    /// Counter, label `rule`: reads that found nothing and waited for a
+    /// loader.
+    pub const LEASE_WAITS: &str = "tierd_lease_waits_total";
+    /// Counter, label `rule`: waits that ended with the loaded value.
+    pub const LEASE_WAKEUPS: &str = "tierd_lease_wakeups_total";
+    /// Counter, label `rule`: waits that ran out (`stampede.wait`).
+    pub const LEASE_TIMEOUTS: &str = "tierd_lease_timeouts_total";
     /// Counter, label `source` (`write`, `tracking`, `bus`, `command`):
     /// keys invalidated in L1.
     pub const INVALIDATIONS: &str = "tierd_invalidations_total";
@@ -426,6 +440,12 @@ impl Metrics {
             c(names::L1_HITS).absolute(r.hits);
             c(names::L1_MISSES).absolute(r.misses);
             c(names::L1_EVICTIONS).absolute(r.evictions);
+            c(names::L1_COALESCED).absolute(r.coalesced);
+            c(names::L1_REFRESHES).absolute(r.refreshes);
+            c(names::LEASE_GRANTS).absolute(r.lease_grants);
+            c(names::LEASE_WAITS).absolute(r.lease_waits);
+            c(names::LEASE_WAKEUPS).absolute(r.lease_wakeups);
+            c(names::LEASE_TIMEOUTS).absolute(r.lease_timeouts);
             let g = |name| {
                 self.recorder
                     .register_gauge(&owned_key(name, &rule), &METADATA)
@@ -466,6 +486,27 @@ fn describe(r: &PrometheusRecorder) {
         (L1_HITS, "L1 lookups answered from L1, by rule."),
         (L1_MISSES, "L1 lookups that went upstream, by rule."),
         (L1_EVICTIONS, "L1 replies evicted to make room, by rule."),
+        (
+            L1_COALESCED,
+            "Reads answered by joining an identical read already upstream, by rule.",
+        ),
+        (
+            L1_REFRESHES,
+            "Background refreshes of entries read late in their life, by rule.",
+        ),
+        (
+            LEASE_GRANTS,
+            "Leases taken, each making one reader the loader, by rule.",
+        ),
+        (
+            LEASE_WAITS,
+            "Reads that found nothing and waited for a loader, by rule.",
+        ),
+        (
+            LEASE_WAKEUPS,
+            "Waits for a loader that ended with the value, by rule.",
+        ),
+        (LEASE_TIMEOUTS, "Waits for a loader that ran out, by rule."),
         (INVALIDATIONS, "Keys invalidated in L1, by source."),
         (FLUSHES, "Times L1 was flushed, by source."),
         (
@@ -551,6 +592,12 @@ mod tests {
             bytes: 400,
             evictions: 5,
             invalidations: 6,
+            coalesced: 7,
+            lease_grants: 8,
+            lease_waits: 9,
+            lease_wakeups: 10,
+            lease_timeouts: 11,
+            refreshes: 12,
         }
     }
 

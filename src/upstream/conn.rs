@@ -258,6 +258,57 @@ impl Conn {
         }
     }
 
+    /// Sends requests back to back (as [`Conn::send_all`]) and waits for
+    /// all their replies, in order, outside any session: for tierd's own
+    /// work on pooled connections (a lease attempt, a refresh). One reply
+    /// per request; a request the connection lost gets its error.
+    ///
+    /// # Errors
+    ///
+    /// As [`Conn::send`]: then nothing was sent.
+    pub async fn request_all(
+        &self,
+        raws: &[&[u8]],
+    ) -> Result<Vec<Result<Bytes, UpstreamError>>, UpstreamError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let requests: Vec<(&[u8], ReplyTo<'_>)> = raws
+            .iter()
+            .enumerate()
+            .map(|(seq, raw)| {
+                let to = ReplyTo::Inbox {
+                    seq: seq as u64,
+                    inbox: &tx,
+                    timed: true,
+                };
+                (*raw, to)
+            })
+            .collect();
+        self.send_all(&requests)?;
+        drop(requests);
+        drop(tx);
+        let mut replies: Vec<Option<Result<Bytes, UpstreamError>>> =
+            (0..raws.len()).map(|_| None).collect();
+        let mut left = raws.len();
+        while left > 0 {
+            match rx.recv().await {
+                Some(Upstreamed::Reply { seq, reply }) => {
+                    if let Some(slot) = usize::try_from(seq).ok().and_then(|i| replies.get_mut(i)) {
+                        if slot.is_none() {
+                            left -= 1;
+                        }
+                        *slot = Some(reply);
+                    }
+                }
+                Some(Upstreamed::Push(_)) => {}
+                Some(Upstreamed::Closed(_)) | None => break,
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(UpstreamError::unavailable("connection lost"))))
+            .collect())
+    }
+
     /// From now on, frames that answer no waiter are pushes (dedicated
     /// connections in pub/sub or MONITOR mode).
     pub fn set_stream(&self) {

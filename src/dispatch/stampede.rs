@@ -1,0 +1,781 @@
+//! Stampede protection: what happens when many clients want the same
+//! missing reply at once.
+//!
+//! - **Coalescing** (one instance). A cacheable read that misses L1 while an
+//!   identical read (same db, protocol and request) is already upstream
+//!   joins it as a *follower*: it sends nothing, and the *leader*'s reply is
+//!   handed to every follower when it arrives ([`Flight`]). A follower joins
+//!   only while the leader's fill is still current (nothing invalidated the
+//!   key since it was sent), which is exactly when L1 could have served
+//!   that reply; and only if its own requests in flight are on the leader's
+//!   connection, so that nothing it sends next can run before the shared
+//!   read.
+//! - **Leases** (every instance). A read of a key whose rule has `stampede`
+//!   that finds nothing upstream (a nil reply) is *parked* instead of
+//!   answered: it joins this instance's [`Herd`] for that read, whose task
+//!   asks Redis, in one transaction, for the key again and for the lease
+//!   `{prefix}lease:{key}` (`SET … NX PX`, in a script that takes it only
+//!   while the key is missing). Exactly one reader across all instances is
+//!   granted it and gets its nil: the loader, expected to load the value and
+//!   write it. The others wait in their herds, which read the key again
+//!   whenever the store hears it changed (a write through this instance, the
+//!   bus, tracking), when the lease runs out (a new loader is elected), and
+//!   answer each waiter with the value, or at its `wait` deadline with its
+//!   nil or an error. A parked read blocks its client's connection the way
+//!   a blocking command does: what the client sends next waits for it.
+//!   The loader's write through this instance releases the lease with a
+//!   compare-and-delete on its token.
+//! - **Refresh-ahead**. A hit late in its entry's life (a fixed fraction, or
+//!   XFetch's probabilistic rule) sends one background refresh of that
+//!   reply, at most one per key at a time; the hit, and the hits after it,
+//!   are served from the entry until the refreshed reply replaces it.
+//!
+//! Waiting costs a herd task per read being waited for (shared by all its
+//! waiters on this instance) and one queue slot per waiting client: no
+//! thread and no upstream connection.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::cache::{store_fill, FillEntry};
+use super::compression::Decode;
+use crate::cache::{Event, FillMark, Variant};
+use crate::config::{CompressConfig, OnTimeout, StampedeConfig};
+use crate::protocol::parse::string2ll;
+use crate::protocol::{inspect, reply};
+use crate::session::{Ctx, Route, Session};
+use crate::upstream::{Inbox, Upstreamed};
+
+/// Takes the lease only while the key is missing, atomically with the
+/// check. `KEYS[1]` the key, `KEYS[2]` its lease; `ARGV[1]` the token,
+/// `ARGV[2]` the lease in ms. Answers `{1, 0}` granted, `{0, 0}` the key
+/// exists, `{2, pttl}` held by someone else.
+const LEASE_SCRIPT: &[u8] = b"if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end \
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end \
+return {2, redis.call('PTTL', KEYS[2])}";
+
+/// Compare-and-delete: drops the lease `KEYS[1]` only if it still holds
+/// the token `ARGV[1]`.
+const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then \
+return redis.call('DEL', KEYS[1]) end return 0";
+
+const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n";
+const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
+
+/// What a follower gets when its leader's session ended before the shared
+/// reply arrived and nothing else could deliver it.
+const ABANDONED: &str = "ERR upstream unavailable (the shared read was abandoned)";
+
+/// Most leases this instance remembers holding for its loaders at once;
+/// past it the oldest are forgotten (they then expire in Redis instead of
+/// being released).
+const MAX_HELD: usize = 64 * 1024;
+
+/// Stampede protection's shared state, one per server ([`Ctx`]).
+pub(crate) struct Stampede {
+    flights: Mutex<HashMap<Variant, Arc<Flight>>>,
+    herds: Mutex<HashMap<Variant, Arc<Herd>>>,
+    /// Leases granted to this instance's loaders, by (db, key): a write of
+    /// the key through this instance releases them.
+    held: Mutex<HashMap<(u32, Bytes), Held>>,
+    held_count: AtomicUsize,
+    /// Keys with a refresh in flight.
+    refreshing: Mutex<HashSet<Bytes>>,
+    /// Tokens are this instance's random id and a counter.
+    instance: u64,
+    next_token: AtomicU64,
+}
+
+struct Held {
+    token: Bytes,
+    until: Instant,
+}
+
+impl Default for Stampede {
+    fn default() -> Stampede {
+        Stampede {
+            flights: Mutex::default(),
+            herds: Mutex::default(),
+            held: Mutex::default(),
+            held_count: AtomicUsize::new(0),
+            refreshing: Mutex::default(),
+            instance: random_u64(),
+            next_token: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Stampede {
+    fn token(&self) -> Bytes {
+        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
+        Bytes::from(format!("{:016x}:{n}", self.instance))
+    }
+}
+
+/// A random 64-bit number from the standard library's per-process hash
+/// seed and the clock: enough to tell instances' tokens apart.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    h.write_u128(nanos);
+    h.finish()
+}
+
+/// A uniform random number in (0, 1], for XFetch: a per-thread xorshift.
+pub(crate) fn uniform() -> f64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(random_u64() | 1);
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Coalescing
+// ---------------------------------------------------------------------------
+
+/// A read upstream that identical reads may join.
+pub(crate) struct Flight {
+    variant: Variant,
+    /// The leader's fill: followers join only while it is current.
+    mark: FillMark,
+    /// The leader's connection, which followers count as theirs.
+    route: Route,
+    /// `None` once the reply was handed out.
+    followers: Mutex<Option<Vec<(Inbox, u64)>>>,
+}
+
+/// The leader's side of a [`Flight`]: hands its reply to the followers
+/// ([`FlightGuard::complete`]), or an error if dropped without one.
+pub(crate) struct FlightGuard {
+    stampede: Arc<Stampede>,
+    flight: Arc<Flight>,
+}
+
+impl FlightGuard {
+    /// Gives every follower `frame`, the leader's reply as upstream sent it.
+    pub(crate) fn complete(self, frame: &Bytes) {
+        self.finish(frame);
+    }
+
+    fn finish(&self, frame: &Bytes) {
+        {
+            let mut flights = self.stampede.flights.lock();
+            if flights
+                .get(&self.flight.variant)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            {
+                flights.remove(&self.flight.variant);
+            }
+        }
+        let Some(followers) = self.flight.followers.lock().take() else {
+            return;
+        };
+        for (inbox, seq) in followers {
+            let _ = inbox.send(Upstreamed::Reply {
+                seq,
+                reply: Ok(frame.clone()),
+            });
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if self.flight.followers.lock().is_some() {
+            self.finish(&super::error(ABANDONED));
+        }
+    }
+}
+
+/// Registers a fill about to be sent on `route` as a read others may join.
+/// `None` when coalescing is off.
+pub(crate) fn lead(
+    s: &Session,
+    variant: &Variant,
+    mark: FillMark,
+    route: Route,
+) -> Option<FlightGuard> {
+    if !s.ctx.config.l1.coalesce {
+        return None;
+    }
+    let flight = Arc::new(Flight {
+        variant: variant.clone(),
+        mark,
+        route,
+        followers: Mutex::new(Some(Vec::new())),
+    });
+    s.ctx
+        .stampede
+        .flights
+        .lock()
+        .insert(variant.clone(), flight.clone());
+    Some(FlightGuard {
+        stampede: s.ctx.stampede.clone(),
+        flight,
+    })
+}
+
+/// Joins an identical read in flight, if there is one this session may
+/// share. Returns the queue slot its reply will fill (the caller registers
+/// the slot's hook), having counted the slot as in flight on the leader's
+/// connection.
+pub(crate) fn join(s: &mut Session, variant: &Variant, rule: usize) -> Option<u64> {
+    if !s.ctx.config.l1.coalesce {
+        return None;
+    }
+    let l1 = s.ctx.l1.clone()?;
+    let flight = s.ctx.stampede.flights.lock().get(variant).cloned()?;
+    if s.inflight > 0 && s.inflight_route != Some(flight.route) {
+        return None;
+    }
+    if !l1.store.fill_current(&flight.mark, variant.db) {
+        return None;
+    }
+    let seq = {
+        let mut followers = flight.followers.lock();
+        let list = followers.as_mut()?;
+        let seq = s.pending_slot();
+        list.push((s.inbox.clone(), seq));
+        seq
+    };
+    s.inflight += 1;
+    s.inflight_route = Some(flight.route);
+    super::leave_pinned(s, flight.route);
+    l1.store.note(rule, Event::Coalesced);
+    Some(seq)
+}
+
+// ---------------------------------------------------------------------------
+// Leases
+// ---------------------------------------------------------------------------
+
+/// What a read of a key with a `stampede` rule needs to wait for a loader
+/// if its reply is nil.
+pub(crate) struct Lease {
+    /// The read's queue slot.
+    pub(crate) seq: u64,
+    pub(crate) rule: usize,
+    pub(crate) key: Bytes,
+    pub(crate) variant: Variant,
+    /// The read, encoded as a RESP command.
+    pub(crate) request: Bytes,
+    pub(crate) config: StampedeConfig,
+    /// What to decode in the reply that finally answers it.
+    pub(crate) decode: Option<Decode>,
+}
+
+/// Reads waiting on this instance for one reply of one key to be loaded.
+struct Herd {
+    rule: usize,
+    key: Bytes,
+    variant: Variant,
+    request: Bytes,
+    config: StampedeConfig,
+    state: Mutex<HerdState>,
+}
+
+#[derive(Default)]
+struct HerdState {
+    waiters: VecDeque<Waiter>,
+    /// Set under the herds lock when the task ends: a reader that finds a
+    /// closed herd starts a new one.
+    closed: bool,
+}
+
+struct Waiter {
+    inbox: Inbox,
+    seq: u64,
+    /// The nil its own read got: its answer if it becomes the loader or
+    /// times out.
+    nil: Bytes,
+    since: Instant,
+    deadline: Instant,
+}
+
+impl Waiter {
+    fn answer(&self, frame: Bytes) {
+        let _ = self.inbox.send(Upstreamed::Reply {
+            seq: self.seq,
+            reply: Ok(frame),
+        });
+    }
+}
+
+/// Parks a read whose reply was nil (`nil`) until the key is loaded.
+/// Returns false when it cannot wait (then the nil is its answer): no L1,
+/// or a db tierd's pooled connections are not on.
+pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
+    let Some(l1) = s.ctx.l1.clone() else {
+        return false;
+    };
+    if lease.variant.db != s.ctx.upstream.default_db() {
+        return false;
+    }
+    let now = Instant::now();
+    let waiter = Waiter {
+        inbox: s.inbox.clone(),
+        seq: lease.seq,
+        nil,
+        since: now,
+        deadline: now + lease.config.wait,
+    };
+    let seq = lease.seq;
+    if let Some(decode) = lease.decode.clone() {
+        super::cache::register(
+            s,
+            seq,
+            super::cache::Hook::Decoded {
+                decode,
+                inner: None,
+            },
+        );
+    }
+    let rule = lease.rule;
+    let spawn = {
+        let mut herds = s.ctx.stampede.herds.lock();
+        let joined = herds.get(&lease.variant).and_then(|herd| {
+            let mut state = herd.state.lock();
+            (!state.closed).then(|| state.waiters.push_back(waiter.clone()))
+        });
+        match joined {
+            Some(()) => None,
+            None => {
+                let herd = Arc::new(Herd {
+                    rule,
+                    key: lease.key,
+                    variant: lease.variant.clone(),
+                    request: lease.request,
+                    config: lease.config,
+                    state: Mutex::new(HerdState {
+                        waiters: VecDeque::from([waiter]),
+                        closed: false,
+                    }),
+                });
+                herds.insert(lease.variant, herd.clone());
+                Some(herd)
+            }
+        }
+    };
+    if let Some(herd) = spawn {
+        tokio::spawn(run_herd(s.ctx.clone(), herd));
+    }
+    s.parked.insert(seq);
+    l1.store.note(rule, Event::LeaseWait);
+    true
+}
+
+impl Clone for Waiter {
+    fn clone(&self) -> Waiter {
+        Waiter {
+            inbox: self.inbox.clone(),
+            seq: self.seq,
+            nil: self.nil.clone(),
+            since: self.since,
+            deadline: self.deadline,
+        }
+    }
+}
+
+/// What one lease attempt found.
+enum Outcome {
+    /// The key has a value (or the read failed the way it would for the
+    /// client): every waiter gets it.
+    Value(Bytes),
+    /// The key exists but the read is nil (a missing field): no load is
+    /// coming, every waiter gets this nil.
+    Nil(Bytes),
+    /// The key is missing and this instance took the lease (`token`).
+    Granted(Bytes),
+    /// Another reader holds the lease, for this much longer.
+    Held(Duration),
+    /// The attempt failed (upstream down, the script refused).
+    Failed,
+}
+
+/// One herd's task: attempts, waits for changes, answers its waiters, and
+/// ends when none is left.
+async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
+    let Some(l1) = ctx.l1.clone() else {
+        return;
+    };
+    let watch = l1.store.watch(&herd.key);
+    let mut attempt_now = true;
+    // When to try again for the lease: it expires then.
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        if attempt_now {
+            attempt_now = false;
+            let asked = herd.state.lock().waiters.len();
+            match attempt(&ctx, &herd).await {
+                Outcome::Value(frame) => {
+                    retry_at = None;
+                    let answered = answer_first(&herd, asked, &frame);
+                    for _ in 0..answered {
+                        l1.store.note(herd.rule, Event::LeaseWakeup);
+                    }
+                    // Readers that joined after the attempt was sent read
+                    // nil after it: ask again for them.
+                    attempt_now = !herd.state.lock().waiters.is_empty();
+                }
+                Outcome::Nil(frame) => {
+                    retry_at = None;
+                    answer_first(&herd, asked, &frame);
+                    attempt_now = !herd.state.lock().waiters.is_empty();
+                }
+                Outcome::Granted(token) => {
+                    let loader = {
+                        let mut state = herd.state.lock();
+                        let live = state.waiters.iter().position(|w| !w.inbox.is_closed());
+                        live.and_then(|i| state.waiters.remove(i))
+                    };
+                    match loader {
+                        Some(loader) => {
+                            loader.answer(loader.nil.clone());
+                            hold(&ctx, herd.variant.db, &herd.key, token, herd.config.lease);
+                            l1.store.note(herd.rule, Event::LeaseGrant);
+                            tracing::debug!(event = "lease_granted", key = %crate::admin::shown(&herd.key), waited_ms = loader.since.elapsed().as_millis() as u64, "a reader was made the loader");
+                        }
+                        None => release(&ctx, &herd.key, token),
+                    }
+                    // If the loader never writes, the lease runs out.
+                    retry_at = Some(Instant::now() + herd.config.lease);
+                }
+                Outcome::Held(left) => {
+                    retry_at = Some(Instant::now() + left);
+                }
+                Outcome::Failed => {
+                    retry_at = None;
+                    let state = std::mem::take(&mut herd.state.lock().waiters);
+                    for w in state {
+                        w.answer(w.nil.clone());
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let expired: Vec<Waiter> = {
+            let mut state = herd.state.lock();
+            let (gone, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .partition(|w| w.deadline <= now || w.inbox.is_closed());
+            state.waiters = kept.into();
+            gone
+        };
+        for w in expired {
+            if w.inbox.is_closed() {
+                continue;
+            }
+            l1.store.note(herd.rule, Event::LeaseTimeout);
+            w.answer(timeout_reply(&herd, &w));
+        }
+        let next = {
+            let mut herds = ctx.stampede.herds.lock();
+            let mut state = herd.state.lock();
+            match state.waiters.iter().map(|w| w.deadline).min() {
+                None => {
+                    state.closed = true;
+                    if herds
+                        .get(&herd.variant)
+                        .is_some_and(|h| Arc::ptr_eq(h, &herd))
+                    {
+                        herds.remove(&herd.variant);
+                    }
+                    return;
+                }
+                Some(deadline) => retry_at.map_or(deadline, |r| r.min(deadline)),
+            }
+        };
+        if attempt_now {
+            continue;
+        }
+        tokio::select! {
+            _ = watch.changed() => attempt_now = true,
+            _ = tokio::time::sleep_until(next.into()) => {
+                if retry_at.is_some_and(|r| r <= Instant::now()) {
+                    retry_at = None;
+                    attempt_now = true;
+                }
+            }
+        }
+    }
+}
+
+/// Answers the first `n` waiters with `frame`; returns how many.
+fn answer_first(herd: &Herd, n: usize, frame: &Bytes) -> usize {
+    let answered: Vec<Waiter> = {
+        let mut state = herd.state.lock();
+        let n = n.min(state.waiters.len());
+        state.waiters.drain(..n).collect()
+    };
+    for w in &answered {
+        w.answer(frame.clone());
+    }
+    answered.len()
+}
+
+/// What a waiter gets when its `wait` ran out.
+fn timeout_reply(herd: &Herd, w: &Waiter) -> Bytes {
+    match herd.config.on_timeout {
+        OnTimeout::Nil => w.nil.clone(),
+        OnTimeout::Error => super::error(&format!(
+            "TRYAGAIN tierd: {} is still being loaded by another client (waited {} ms)",
+            crate::admin::shown(&herd.key),
+            w.since.elapsed().as_millis()
+        )),
+    }
+}
+
+/// The lease key of `key`.
+fn lease_key(ctx: &Ctx, key: &[u8]) -> Bytes {
+    let prefix = ctx.config.invalidation.prefix.as_bytes();
+    let mut k = Vec::with_capacity(prefix.len() + 6 + key.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(b"lease:");
+    k.extend_from_slice(key);
+    Bytes::from(k)
+}
+
+/// Reads the key again and asks for its lease, in one transaction. With
+/// opt-in tracking, a tracked read of the key goes first, so that a writer
+/// bypassing tierd wakes the herd too.
+async fn attempt(ctx: &Ctx, herd: &Herd) -> Outcome {
+    let identity = ctx.upstream.default_identity();
+    let pool = identity.pool(herd.variant.proto);
+    let conn = pool.conn(pool.pick()).clone();
+    let token = ctx.stampede.token();
+    let ms = herd.config.lease.as_millis().max(1).to_string();
+    let eval = reply::encode_command(&[
+        b"EVAL",
+        LEASE_SCRIPT,
+        b"2",
+        &herd.key,
+        &lease_key(ctx, &herd.key),
+        &token,
+        ms.as_bytes(),
+    ]);
+    let mut raws: Vec<&[u8]> = Vec::with_capacity(6);
+    if ctx.tracking.opt_in() && ctx.tracking.fill_allowed(&conn) {
+        raws.push(CACHING_YES);
+        raws.push(&herd.request);
+    }
+    raws.extend([MULTI, &eval[..], &herd.request[..], EXEC]);
+    let exec = match conn.request_all(&raws).await {
+        Ok(mut replies) => replies.pop(),
+        Err(e) => Some(Err(e)),
+    };
+    let exec = match exec {
+        Some(Ok(frame)) => frame,
+        Some(Err(e)) => return failed(herd, &e.to_string()),
+        None => return failed(herd, "no reply"),
+    };
+    let depth = ctx.config.limits.max_reply_depth;
+    let (lease, read) = match inspect::elements(&exec, depth).as_deref() {
+        Some([lease, read]) if exec.first() == Some(&b'*') => {
+            (exec.slice_ref(lease), exec.slice_ref(read))
+        }
+        _ => return failed(herd, &String::from_utf8_lossy(&exec)),
+    };
+    let code: Vec<i64> = inspect::elements(&lease, depth)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            e.strip_prefix(b":")
+                .and_then(|n| n.strip_suffix(b"\r\n"))
+                .and_then(string2ll)
+        })
+        .collect();
+    let nil = super::cache::is_nil(&read);
+    match (code.as_slice(), nil) {
+        (_, false) if !inspect::is_error(&lease) => {
+            if code.first() == Some(&1) {
+                release(ctx, &herd.key, token);
+            }
+            Outcome::Value(read)
+        }
+        ([0, _], true) => Outcome::Nil(read),
+        ([1, _], true) => Outcome::Granted(token),
+        ([2, pttl], true) => {
+            // A lease without an expiry (set by hand) counts as a full one.
+            let left = u64::try_from(*pttl).map_or(herd.config.lease, Duration::from_millis);
+            Outcome::Held(left.max(Duration::from_millis(1)))
+        }
+        _ => failed(herd, &String::from_utf8_lossy(&lease)),
+    }
+}
+
+fn failed(herd: &Herd, why: &str) -> Outcome {
+    tracing::warn!(event = "lease_failed", key = %crate::admin::shown(&herd.key), error = %why.trim_end(), "a lease attempt failed; the waiting reads get their nil");
+    Outcome::Failed
+}
+
+/// Remembers a lease granted to a loader on this instance, so that its
+/// write releases it.
+fn hold(ctx: &Ctx, db: u32, key: &Bytes, token: Bytes, lease: Duration) {
+    let now = Instant::now();
+    let mut held = ctx.stampede.held.lock();
+    if held.len() >= MAX_HELD {
+        held.retain(|_, h| h.until > now);
+        if held.len() >= MAX_HELD {
+            held.clear();
+        }
+    }
+    held.insert(
+        (db, key.clone()),
+        Held {
+            token,
+            until: now + lease,
+        },
+    );
+    ctx.stampede.held_count.store(held.len(), Ordering::SeqCst);
+}
+
+/// A write of `keys` in `db` ran through this instance: releases the
+/// leases this instance's loaders hold on them.
+pub(crate) fn written(ctx: &Ctx, db: u32, keys: &[Bytes]) {
+    if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let tokens: Vec<(Bytes, Bytes)> = {
+        let mut held = ctx.stampede.held.lock();
+        let tokens = keys
+            .iter()
+            .filter_map(|k| {
+                let h = held.remove(&(db, k.clone()))?;
+                (h.until > now).then(|| (k.clone(), h.token))
+            })
+            .collect();
+        ctx.stampede.held_count.store(held.len(), Ordering::SeqCst);
+        tokens
+    };
+    for (key, token) in tokens {
+        release(ctx, &key, token);
+    }
+}
+
+/// Deletes the lease of `key` if it still holds `token`, in the
+/// background.
+fn release(ctx: &Ctx, key: &[u8], token: Bytes) {
+    let request =
+        reply::encode_command(&[b"EVAL", RELEASE_SCRIPT, b"1", &lease_key(ctx, key), &token]);
+    let pool = ctx.upstream.default_identity();
+    let pool = pool.pool(crate::protocol::Proto::Resp2);
+    let conn = pool.conn(pool.pick()).clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.request(&request).await {
+            tracing::debug!(error = %e, "releasing a lease failed; it expires on its own");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Refresh-ahead
+// ---------------------------------------------------------------------------
+
+/// A refresh to send: everything a fill of one reply needs.
+pub(crate) struct Refresh {
+    pub(crate) rule: usize,
+    pub(crate) ttl: Duration,
+    pub(crate) negative: bool,
+    pub(crate) key: Bytes,
+    pub(crate) variant: Variant,
+    /// The read, encoded as a RESP command.
+    pub(crate) request: Bytes,
+    pub(crate) compress: Option<CompressConfig>,
+}
+
+/// Sends `job` in the background unless a refresh of its key is in flight.
+pub(crate) fn refresh(ctx: &Arc<Ctx>, job: Refresh) {
+    if !ctx.stampede.refreshing.lock().insert(job.key.clone()) {
+        return;
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let key = job.key.clone();
+        refresh_now(&ctx, job).await;
+        ctx.stampede.refreshing.lock().remove(&key);
+    });
+}
+
+async fn refresh_now(ctx: &Ctx, job: Refresh) {
+    let Some(l1) = ctx.l1.clone() else {
+        return;
+    };
+    if job.variant.db != ctx.upstream.default_db() {
+        return;
+    }
+    let identity = ctx.upstream.default_identity();
+    let pool = identity.pool(job.variant.proto);
+    let conn = pool.conn(pool.pick()).clone();
+    if !ctx.tracking.fill_allowed(&conn) {
+        return;
+    }
+    let Some(token) = l1.store.begin_fill(&job.key) else {
+        return;
+    };
+    let pttl = reply::encode_command(&[b"PTTL", &job.key]);
+    let mut raws: Vec<&[u8]> = Vec::with_capacity(3);
+    if ctx.tracking.opt_in() {
+        raws.push(CACHING_YES);
+    }
+    raws.extend([&job.request[..], &pttl[..]]);
+    l1.store.note(job.rule, Event::Refresh);
+    let sent = Instant::now();
+    let replies = match conn.request_all(&raws).await {
+        Ok(replies) => replies,
+        Err(e) => {
+            tracing::debug!(error = %e, "refresh not sent");
+            return;
+        }
+    };
+    let fetch = sent.elapsed();
+    let mut replies = replies.into_iter().rev();
+    let (pttl, read) = (replies.next(), replies.next());
+    let caching_ok =
+        !ctx.tracking.opt_in() || matches!(replies.next(), Some(Ok(ok)) if inspect::is_ok(&ok));
+    let (Some(Ok(read)), Some(Ok(pttl)), true) = (read, pttl, caching_ok) else {
+        return;
+    };
+    let entry = FillEntry::new(
+        token,
+        job.rule,
+        job.ttl,
+        job.negative,
+        job.variant,
+        job.compress,
+    );
+    store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)));
+}
+
+fn parse_int(frame: &[u8]) -> Option<i64> {
+    frame
+        .strip_prefix(b":")
+        .and_then(|r| r.strip_suffix(b"\r\n"))
+        .and_then(string2ll)
+}
+
+impl std::fmt::Debug for Stampede {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stampede")
+            .field("held", &self.held_count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
