@@ -2539,8 +2539,12 @@ mod tests {
                 threshold: 1024,
                 upstream: true,
             }),
-            stampede: None,
-            refresh_ahead: None,
+            stampede: Some(StampedeConfig {
+                lease: Duration::from_secs(5),
+                wait: Duration::from_secs(2),
+                on_timeout: OnTimeout::Nil,
+            }),
+            refresh_ahead: Some(RefreshAhead::Ratio(0.8)),
         });
         let example = uncommented_example();
         assert_eq!(
@@ -3187,6 +3191,92 @@ mod tests {
         let c =
             load("[[rules]]\nmatch = \"a\"\nttl = 1\ncompress = { threshold = \"1mb\" }").unwrap();
         assert_eq!(c.rules[0].compress, z(1 << 20, true));
+    }
+
+    #[test]
+    fn rule_stampede_and_refresh_options() {
+        let c = load(
+            "[l1]\ncoalesce = false\n\
+             [[rules]]\nmatch = \"a\"\nttl = 1\nstampede = { lease = \"3s\", wait = \"250ms\", on_timeout = \"error\" }\n\
+             [[rules]]\nmatch = \"b\"\nttl = 1\nstampede = {}\nrefresh_ahead = 0.75\n\
+             [[rules]]\nmatch = \"c\"\nttl = 1\nrefresh_ahead = { beta = 2.5 }\n",
+        )
+        .unwrap();
+        assert!(!c.l1.coalesce);
+        assert_eq!(
+            c.rules[0].stampede,
+            Some(StampedeConfig {
+                lease: Duration::from_secs(3),
+                wait: Duration::from_millis(250),
+                on_timeout: OnTimeout::Error,
+            })
+        );
+        assert_eq!(
+            c.rules[1].stampede,
+            Some(StampedeConfig {
+                lease: DEFAULT_STAMPEDE_LEASE,
+                wait: DEFAULT_STAMPEDE_WAIT,
+                on_timeout: OnTimeout::Nil,
+            })
+        );
+        assert_eq!(c.rules[1].refresh_ahead, Some(RefreshAhead::Ratio(0.75)));
+        assert_eq!(
+            c.rules[2].refresh_ahead,
+            Some(RefreshAhead::XFetch { beta: 2.5 })
+        );
+        assert_eq!(c.rules[2].stampede, None);
+        assert!(load("").unwrap().l1.coalesce);
+        // What to_toml writes reads back the same.
+        let again = load(&c.to_toml()).unwrap();
+        assert_eq!(again.rules, c.rules);
+        assert_eq!(again.l1, c.l1);
+    }
+
+    #[test]
+    fn rule_stampede_and_refresh_errors_say_how_to_fix() {
+        let rule = "[[rules]]\nmatch = \"a\"\nttl = 1\n";
+        for (text, wanted) in [
+            (
+                format!("{rule}stampede = {{ lease = 0 }}"),
+                "rules[0].stampede.lease: must be at least 1ms",
+            ),
+            (
+                format!("{rule}stampede = {{ wait = \"0ms\" }}"),
+                "rules[0].stampede.wait: must be at least 1ms",
+            ),
+            (
+                format!("{rule}stampede = {{ on_timeout = \"wait\" }}"),
+                "rules[0].stampede.on_timeout: unknown value \"wait\": use \"nil\" or \"error\"",
+            ),
+            (
+                format!("{rule}refresh_ahead = 1.0"),
+                "rules[0].refresh_ahead: 1 is not strictly between 0 and 1",
+            ),
+            (
+                format!("{rule}refresh_ahead = 0.0"),
+                "rules[0].refresh_ahead: 0 is not strictly between 0 and 1",
+            ),
+            (
+                format!("{rule}refresh_ahead = {{ beta = 0.0 }}"),
+                "rules[0].refresh_ahead.beta: 0 must be above 0",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nstampede = {}".to_owned(),
+                "rules[0].stampede: a rule with cache = false caches nothing: remove stampede",
+            ),
+            (
+                "[[rules]]\nmatch = \"a\"\ncache = false\nrefresh_ahead = 0.5".to_owned(),
+                "rules[0].refresh_ahead: a rule with cache = false caches nothing",
+            ),
+        ] {
+            let message = message_of(&text);
+            assert!(
+                message.contains(wanted),
+                "{text:?}: {message:?} should contain {wanted:?}"
+            );
+        }
+        assert!(load(&format!("{rule}stampede = {{ leese = 1 }}")).is_err());
+        assert!(load(&format!("{rule}refresh_ahead = \"0.8\"")).is_err());
     }
 
     #[test]

@@ -1799,6 +1799,144 @@ mod tests {
         send_sync::<FillToken>();
     }
 
+    /// A hit's slice, for `refresh_due`.
+    fn hit(s: &Store, key: &str, variant: &Variant, now: Instant) -> ReplySlice {
+        s.get_with(0, key.as_bytes(), &[variant.as_ref()], now, |_| ())
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn refresh_ahead_by_ratio_uses_the_life_kept_with_the_reply() {
+        let s = store();
+        let t0 = Instant::now();
+        let v = get_var("k");
+        let token = s.begin_fill(b"k").unwrap();
+        let timing = Timing {
+            life: Duration::from_secs(10),
+            fetch: Duration::from_millis(2),
+        };
+        let reply = Bytes::from_static(b"$1\r\nx\r\n");
+        assert!(s.finish_fill_timed(token, 0, v.clone(), reply, t0 + timing.life, timing));
+        let ratio = crate::config::RefreshAhead::Ratio(0.8);
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        let slice = hit(&s, "k", &v, t0);
+        assert!(!s.refresh_due(&slice, at(1.0), ratio, 0.5));
+        assert!(!s.refresh_due(&slice, at(7.9), ratio, 0.5));
+        assert!(s.refresh_due(&slice, at(8.1), ratio, 0.5));
+        // Other variants keep their own timing; a fill without one never
+        // refreshes.
+        let w = Variant::from_args(
+            0,
+            Proto::Resp3,
+            &[Bytes::from_static(b"GET"), Bytes::from_static(b"k")],
+        );
+        assert!(fill(&s, 0, "k", &w, "y", t0 + Duration::from_secs(10)));
+        let slice = hit(&s, "k", &w, t0);
+        assert!(!s.refresh_due(&slice, at(9.9), ratio, 0.5));
+        let slice = hit(&s, "k", &v, at(8.5));
+        assert!(s.refresh_due(&slice, at(8.5), ratio, 0.5));
+    }
+
+    #[test]
+    fn refresh_ahead_by_xfetch_comes_earlier_for_slow_reads_and_unlucky_draws() {
+        let s = store();
+        let t0 = Instant::now();
+        let life = Duration::from_secs(10);
+        let policy = crate::config::RefreshAhead::XFetch { beta: 1.0 };
+        for (key, fetch) in [
+            ("fast", Duration::from_millis(1)),
+            ("slow", Duration::from_secs(1)),
+        ] {
+            let v = get_var(key);
+            let token = s.begin_fill(key.as_bytes()).unwrap();
+            let reply = Bytes::from_static(b"$1\r\nx\r\n");
+            assert!(s.finish_fill_timed(token, 0, v, reply, t0 + life, Timing { life, fetch }));
+        }
+        let fast = hit(&s, "fast", &get_var("fast"), t0);
+        let slow = hit(&s, "slow", &get_var("slow"), t0);
+        let at = t0 + Duration::from_secs(8);
+        // -ln(0.5) ≈ 0.69: 0.69 ms early for the fast read, 0.69 s for the
+        // slow one; 2 s before expiry neither is due.
+        assert!(!s.refresh_due(&fast, at, policy, 0.5));
+        assert!(!s.refresh_due(&slow, at, policy, 0.5));
+        // -ln(0.01) ≈ 4.6: the slow read's 4.6 s reaches past the expiry.
+        assert!(s.refresh_due(&slow, at, policy, 0.01));
+        assert!(!s.refresh_due(&fast, at, policy, 0.01));
+        // Past the expiry minus nothing, any draw refreshes.
+        let late = t0 + Duration::from_millis(9_999);
+        assert!(s.refresh_due(&fast, late, policy, 1.0) || s.refresh_due(&fast, late, policy, 0.1));
+    }
+
+    #[test]
+    fn fill_current_ends_with_an_invalidation_or_a_flush_of_its_db() {
+        let s = store();
+        let token = s.begin_fill(b"k").unwrap();
+        let mark = token.mark();
+        assert!(s.fill_current(&mark, 0));
+        s.invalidate(b"other");
+        assert!(s.fill_current(&mark, 0));
+        s.flush_db(3);
+        assert!(s.fill_current(&mark, 0));
+        assert!(!s.fill_current(&mark, 3));
+        s.invalidate(b"k");
+        assert!(!s.fill_current(&mark, 0));
+        drop(token);
+        let token = s.begin_fill(b"k").unwrap();
+        let mark = token.mark();
+        s.flush_all();
+        assert!(!s.fill_current(&mark, 0));
+    }
+
+    #[test]
+    fn stampede_events_are_counted_per_rule() {
+        let s = store();
+        for event in [
+            Event::Coalesced,
+            Event::LeaseGrant,
+            Event::LeaseWait,
+            Event::LeaseWait,
+            Event::LeaseWakeup,
+            Event::LeaseTimeout,
+            Event::Refresh,
+        ] {
+            s.note(1, event);
+        }
+        s.note(9, Event::Refresh);
+        let stats = s.stats();
+        assert_eq!(stats[0].lease_waits, 0);
+        let r = &stats[1];
+        assert_eq!(
+            (
+                r.coalesced,
+                r.lease_grants,
+                r.lease_waits,
+                r.lease_wakeups,
+                r.lease_timeouts,
+                r.refreshes
+            ),
+            (1, 1, 2, 1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn watches_wake_on_their_key_and_on_flushes() {
+        let s = store();
+        let w = s.watch(b"k");
+        s.invalidate(b"k");
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .unwrap();
+        s.invalidate(b"other");
+        assert!(tokio::time::timeout(Duration::from_millis(50), w.changed())
+            .await
+            .is_err());
+        s.flush_db(4);
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .unwrap();
+    }
+
     #[test]
     fn hit_after_fill_and_miss_before() {
         let s = store();

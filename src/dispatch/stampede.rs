@@ -95,6 +95,8 @@ pub(crate) struct Stampede {
 struct Held {
     token: Bytes,
     until: Instant,
+    /// The loader's session.
+    session: u64,
 }
 
 impl Default for Stampede {
@@ -302,6 +304,8 @@ struct HerdState {
 
 struct Waiter {
     inbox: Inbox,
+    /// The client's session id.
+    session: u64,
     seq: u64,
     /// The nil its own read got: its answer if it becomes the loader or
     /// times out.
@@ -329,9 +333,15 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
     if lease.variant.db != s.ctx.upstream.default_db() {
         return false;
     }
+    // The loader reading the key again before writing it would otherwise
+    // wait for itself.
+    if is_loader(&s.ctx, s.id, lease.variant.db, &lease.key) {
+        return false;
+    }
     let now = Instant::now();
     let waiter = Waiter {
         inbox: s.inbox.clone(),
+        session: s.id,
         seq: lease.seq,
         nil,
         since: now,
@@ -386,6 +396,7 @@ impl Clone for Waiter {
     fn clone(&self) -> Waiter {
         Waiter {
             inbox: self.inbox.clone(),
+            session: self.session,
             seq: self.seq,
             nil: self.nil.clone(),
             since: self.since,
@@ -449,7 +460,12 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
                     match loader {
                         Some(loader) => {
                             loader.answer(loader.nil.clone());
-                            hold(&ctx, herd.variant.db, &herd.key, token, herd.config.lease);
+                            let held = Held {
+                                token,
+                                until: Instant::now() + herd.config.lease,
+                                session: loader.session,
+                            };
+                            hold(&ctx, herd.variant.db, &herd.key, held);
                             l1.store.note(herd.rule, Event::LeaseGrant);
                             tracing::debug!(event = "lease_granted", key = %crate::admin::shown(&herd.key), waited_ms = loader.since.elapsed().as_millis() as u64, "a reader was made the loader");
                         }
@@ -626,9 +642,23 @@ fn failed(herd: &Herd, why: &str) -> Outcome {
     Outcome::Failed
 }
 
+/// Whether session `id` holds the lease of `key` in `db`: it was made the
+/// loader and has not written the key yet.
+fn is_loader(ctx: &Ctx, id: u64, db: u32, key: &Bytes) -> bool {
+    if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
+        return false;
+    }
+    let now = Instant::now();
+    ctx.stampede
+        .held
+        .lock()
+        .get(&(db, key.clone()))
+        .is_some_and(|h| h.session == id && h.until > now)
+}
+
 /// Remembers a lease granted to a loader on this instance, so that its
 /// write releases it.
-fn hold(ctx: &Ctx, db: u32, key: &Bytes, token: Bytes, lease: Duration) {
+fn hold(ctx: &Ctx, db: u32, key: &Bytes, held_lease: Held) {
     let now = Instant::now();
     let mut held = ctx.stampede.held.lock();
     if held.len() >= MAX_HELD {
@@ -637,13 +667,7 @@ fn hold(ctx: &Ctx, db: u32, key: &Bytes, token: Bytes, lease: Duration) {
             held.clear();
         }
     }
-    held.insert(
-        (db, key.clone()),
-        Held {
-            token,
-            until: now + lease,
-        },
-    );
+    held.insert((db, key.clone()), held_lease);
     ctx.stampede.held_count.store(held.len(), Ordering::SeqCst);
 }
 
