@@ -297,12 +297,17 @@ struct Herd {
 #[derive(Default)]
 struct HerdState {
     waiters: VecDeque<Waiter>,
+    /// The ticket the next waiter gets: an attempt answers only the waiters
+    /// that were there when it was sent.
+    next_ticket: u64,
     /// Set under the herds lock when the task ends: a reader that finds a
     /// closed herd starts a new one.
     closed: bool,
 }
 
 struct Waiter {
+    /// Its place in the herd, in arrival order.
+    ticket: u64,
     inbox: Inbox,
     /// The client's session id.
     session: u64,
@@ -312,6 +317,23 @@ struct Waiter {
     nil: Bytes,
     since: Instant,
     deadline: Instant,
+}
+
+impl HerdState {
+    fn push(&mut self, mut waiter: Waiter) {
+        waiter.ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiters.push_back(waiter);
+    }
+
+    /// Takes the waiters that arrived before ticket `upto`.
+    fn take_before(&mut self, upto: u64) -> Vec<Waiter> {
+        let (taken, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.ticket < upto);
+        self.waiters = kept.into();
+        taken
+    }
 }
 
 impl Waiter {
@@ -340,6 +362,7 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
     }
     let now = Instant::now();
     let waiter = Waiter {
+        ticket: 0,
         inbox: s.inbox.clone(),
         session: s.id,
         seq: lease.seq,
@@ -363,7 +386,7 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
         let mut herds = s.ctx.stampede.herds.lock();
         let joined = herds.get(&lease.variant).and_then(|herd| {
             let mut state = herd.state.lock();
-            (!state.closed).then(|| state.waiters.push_back(waiter.clone()))
+            (!state.closed).then(|| state.push(waiter.clone()))
         });
         match joined {
             Some(()) => None,
@@ -374,9 +397,10 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
                     variant: lease.variant.clone(),
                     request: lease.request,
                     config: lease.config,
-                    state: Mutex::new(HerdState {
-                        waiters: VecDeque::from([waiter]),
-                        closed: false,
+                    state: Mutex::new({
+                        let mut state = HerdState::default();
+                        state.push(waiter);
+                        state
                     }),
                 });
                 herds.insert(lease.variant, herd.clone());
@@ -395,6 +419,7 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
 impl Clone for Waiter {
     fn clone(&self) -> Waiter {
         Waiter {
+            ticket: self.ticket,
             inbox: self.inbox.clone(),
             session: self.session,
             seq: self.seq,
@@ -434,8 +459,22 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
     loop {
         if attempt_now {
             attempt_now = false;
-            let asked = herd.state.lock().waiters.len();
-            match attempt(&ctx, &herd).await {
+            let asked = herd.state.lock().next_ticket;
+            let outcome = {
+                let attempt = attempt(&ctx, &herd);
+                tokio::pin!(attempt);
+                // Deadlines pass while Redis answers (slowly, or not at
+                // all until the command timeout).
+                loop {
+                    let next = herd.state.lock().waiters.iter().map(|w| w.deadline).min();
+                    let far = Instant::now() + Duration::from_secs(3600);
+                    tokio::select! {
+                        outcome = &mut attempt => break outcome,
+                        _ = tokio::time::sleep_until(next.unwrap_or(far).into()) => expire(&l1, &herd),
+                    }
+                }
+            };
+            match outcome {
                 Outcome::Value(frame) => {
                     retry_at = None;
                     let answered = answer_first(&herd, asked, &frame);
@@ -486,22 +525,7 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
                 }
             }
         }
-        let now = Instant::now();
-        let expired: Vec<Waiter> = {
-            let mut state = herd.state.lock();
-            let (gone, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
-                .into_iter()
-                .partition(|w| w.deadline <= now || w.inbox.is_closed());
-            state.waiters = kept.into();
-            gone
-        };
-        for w in expired {
-            if w.inbox.is_closed() {
-                continue;
-            }
-            l1.store.note(herd.rule, Event::LeaseTimeout);
-            w.answer(timeout_reply(&herd, &w));
-        }
+        expire(&l1, &herd);
         let next = {
             let mut herds = ctx.stampede.herds.lock();
             let mut state = herd.state.lock();
@@ -534,17 +558,35 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
     }
 }
 
-/// Answers the first `n` waiters with `frame`; returns how many.
-fn answer_first(herd: &Herd, n: usize, frame: &Bytes) -> usize {
-    let answered: Vec<Waiter> = {
-        let mut state = herd.state.lock();
-        let n = n.min(state.waiters.len());
-        state.waiters.drain(..n).collect()
-    };
+/// Answers the waiters that arrived before ticket `upto` with `frame`;
+/// returns how many.
+fn answer_first(herd: &Herd, upto: u64, frame: &Bytes) -> usize {
+    let answered = herd.state.lock().take_before(upto);
     for w in &answered {
         w.answer(frame.clone());
     }
     answered.len()
+}
+
+/// Answers the waiters whose `wait` ran out, and forgets those whose
+/// client left.
+fn expire(l1: &crate::cache::L1, herd: &Herd) {
+    let now = Instant::now();
+    let expired: Vec<Waiter> = {
+        let mut state = herd.state.lock();
+        let (gone, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiters)
+            .into_iter()
+            .partition(|w| w.deadline <= now || w.inbox.is_closed());
+        state.waiters = kept.into();
+        gone
+    };
+    for w in expired {
+        if w.inbox.is_closed() {
+            continue;
+        }
+        l1.store.note(herd.rule, Event::LeaseTimeout);
+        w.answer(timeout_reply(herd, &w));
+    }
 }
 
 /// What a waiter gets when its `wait` ran out.
