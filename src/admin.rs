@@ -49,8 +49,9 @@ pub(crate) const JOBS: &[&str] = &["INVALIDATE", "TAG", "SET", "TAGS", "MEMBERS"
 const HELP: &[&str] = &[
     "CACHE.<command> [<arg> [value] [opt] ...]. tierd's cache commands are:",
     "CACHE.STATS [<rule>]",
-    "    Per rule, in rule order: hits, misses, hit rate, entries, bytes, evictions",
-    "    and invalidations. With <rule>, that rule only.",
+    "    Per rule, in rule order: hits, misses, hit rate, entries, bytes, evictions,",
+    "    invalidations, then coalesced reads, lease grants, waits, wake-ups and",
+    "    timeouts, and refreshes. With <rule>, that rule only.",
     "CACHE.RULES",
     "    The caching rules in match order: name, pattern, ttl in milliseconds, memory",
     "    cap, whether matching keys (and nil replies) are cached, and the key prefix",
