@@ -217,6 +217,15 @@ impl ReplyQueue {
         }
     }
 
+    /// Whether slot `seq` is pending with its reply to be discarded
+    /// (`CLIENT REPLY OFF|SKIP`).
+    pub(crate) fn discards(&self, seq: u64) -> bool {
+        seq.checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.slots.get(i))
+            .is_some_and(|slot| matches!(slot, Slot::Pending { discard: true }))
+    }
+
     /// Moves the ready prefix of the queue into `out`.
     fn drain_ready(&mut self, out: &mut OutBuf) {
         while let Some(front) = self.slots.front() {

@@ -36,7 +36,8 @@ use crate::config::CompressConfig;
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Ctx, Route, Session};
-use crate::upstream::{Conn, ReplyTo, UpstreamError};
+use crate::upstream::{Conn, Fanout, ReplyTo, UpstreamError};
+use std::sync::Arc;
 
 /// Sequence numbers of the requests tierd adds to a fill (`CLIENT CACHING
 /// YES`, `PTTL`) have this bit set: their replies are tierd's, never a
@@ -280,6 +281,7 @@ pub(crate) fn read(
             (Some((slice, ())), Some(policy)) => {
                 l1.store
                     .refresh_due(slice, now, policy, super::stampede::uniform())
+                    && !super::stampede::refreshing(ctx, key)
             }
             _ => false,
         };
@@ -351,6 +353,7 @@ pub(crate) fn read(
         return Err(req);
     };
     let flight = super::stampede::lead(s, &miss.variant, token.mark(), route);
+    let fanout = flight.as_ref().map(|f| f.fanout().clone());
     let id = s.next_fill;
     s.next_fill += 1;
     let seq = s.pending_slot();
@@ -376,7 +379,12 @@ pub(crate) fn read(
         },
     );
     register(s, seq, read_hook(hook, decode));
-    send_fill(s, &conn, route, seq, Some(id), &req.raw, &[key]);
+    let read = FillRead {
+        raw: &req.raw,
+        keys: &[key],
+        fanout: fanout.as_ref(),
+    };
+    send_fill(s, &conn, route, seq, Some(id), read);
     Ok(Flow::Continue)
 }
 
@@ -424,8 +432,18 @@ fn fill_conn(s: &mut Session, tracked: bool) -> Option<(Conn, Route)> {
     Some((conn, route))
 }
 
+/// The client's read a fill sends ([`send_fill`]).
+struct FillRead<'a> {
+    /// The request as the client sent it.
+    raw: &'a [u8],
+    /// The keys whose `PTTL` follows it.
+    keys: &'a [Bytes],
+    /// Who else gets its reply (coalesced reads).
+    fanout: Option<&'a Arc<Fanout>>,
+}
+
 /// Writes a fill: `CLIENT CACHING YES` (when tracking opts in), the
-/// client's request (`raw`, answering queue slot `seq`, whose hook is
+/// client's request (answering queue slot `seq`, whose hook is
 /// registered), then one `PTTL` per key of fill `id`. Without a fill, just
 /// the request.
 fn send_fill(
@@ -434,9 +452,9 @@ fn send_fill(
     route: Route,
     seq: u64,
     fill: Option<u64>,
-    raw: &[u8],
-    keys: &[Bytes],
+    read: FillRead<'_>,
 ) {
+    let FillRead { raw, keys, fanout } = read;
     let id = fill.unwrap_or(0);
     let pttls: Vec<Bytes> = keys
         .iter()
@@ -455,14 +473,19 @@ fn send_fill(
             side(CACHING_INDEX),
         ));
     }
-    requests.push((
-        raw,
-        ReplyTo::Inbox {
+    let to = match fanout {
+        Some(fanout) => ReplyTo::Shared {
+            seq,
+            inbox: &inbox,
+            fanout,
+        },
+        None => ReplyTo::Inbox {
             seq,
             inbox: &inbox,
             timed: true,
         },
-    ));
+    };
+    requests.push((raw, to));
     for (i, pttl) in pttls.iter().enumerate() {
         requests.push((pttl, side(i as u64)));
     }
@@ -612,7 +635,12 @@ fn mget(s: &mut Session, req: Request, decode: Vec<bool>) -> Result<Flow, Reques
     );
     // Without a fill, id 0 names nothing: no PTTL or CACHING reply is
     // asked for.
-    send_fill(s, &conn, route, seq, fill, &raw, &keys);
+    let read = FillRead {
+        raw: &raw,
+        keys: &keys,
+        fanout: None,
+    };
+    send_fill(s, &conn, route, seq, fill, read);
     Ok(Flow::Continue)
 }
 
@@ -702,30 +730,6 @@ impl Hook {
             Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => false,
         }
     }
-
-    /// Whether other reads wait for this one's reply.
-    fn leads(&self) -> bool {
-        match self {
-            Hook::Fill(read) => read.flight.is_some(),
-            Hook::Decoded { inner, .. } => inner.as_ref().is_some_and(|h| h.leads()),
-            _ => false,
-        }
-    }
-
-    /// Hands the reply to the reads that joined this one, if it leads any.
-    fn hand_out(self, frame: &Bytes) {
-        match self {
-            Hook::Fill(read) => {
-                if let Some(flight) = read.flight {
-                    flight.complete(frame);
-                }
-            }
-            Hook::Decoded {
-                inner: Some(inner), ..
-            } => inner.hand_out(frame),
-            _ => {}
-        }
-    }
 }
 
 /// Registers `hook` for the reply to request `seq`.
@@ -757,8 +761,10 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Option<Bytes> {
     Some(match hook {
         Hook::Invalidate(keys) => {
             announce_keys(&s.ctx, s.state.db, &keys);
-            if !inspect::is_error(&frame) {
-                super::stampede::written(&s.ctx, s.state.db, &keys);
+            // Only a write whose reply says it ran (not the empty frame of
+            // a write inside `EXEC`, whose outcome is not looked at).
+            if !frame.is_empty() && !inspect::is_error(&frame) && !is_nil(&frame) {
+                super::stampede::written(&s.ctx, s.id, s.state.db, &keys);
             }
             frame
         }
@@ -940,16 +946,22 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
 /// (when the read was sent, so expiries err early). `fetch` is how long
 /// the read took, kept for refresh-ahead. Errors are never cached, nor
 /// nils unless the rule caches them.
-pub(crate) fn store_fill(ctx: &Ctx, l1: &L1, sent: Instant, fetch: Duration, entry: FillEntry) {
+pub(crate) fn store_fill(
+    ctx: &Ctx,
+    l1: &L1,
+    sent: Instant,
+    fetch: Duration,
+    entry: FillEntry,
+) -> bool {
     let (Some(reply), Some(pttl)) = (entry.reply, entry.pttl) else {
-        return;
+        return false;
     };
     if inspect::is_error(&reply) {
-        return;
+        return false;
     }
     let nil = is_nil(&reply);
     if nil && !entry.negative {
-        return;
+        return false;
     }
     let tracked = ctx.tracking.mode() != crate::config::TrackingMode::Off;
     let life = match pttl {
@@ -960,7 +972,7 @@ pub(crate) fn store_fill(ctx: &Ctx, l1: &L1, sent: Instant, fetch: Duration, ent
         // tracking, only a reply that says "no such key" is safe.
         -2 if tracked || looks_absent(&reply) => entry.ttl,
         ms if ms >= 0 => entry.ttl.min(Duration::from_millis(ms.unsigned_abs())),
-        _ => return,
+        _ => return false,
     };
     let reply = match &entry.compress {
         Some(c) => compression::l1_form(c, reply, ctx.config.l1.max_value_size),
@@ -973,7 +985,7 @@ pub(crate) fn store_fill(ctx: &Ctx, l1: &L1, sent: Instant, fetch: Duration, ent
         reply,
         sent + life,
         crate::cache::Timing { life, fetch },
-    );
+    )
 }
 
 /// A request on a RESP3 pub/sub stream, where Redis accepts any command
@@ -1102,8 +1114,7 @@ pub(crate) fn orphaned(
     mut writes: std::collections::HashMap<u64, Hook>,
     mut inbox: tokio::sync::mpsc::UnboundedReceiver<crate::upstream::Upstreamed>,
 ) {
-    // Writes, and reads that other sessions' reads joined.
-    writes.retain(|_, hook| hook.is_write() || hook.leads());
+    writes.retain(|_, hook| hook.is_write());
     if writes.is_empty() {
         return;
     }
@@ -1118,10 +1129,9 @@ pub(crate) fn orphaned(
         let wait = async {
             while !writes.is_empty() {
                 match inbox.recv().await {
-                    Some(crate::upstream::Upstreamed::Reply { seq, reply }) => {
+                    Some(crate::upstream::Upstreamed::Reply { seq, .. }) => {
                         if let Some(hook) = writes.remove(&seq) {
                             announce_hook(&ctx, db, &hook);
-                            hook.hand_out(&reply.unwrap_or_else(|e| e.to_resp()));
                         }
                     }
                     Some(_) => {}

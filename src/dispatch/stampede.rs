@@ -49,7 +49,7 @@ use crate::config::{CompressConfig, OnTimeout, StampedeConfig};
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply};
 use crate::session::{Ctx, Route, Session};
-use crate::upstream::{Inbox, Upstreamed};
+use crate::upstream::{Fanout, Inbox, Upstreamed};
 
 /// Takes the lease only while the key is missing, atomically with the
 /// check. `KEYS[1]` the key, `KEYS[2]` its lease; `ARGV[1]` the token,
@@ -60,17 +60,16 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} e
 return {2, redis.call('PTTL', KEYS[2])}";
 
 /// Compare-and-delete: drops the lease `KEYS[1]` only if it still holds
-/// the token `ARGV[1]`.
-const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then \
+/// the token `ARGV[1]`, and, unless `ARGV[2]` is `1`, only if its key
+/// `KEYS[2]` exists (someone other than the loader wrote it: the value is
+/// there, no load is needed).
+const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] and \
+(ARGV[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1) then \
 return redis.call('DEL', KEYS[1]) end return 0";
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n";
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
-
-/// What a follower gets when its leader's session ended before the shared
-/// reply arrived and nothing else could deliver it.
-const ABANDONED: &str = "ERR upstream unavailable (the shared read was abandoned)";
 
 /// Most leases this instance remembers holding for its loaders at once;
 /// past it the oldest are forgotten (they then expire in Redis instead of
@@ -83,7 +82,7 @@ pub(crate) struct Stampede {
     herds: Mutex<HashMap<Variant, Arc<Herd>>>,
     /// Leases granted to this instance's loaders, by (db, key): a write of
     /// the key through this instance releases them.
-    held: Mutex<HashMap<(u32, Bytes), Held>>,
+    held: Mutex<Leases>,
     held_count: AtomicUsize,
     /// Keys with a refresh in flight.
     refreshing: Mutex<HashSet<Bytes>>,
@@ -97,6 +96,51 @@ struct Held {
     until: Instant,
     /// The loader's session.
     session: u64,
+}
+
+/// The leases this instance's loaders hold, by (db, key) and by session.
+#[derive(Default)]
+struct Leases {
+    by_key: HashMap<(u32, Bytes), Held>,
+    /// How many leases each loader session holds.
+    by_session: HashMap<u64, usize>,
+}
+
+impl Leases {
+    fn insert(&mut self, db: u32, key: Bytes, held: Held) {
+        *self.by_session.entry(held.session).or_default() += 1;
+        if let Some(old) = self.by_key.insert((db, key), held) {
+            self.forget_session(old.session);
+        }
+    }
+
+    fn remove(&mut self, db: u32, key: &Bytes) -> Option<Held> {
+        let held = self.by_key.remove(&(db, key.clone()))?;
+        self.forget_session(held.session);
+        Some(held)
+    }
+
+    fn forget_session(&mut self, session: u64) {
+        if let Some(n) = self.by_session.get_mut(&session) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_session.remove(&session);
+            }
+        }
+    }
+
+    /// Forgets the leases that ran out by `now`.
+    fn prune(&mut self, now: Instant) {
+        let gone: Vec<(u32, Bytes)> = self
+            .by_key
+            .iter()
+            .filter(|(_, h)| h.until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (db, key) in gone {
+            self.remove(db, &key);
+        }
+    }
 }
 
 impl Default for Stampede {
@@ -160,49 +204,41 @@ pub(crate) struct Flight {
     mark: FillMark,
     /// The leader's connection, which followers count as theirs.
     route: Route,
-    /// `None` once the reply was handed out.
-    followers: Mutex<Option<Vec<(Inbox, u64)>>>,
+    /// Who gets the reply besides the leader: the connection hands it to
+    /// them directly, so a leader whose client does not read holds up
+    /// nobody.
+    pub(crate) fanout: Arc<Fanout>,
 }
 
-/// The leader's side of a [`Flight`]: hands its reply to the followers
-/// ([`FlightGuard::complete`]), or an error if dropped without one.
+/// The leader's side of a [`Flight`]: takes it off the map of joinable
+/// reads once the reply is in ([`FlightGuard::complete`]) or the leader is
+/// gone. The connection answers the followers either way.
 pub(crate) struct FlightGuard {
     stampede: Arc<Stampede>,
     flight: Arc<Flight>,
 }
 
 impl FlightGuard {
-    /// Gives every follower `frame`, the leader's reply as upstream sent it.
+    /// The leader's reply arrived: hands `frame` to any follower the
+    /// connection has not answered yet (a request that was never sent).
     pub(crate) fn complete(self, frame: &Bytes) {
-        self.finish(frame);
+        self.flight.fanout.deliver(&Ok(frame.clone()));
     }
 
-    fn finish(&self, frame: &Bytes) {
-        {
-            let mut flights = self.stampede.flights.lock();
-            if flights
-                .get(&self.flight.variant)
-                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
-            {
-                flights.remove(&self.flight.variant);
-            }
-        }
-        let Some(followers) = self.flight.followers.lock().take() else {
-            return;
-        };
-        for (inbox, seq) in followers {
-            let _ = inbox.send(Upstreamed::Reply {
-                seq,
-                reply: Ok(frame.clone()),
-            });
-        }
+    /// The fanout the leader's read is sent with.
+    pub(crate) fn fanout(&self) -> &Arc<Fanout> {
+        &self.flight.fanout
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        if self.flight.followers.lock().is_some() {
-            self.finish(&super::error(ABANDONED));
+        let mut flights = self.stampede.flights.lock();
+        if flights
+            .get(&self.flight.variant)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            flights.remove(&self.flight.variant);
         }
     }
 }
@@ -222,7 +258,7 @@ pub(crate) fn lead(
         variant: variant.clone(),
         mark,
         route,
-        followers: Mutex::new(Some(Vec::new())),
+        fanout: Arc::new(Fanout::new()),
     });
     s.ctx
         .stampede
@@ -248,16 +284,11 @@ pub(crate) fn join(s: &mut Session, variant: &Variant, rule: usize) -> Option<u6
     if s.inflight > 0 && s.inflight_route != Some(flight.route) {
         return None;
     }
-    if !l1.store.fill_current(&flight.mark, variant.db) {
+    if !flight.fanout.is_open() || !l1.store.fill_current(&flight.mark, variant.db) {
         return None;
     }
-    let seq = {
-        let mut followers = flight.followers.lock();
-        let list = followers.as_mut()?;
-        let seq = s.pending_slot();
-        list.push((s.inbox.clone(), seq));
-        seq
-    };
+    let inbox = s.inbox.clone();
+    let seq = flight.fanout.join(&inbox, || s.pending_slot())?;
     s.inflight += 1;
     s.inflight_route = Some(flight.route);
     super::leave_pinned(s, flight.route);
@@ -355,9 +386,14 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
     if lease.variant.db != s.ctx.upstream.default_db() {
         return false;
     }
-    // The loader reading the key again before writing it would otherwise
-    // wait for itself.
-    if is_loader(&s.ctx, s.id, lease.variant.db, &lease.key) {
+    // Only a read that is the last thing the client sent may wait: what
+    // the client sent after it already ran (a pipelined `SET` of the same
+    // key would answer it). A read whose reply is discarded (`CLIENT REPLY
+    // OFF`) must not become the loader, nobody would know. A loader reading
+    // again before it wrote would wait for itself, or for a reader that
+    // waits for it.
+    let last = s.queue.next_seq() == lease.seq + 1;
+    if !last || s.writes_in_flight > 0 || s.queue.discards(lease.seq) || is_loader(&s.ctx, s.id) {
         return false;
     }
     let now = Instant::now();
@@ -456,6 +492,9 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
     let mut attempt_now = true;
     // When to try again for the lease: it expires then.
     let mut retry_at: Option<Instant> = None;
+    // After an answer: readers that joined after the attempt was sent read
+    // nil after it, so they are asked for again.
+    let mut answered_upto: Option<u64> = None;
     loop {
         if attempt_now {
             attempt_now = false;
@@ -481,14 +520,12 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
                     for _ in 0..answered {
                         l1.store.note(herd.rule, Event::LeaseWakeup);
                     }
-                    // Readers that joined after the attempt was sent read
-                    // nil after it: ask again for them.
-                    attempt_now = !herd.state.lock().waiters.is_empty();
+                    answered_upto = Some(asked);
                 }
                 Outcome::Nil(frame) => {
                     retry_at = None;
                     answer_first(&herd, asked, &frame);
-                    attempt_now = !herd.state.lock().waiters.is_empty();
+                    answered_upto = Some(asked);
                 }
                 Outcome::Granted(token) => {
                     let loader = {
@@ -498,17 +535,19 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
                     };
                     match loader {
                         Some(loader) => {
-                            loader.answer(loader.nil.clone());
+                            // Recorded first: the loader's write, once it
+                            // has its nil, must find the lease to release.
                             let held = Held {
                                 token,
                                 until: Instant::now() + herd.config.lease,
                                 session: loader.session,
                             };
                             hold(&ctx, herd.variant.db, &herd.key, held);
+                            loader.answer(loader.nil.clone());
                             l1.store.note(herd.rule, Event::LeaseGrant);
                             tracing::debug!(event = "lease_granted", key = %crate::admin::shown(&herd.key), waited_ms = loader.since.elapsed().as_millis() as u64, "a reader was made the loader");
                         }
-                        None => release(&ctx, &herd.key, token),
+                        None => release(&ctx, &herd.key, token, true),
                     }
                     // If the loader never writes, the lease runs out.
                     retry_at = Some(Instant::now() + herd.config.lease);
@@ -529,6 +568,9 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
         let next = {
             let mut herds = ctx.stampede.herds.lock();
             let mut state = herd.state.lock();
+            if let Some(upto) = answered_upto.take() {
+                attempt_now |= state.waiters.iter().any(|w| w.ticket >= upto);
+            }
             match state.waiters.iter().map(|w| w.deadline).min() {
                 None => {
                     state.closed = true;
@@ -664,7 +706,7 @@ async fn attempt(ctx: &Ctx, herd: &Herd) -> Outcome {
     match (code.as_slice(), nil) {
         (_, false) if !inspect::is_error(&lease) => {
             if code.first() == Some(&1) {
-                release(ctx, &herd.key, token);
+                release(ctx, &herd.key, token, true);
             }
             Outcome::Value(read)
         }
@@ -684,64 +726,86 @@ fn failed(herd: &Herd, why: &str) -> Outcome {
     Outcome::Failed
 }
 
-/// Whether session `id` holds the lease of `key` in `db`: it was made the
-/// loader and has not written the key yet.
-fn is_loader(ctx: &Ctx, id: u64, db: u32, key: &Bytes) -> bool {
+/// Whether session `id` is a loader: it holds a lease it has not written
+/// yet. Such a session is never parked: it could be waiting for a reader
+/// that waits for it.
+fn is_loader(ctx: &Ctx, id: u64) -> bool {
     if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
         return false;
     }
-    let now = Instant::now();
-    ctx.stampede
-        .held
-        .lock()
-        .get(&(db, key.clone()))
-        .is_some_and(|h| h.session == id && h.until > now)
+    let mut held = ctx.stampede.held.lock();
+    if held.by_session.contains_key(&id) {
+        held.prune(Instant::now());
+    }
+    held.by_session.contains_key(&id)
 }
 
 /// Remembers a lease granted to a loader on this instance, so that its
-/// write releases it.
-fn hold(ctx: &Ctx, db: u32, key: &Bytes, held_lease: Held) {
-    let now = Instant::now();
+/// write releases it. Past [`MAX_HELD`] live leases a new one is not
+/// remembered: it then expires in Redis instead of being released.
+fn hold(ctx: &Ctx, db: u32, key: &Bytes, lease: Held) {
     let mut held = ctx.stampede.held.lock();
-    if held.len() >= MAX_HELD {
-        held.retain(|_, h| h.until > now);
-        if held.len() >= MAX_HELD {
-            held.clear();
-        }
+    if held.by_key.len() >= MAX_HELD / 2 {
+        held.prune(Instant::now());
     }
-    held.insert((db, key.clone()), held_lease);
-    ctx.stampede.held_count.store(held.len(), Ordering::SeqCst);
+    if held.by_key.len() < MAX_HELD {
+        held.insert(db, key.clone(), lease);
+    }
+    ctx.stampede
+        .held_count
+        .store(held.by_key.len(), Ordering::SeqCst);
 }
 
-/// A write of `keys` in `db` ran through this instance: releases the
-/// leases this instance's loaders hold on them.
-pub(crate) fn written(ctx: &Ctx, db: u32, keys: &[Bytes]) {
+/// Session `session` wrote `keys` in `db` through this instance (and the
+/// write ran): releases the leases this instance holds on them. The
+/// loader's own write releases its lease outright; anyone else's only if
+/// the key now exists (a `DEL` of the missing key must not make a second
+/// loader while the first is still loading), and the loader stays the
+/// loader.
+pub(crate) fn written(ctx: &Ctx, session: u64, db: u32, keys: &[Bytes]) {
     if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
         return;
     }
     let now = Instant::now();
-    let tokens: Vec<(Bytes, Bytes)> = {
+    let releases: Vec<(Bytes, Bytes, bool)> = {
         let mut held = ctx.stampede.held.lock();
-        let tokens = keys
-            .iter()
-            .filter_map(|k| {
-                let h = held.remove(&(db, k.clone()))?;
-                (h.until > now).then(|| (k.clone(), h.token))
-            })
-            .collect();
-        ctx.stampede.held_count.store(held.len(), Ordering::SeqCst);
-        tokens
+        let mut releases = Vec::new();
+        for key in keys {
+            let Some(h) = held.by_key.get(&(db, key.clone())) else {
+                continue;
+            };
+            if h.until <= now {
+                held.remove(db, key);
+            } else if h.session == session {
+                if let Some(h) = held.remove(db, key) {
+                    releases.push((key.clone(), h.token, true));
+                }
+            } else {
+                releases.push((key.clone(), h.token.clone(), false));
+            }
+        }
+        ctx.stampede
+            .held_count
+            .store(held.by_key.len(), Ordering::SeqCst);
+        releases
     };
-    for (key, token) in tokens {
-        release(ctx, &key, token);
+    for (key, token, loader) in releases {
+        release(ctx, &key, token, loader);
     }
 }
 
 /// Deletes the lease of `key` if it still holds `token`, in the
 /// background.
-fn release(ctx: &Ctx, key: &[u8], token: Bytes) {
-    let request =
-        reply::encode_command(&[b"EVAL", RELEASE_SCRIPT, b"1", &lease_key(ctx, key), &token]);
+fn release(ctx: &Ctx, key: &[u8], token: Bytes, unconditional: bool) {
+    let request = reply::encode_command(&[
+        b"EVAL",
+        RELEASE_SCRIPT,
+        b"2",
+        &lease_key(ctx, key),
+        key,
+        &token,
+        if unconditional { b"1" } else { b"0" },
+    ]);
     let pool = ctx.upstream.default_identity();
     let pool = pool.pool(crate::protocol::Proto::Resp2);
     let conn = pool.conn(pool.pick()).clone();
@@ -768,6 +832,11 @@ pub(crate) struct Refresh {
     pub(crate) compress: Option<CompressConfig>,
 }
 
+/// Whether a refresh of `key` is in flight: a hit need not build another.
+pub(crate) fn refreshing(ctx: &Ctx, key: &[u8]) -> bool {
+    ctx.stampede.refreshing.lock().contains(key)
+}
+
 /// Sends `job` in the background unless a refresh of its key is in flight.
 pub(crate) fn refresh(ctx: &Arc<Ctx>, job: Refresh) {
     if !ctx.stampede.refreshing.lock().insert(job.key.clone()) {
@@ -782,6 +851,7 @@ pub(crate) fn refresh(ctx: &Arc<Ctx>, job: Refresh) {
 }
 
 async fn refresh_now(ctx: &Ctx, job: Refresh) {
+    let key = job.key.clone();
     let Some(l1) = ctx.l1.clone() else {
         return;
     };
@@ -828,7 +898,13 @@ async fn refresh_now(ctx: &Ctx, job: Refresh) {
         job.variant,
         job.compress,
     );
-    store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)));
+    let stored = store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)));
+    if !stored {
+        // Upstream's answer cannot be cached (the key is gone and the rule
+        // keeps no nils, an error, an invalidation came first): the entry
+        // goes, rather than being refreshed again on every hit.
+        l1.store.invalidate(&key);
+    }
 }
 
 fn parse_int(frame: &[u8]) -> Option<i64> {

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
-    Credentials, HelloInfo, Inbox, ReplyTo, Settings, SetupHook, UpstreamError, Upstreamed,
+    Credentials, Fanout, HelloInfo, Inbox, ReplyTo, Settings, SetupHook, UpstreamError, Upstreamed,
 };
 use crate::protocol::{inspect, reply, Proto, ReplyFramer};
 
@@ -46,6 +46,8 @@ struct Waiter {
     until: Option<&'static [u8]>,
     /// When it was queued, for one request in `LATENCY_SAMPLE`.
     sent: Option<Instant>,
+    /// Others who get the same reply.
+    fanout: Option<Arc<Fanout>>,
 }
 
 enum Status {
@@ -411,6 +413,15 @@ impl State {
                 timed,
                 until: None,
                 sent: None,
+                fanout: None,
+            }),
+            ReplyTo::Shared { seq, inbox, fanout } => Some(Waiter {
+                seq,
+                inbox: Some(inbox.clone()),
+                timed: true,
+                until: None,
+                sent: None,
+                fanout: Some(fanout.clone()),
             }),
             ReplyTo::Owner { seq, timed } => Some(Waiter {
                 seq,
@@ -418,6 +429,7 @@ impl State {
                 timed,
                 until: None,
                 sent: None,
+                fanout: None,
             }),
             ReplyTo::StreamEnd { seq, end } => Some(Waiter {
                 seq,
@@ -425,6 +437,7 @@ impl State {
                 timed: false,
                 until: Some(end),
                 sent: None,
+                fanout: None,
             }),
         };
         if let Some(mut w) = waiter {
@@ -502,6 +515,9 @@ impl Inner {
         // Waiters on the owner's channel learn from `Closed`, which the
         // dedicated connection's task sends next.
         for w in waiters {
+            if let Some(fanout) = &w.fanout {
+                fanout.deliver(&Err(err.clone()));
+            }
             if let Some(inbox) = w.inbox {
                 let _ = inbox.send(Upstreamed::Reply {
                     seq: w.seq,
@@ -801,6 +817,11 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
         inner.settings.latency.as_ref(),
     ) {
         latency.record(sent.elapsed());
+    }
+    if let Some(fanout) = waiter.as_ref().and_then(|w| w.fanout.as_ref()) {
+        // Straight from the connection: the sessions that share this reply
+        // must not wait on the one that sent it.
+        fanout.deliver(&Ok(frame.clone()));
     }
     match (waiter, &inner.pushes) {
         (

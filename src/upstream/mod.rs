@@ -69,6 +69,17 @@ pub enum ReplyTo<'a> {
         /// False for blocking commands, which may legitimately wait forever.
         timed: bool,
     },
+    /// As `Inbox`, and the same reply goes to everyone who joined
+    /// `fanout` by the time it arrives (reads that share one upstream
+    /// request), straight from the connection.
+    Shared {
+        /// The session's sequence number for the request.
+        seq: u64,
+        /// Where to deliver it.
+        inbox: &'a Inbox,
+        /// Who else gets it.
+        fanout: &'a Arc<Fanout>,
+    },
     /// Reply number `seq` on a dedicated connection's own channel, in order
     /// with its pushes.
     Owner {
@@ -86,6 +97,57 @@ pub enum ReplyTo<'a> {
         /// The exact frame that answers it.
         end: &'static [u8],
     },
+}
+
+/// More recipients for one reply ([`ReplyTo::Shared`]): each gets it on
+/// its own inbox under its own sequence number. Open until the reply (or
+/// the error that replaces it) has been handed out; joining then fails.
+#[derive(Debug, Default)]
+pub struct Fanout {
+    /// `None` once handed out.
+    recipients: parking_lot::Mutex<Option<Vec<(Inbox, u64)>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Fanout {
+    /// A fanout open for joining.
+    pub fn new() -> Fanout {
+        Fanout {
+            recipients: parking_lot::Mutex::new(Some(Vec::new())),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Adds a recipient while the fanout is open; `seq` is asked for only
+    /// then (under the fanout's lock, so the reply cannot slip past).
+    /// Returns its sequence number, or `None` once the reply went out.
+    pub fn join(&self, inbox: &Inbox, seq: impl FnOnce() -> u64) -> Option<u64> {
+        let mut recipients = self.recipients.lock();
+        let list = recipients.as_mut()?;
+        let seq = seq();
+        list.push((inbox.clone(), seq));
+        Some(seq)
+    }
+
+    /// Whether the reply has not gone out yet.
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Hands `reply` to every recipient; later calls do nothing.
+    pub fn deliver(&self, reply: &Result<Bytes, UpstreamError>) {
+        let Some(recipients) = self.recipients.lock().take() else {
+            return;
+        };
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        for (inbox, seq) in recipients {
+            let _ = inbox.send(Upstreamed::Reply {
+                seq,
+                reply: reply.clone(),
+            });
+        }
+    }
 }
 
 /// Why upstream could not answer.
