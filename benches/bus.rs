@@ -42,7 +42,7 @@ use tierd::protocol::reply::encode_command;
 #[path = "support/servers.rs"]
 mod servers;
 
-use servers::{benching, env_usize, load_average, read_all, rule_stats, Client, Instance, Redis};
+use servers::{benching, env_usize, load_average, read_all, rule_stats, Client, Fleet, Redis};
 
 /// Keys the propagation rounds cycle through.
 const PROPAGATION_KEYS: usize = 100;
@@ -76,7 +76,7 @@ fn main() {
 
     let mut propagation = Vec::new();
     let (pattern_runs, pattern_probes, l1_runs, l1_probes) = {
-        let fleet = Fleet::start(&redis, "off");
+        let fleet = Fleet::start(&config(&redis, "off"), 3);
         propagation.extend(measure_propagation(&fleet, rounds, "off"));
         let (pattern_runs, pattern_probes) = measure_pattern(&redis, &fleet, repeat);
         let (l1_runs, l1_probes) = measure_l1_only(&redis, &fleet, repeat);
@@ -85,7 +85,7 @@ fn main() {
     {
         let mut direct = Client::connect(redis.addr());
         direct.ok(&["FLUSHALL"]);
-        let fleet = Fleet::start(&redis, "default");
+        let fleet = Fleet::start(&config(&redis, "default"), 3);
         propagation.extend(measure_propagation(&fleet, rounds, "default"));
     }
 
@@ -565,49 +565,8 @@ fn delete_matching(direct: &mut Client, glob: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// The fleet
+// The fleet: A, B and C on one Redis, with their buses live
 // ---------------------------------------------------------------------------
-
-/// A, B and C on one Redis, with their buses live.
-struct Fleet {
-    addrs: [SocketAddr; 3],
-    _instances: Vec<Instance>,
-}
-
-impl Fleet {
-    fn start(redis: &Redis, tracking: &str) -> Fleet {
-        let instances: Vec<Instance> = ["tierd-a", "tierd-b", "tierd-c"]
-            .into_iter()
-            .map(|name| Instance::start(config(redis, tracking), name))
-            .collect();
-        let addrs = [instances[0].addr, instances[1].addr, instances[2].addr];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for addr in addrs {
-            let mut client = Client::connect(addr);
-            loop {
-                let info = client.cmd(&["INFO", "tierd"]);
-                let info = String::from_utf8_lossy(&info);
-                let live = |field: &str| info.contains(&format!("{field}:1\r\n"));
-                if live("tierd_bus_live") && (tracking == "off" || live("tierd_tracking_live")) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "tierd at {addr}: bus (or tracking) not live after 10 s:\n{info}"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        Fleet {
-            addrs,
-            _instances: instances,
-        }
-    }
-
-    fn client(&self, i: usize) -> Client {
-        Client::connect(self.addrs[i])
-    }
-}
 
 /// The file a fleet instance would read, with the command line's overrides.
 fn config(redis: &Redis, tracking: &str) -> Config {

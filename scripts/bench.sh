@@ -30,6 +30,17 @@
 #          L1 bytes per document, codec cost per document size); about 80 s
 #          plus the build. With other suites, its tables follow theirs (after
 #          bus).
+#   stampede
+#          Not run by default. Stampede protection (issue 5): runs `cargo
+#          bench --bench stampede` (benches/stampede.rs), which starts its own
+#          redis-server and three tierds, lets a herd of 150 clients (50 per
+#          instance) read each of 1,000 cold keys at once, with the key's rule
+#          leasing (`stampede = { lease = "5s", wait = "2s" }`) and without,
+#          and prints its own tables (database loads per key, p50/p99 wait,
+#          CACHE.STATS lease counters, Redis commands per key); about 60 s
+#          plus the build. STAMPEDE_KEYS, STAMPEDE_CLIENTS, STAMPEDE_LOAD_MS
+#          and the others at the top of that file pass through. With other
+#          suites, its tables follow theirs (after compression).
 #
 # Targets are interleaved per case (direct, twemproxy, tierd, tierd-l1; next
 # case; ...) and all cases are repeated BENCH_ROUNDS times, so slow drift on a
@@ -42,10 +53,11 @@
 # Only the proxy rows: BENCH_SUITES=proxy scripts/bench.sh
 # Only the bus tables: BENCH_SUITES=bus scripts/bench.sh
 # Only the compression tables: BENCH_SUITES=compression scripts/bench.sh
+# Only the stampede tables: BENCH_SUITES=stampede scripts/bench.sh
 #
 # Environment (defaults in brackets):
 #   BENCH_SUITES          suites to run, any of: proxy l1 bus compression
-#                         [proxy l1]
+#                         stampede [proxy l1]
 #   BENCH_TARGETS         targets to run, any of: direct twemproxy tierd tierd-l1
 #                         [all four]; the proxy suite ignores tierd-l1, the l1
 #                         suite needs it
@@ -125,52 +137,48 @@ for t in $BENCH_TARGETS; do
 done
 for s in $BENCH_SUITES; do
 	case "$s" in
-	proxy | l1 | bus | compression) ;;
-	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus compression)" ;;
+	proxy | l1 | bus | compression | stampede) ;;
+	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus compression stampede)" ;;
 	esac
 done
 want() { case " $BENCH_TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 suite() { case " $BENCH_SUITES " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
-# bus_suite: the bus suite's tables on stdout. benches/bus.rs starts its own
-# redis-server and tierds, so it needs nothing the other suites set up.
-bus_suite() {
-	local rev
+# cargo_bench_suite BENCH TITLE: a self-contained suite's tables on stdout,
+# under a heading with the date and revision. benches/bus.rs,
+# benches/compression.rs and benches/stampede.rs each start their own
+# redis-server and tierds, so they need nothing the other suites set up.
+cargo_bench_suite() {
+	local bench=$1 title=$2 rev
 	rev=$(git rev-parse --short HEAD 2>/dev/null) || rev="uncommitted"
 	if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev-dirty"; fi
-	log "bus suite: cargo bench --bench bus"
-	echo "## Invalidation bus: cargo bench --bench bus, $(date -u +%F), rev $rev"
+	log "$bench suite: cargo bench --bench $bench"
+	echo "## $title: cargo bench --bench $bench, $(date -u +%F), rev $rev"
 	echo
-	cargo bench --bench bus
+	cargo bench --bench "$bench"
 }
-# compression_suite: the compression suite's tables on stdout. Like the bus
-# suite, benches/compression.rs starts its own redis-server and tierds.
-compression_suite() {
-	local rev
-	rev=$(git rev-parse --short HEAD 2>/dev/null) || rev="uncommitted"
-	if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev-dirty"; fi
-	log "compression suite: cargo bench --bench compression"
-	echo "## Transparent compression: cargo bench --bench compression, $(date -u +%F), rev $rev"
-	echo
-	cargo bench --bench compression
-}
-# self_contained_suites: the bus and compression suites, in that order, each
-# after a blank line when something was printed before it.
+# self_contained_suites: the bus, compression and stampede suites, in that
+# order, each after a blank line when something was printed before it.
 self_contained_suites() {
 	local sep=${1:-}
 	if suite bus; then
 		[ -z "$sep" ] || echo
-		bus_suite
+		cargo_bench_suite bus "Invalidation bus"
 		sep=1
 	fi
 	if suite compression; then
 		[ -z "$sep" ] || echo
-		compression_suite
+		cargo_bench_suite compression "Transparent compression"
+		sep=1
+	fi
+	if suite stampede; then
+		[ -z "$sep" ] || echo
+		cargo_bench_suite stampede "Stampede protection"
 	fi
 }
 only_self_contained=1
 for s in $BENCH_SUITES; do
-	case "$s" in bus | compression) ;; *) only_self_contained=0 ;; esac
+	case "$s" in bus | compression | stampede) ;; *) only_self_contained=0 ;; esac
 done
 if [ "$only_self_contained" = 1 ]; then
 	mkdir -p "$ROOT/target/bench"

@@ -1,9 +1,10 @@
 //! Servers and a blocking RESP client for the end-to-end benches
-//! (`benches/bus.rs`, `benches/compression.rs`): a redis-server on a free
-//! loopback port, tierd instances in this process (each on its own thread
-//! with its own current-thread runtime, as `main.rs` runs it with
-//! `threads = 1`), `CACHE.STATS` per rule, and the small helpers both
-//! benches share. The servers are stopped on drop, also after a panic.
+//! (`benches/bus.rs`, `benches/compression.rs`, `benches/stampede.rs`): a
+//! redis-server on a free loopback port, tierd instances in this process
+//! (each on its own thread with its own current-thread runtime, as
+//! `main.rs` runs it with `threads = 1`), a fleet of them whose links are
+//! live, `CACHE.STATS` per rule, and the small helpers the benches share.
+//! The servers are stopped on drop, also after a panic.
 //!
 //! Included with `#[path]` by each bench.
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tierd::config::{Config, Overrides};
+use tierd::config::{Config, Overrides, TrackingMode};
 use tierd::protocol::reply::encode_command;
 use tierd::protocol::{inspect, ReplyFramer};
 
@@ -197,6 +198,58 @@ impl Drop for Instance {
     }
 }
 
+/// Instances `tierd-a`, `tierd-b`, … in front of one Redis, all from the
+/// same configuration, as a fleet shares one `proxy.toml`. Started only
+/// once every instance's bus (when `bus = true`) and tracking link (unless
+/// `tracking = "off"`) are live: until then an instance caches nothing,
+/// and a measurement would start on a fleet that is not yet coherent.
+/// Used by the bus and stampede benches.
+#[allow(dead_code)]
+pub struct Fleet {
+    pub addrs: Vec<SocketAddr>,
+    _instances: Vec<Instance>,
+}
+
+#[allow(dead_code)]
+impl Fleet {
+    pub fn start(config: &Config, instances: usize) -> Fleet {
+        let instances: Vec<Instance> = (0..instances)
+            .map(|i| {
+                let name = format!("tierd-{}", char::from(b'a' + (i % 26) as u8));
+                Instance::start(config.clone(), &name)
+            })
+            .collect();
+        let addrs: Vec<SocketAddr> = instances.iter().map(|i| i.addr).collect();
+        let bus = config.invalidation.bus;
+        let tracking = config.invalidation.tracking != TrackingMode::Off;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &addr in &addrs {
+            let mut client = Client::connect(addr);
+            loop {
+                let info = client.cmd(&["INFO", "tierd"]);
+                let info = String::from_utf8_lossy(&info);
+                let live = |field: &str| info.contains(&format!("{field}:1\r\n"));
+                if (!bus || live("tierd_bus_live")) && (!tracking || live("tierd_tracking_live")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "tierd at {addr}: bus (or tracking) not live after 10 s:\n{info}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Fleet {
+            addrs,
+            _instances: instances,
+        }
+    }
+
+    pub fn client(&self, i: usize) -> Client {
+        Client::connect(self.addrs[i])
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A blocking RESP client: one request at a time keeps its overhead low
 // ---------------------------------------------------------------------------
@@ -259,7 +312,9 @@ impl Client {
             .unwrap_or_else(|| panic!("{args:?}: expected an integer, got {text:?}"))
     }
 
-    /// `GET key`: the value, or `None` for nil.
+    /// `GET key`: the value, or `None` for nil. (The stampede bench reads
+    /// with its own asynchronous clients.)
+    #[allow(dead_code)]
     pub fn get(&mut self, key: &str) -> Option<Vec<u8>> {
         let reply = self.cmd(&["GET", key]);
         if reply == b"$-1\r\n" {
@@ -275,6 +330,8 @@ impl Client {
 }
 
 /// GETs `{prefix}:0` … `{prefix}:{n-1}` through tierd, `window` in flight.
+/// Used by the bus and compression benches.
+#[allow(dead_code)]
 pub fn read_all(client: &mut Client, prefix: &str, n: usize, window: usize) {
     for start in (0..n).step_by(window) {
         let end = n.min(start + window);
@@ -295,6 +352,9 @@ pub fn read_all(client: &mut Client, prefix: &str, n: usize, window: usize) {
 // CACHE.STATS
 // ---------------------------------------------------------------------------
 
+/// The bus and compression benches' view of a rule; the stampede bench
+/// reads its own fields with [`rule_counters`].
+#[allow(dead_code)]
 #[derive(Debug, Clone, Copy)]
 pub struct RuleStats {
     pub hits: u64,
@@ -308,26 +368,41 @@ pub struct RuleStats {
 }
 
 /// `CACHE.STATS rule`: a flat array in RESP2, field name then value.
+#[allow(dead_code)]
 pub fn rule_stats(client: &mut Client, rule: &str) -> RuleStats {
+    let [hits, misses, entries, bytes] =
+        rule_counters(client, rule, ["hits", "misses", "entries", "bytes"]);
+    RuleStats {
+        hits,
+        misses,
+        entries,
+        bytes,
+    }
+}
+
+/// The integer fields `names` of `CACHE.STATS rule`, in that order; panics
+/// naming a field the reply lacks.
+pub fn rule_counters<const N: usize>(
+    client: &mut Client,
+    rule: &str,
+    names: [&str; N],
+) -> [u64; N] {
     let reply = client.cmd(&["CACHE.STATS", rule]);
-    let field = |name: &str| -> u64 {
+    names.map(|name| {
         let tag = format!("${}\r\n{name}\r\n:", name.len());
-        let at = find(&reply, tag.as_bytes())
-            .unwrap_or_else(|| panic!("no {name} in CACHE.STATS {rule}: {reply:?}"))
-            + tag.len();
+        let at = find(&reply, tag.as_bytes()).unwrap_or_else(|| {
+            panic!(
+                "no {name} in CACHE.STATS {rule}: {:?}",
+                String::from_utf8_lossy(&reply)
+            )
+        }) + tag.len();
         let digits: Vec<u8> = reply[at..]
             .iter()
             .copied()
             .take_while(u8::is_ascii_digit)
             .collect();
         String::from_utf8_lossy(&digits).parse().unwrap_or(0)
-    };
-    RuleStats {
-        hits: field("hits"),
-        misses: field("misses"),
-        entries: field("entries"),
-        bytes: field("bytes"),
-    }
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
