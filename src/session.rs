@@ -512,9 +512,8 @@ pub struct Session {
     /// (index in `EXEC`'s array, what to decode).
     pub(crate) multi_decodes: Vec<(usize, crate::dispatch::compression::Decode)>,
     /// Reads waiting for another client to load their key
-    /// (`dispatch::stampede`), by queue sequence number: until they are
-    /// answered, nothing else is dispatched.
-    pub(crate) parked: std::collections::HashSet<u64>,
+    /// (`dispatch::stampede`), by queue sequence number.
+    pub(crate) parked: std::collections::HashMap<u64, crate::dispatch::stampede::Parked>,
 }
 
 impl Drop for Session {
@@ -577,7 +576,7 @@ impl Session {
             stream_hooks: VecDeque::new(),
             stream_flush_after: 0,
             multi_decodes: Vec::new(),
-            parked: std::collections::HashSet::new(),
+            parked: std::collections::HashMap::new(),
             last_command: None,
         }
     }

@@ -334,14 +334,17 @@ pub(crate) fn read(
             decode: decode.cloned(),
         })
     };
-    if let Some(seq) = super::stampede::join(s, &miss.variant, miss.rule) {
+    let follower = |s: &mut Session, seq: u64| {
         let hook = ReadHook {
             fill: None,
             flight: None,
             lease: lease(seq, &miss),
         };
         register(s, seq, read_hook(hook, decode));
-        return Ok(Flow::Continue);
+        Ok(Flow::Continue)
+    };
+    if let Some(seq) = super::stampede::join(s, &miss.variant, miss.rule) {
+        return follower(s, seq);
     }
     let Some((conn, route)) = fill_conn(s, true) else {
         return Err(req);
@@ -352,7 +355,15 @@ pub(crate) fn read(
     let Some(token) = l1.store.begin_fill(&miss.key) else {
         return Err(req);
     };
-    let flight = super::stampede::lead(s, &miss.variant, token.mark(), route);
+    let flight = match super::stampede::lead(s, &miss.variant, token.mark(), route) {
+        super::stampede::Lead::Leader(flight) => flight,
+        super::stampede::Lead::Follow(flight) => {
+            match super::stampede::follow(s, &flight, miss.rule) {
+                Some(seq) => return follower(s, seq),
+                None => None,
+            }
+        }
+    };
     let fanout = flight.as_ref().map(|f| f.fanout().clone());
     let id = s.next_fill;
     s.next_fill += 1;
@@ -779,8 +790,17 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Option<Bytes> {
             frame
         }
         Hook::Many(hooks) => {
+            // `EXEC`'s array: the writes ran (each may still have failed,
+            // which is not looked at). Nil or an error: none ran. Empty:
+            // unknown (run alone).
+            let ran = frame.first() == Some(&b'*') && !is_nil(&frame);
+            let each = if ran {
+                Bytes::from_static(b"+OK\r\n")
+            } else {
+                Bytes::new()
+            };
             for hook in hooks {
-                run(s, hook, Bytes::new());
+                run(s, hook, each.clone());
             }
             frame
         }
@@ -1200,6 +1220,10 @@ pub(crate) fn before_write(s: &mut Session, req: &Request) -> Option<Hook> {
         None => Hook::Flush(Flush::AllUnlessError),
         Some(command) => write_hook(s, command, req)?,
     };
+    match &hook {
+        Hook::Invalidate(keys) => super::stampede::before_write(s, Some(keys)),
+        _ => super::stampede::before_write(s, None),
+    }
     match &hook {
         Hook::Invalidate(keys) => {
             for key in keys {

@@ -61,9 +61,7 @@ const LARGE_REQUEST: usize = 1024 * 1024;
 /// Dispatches one request.
 pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
     // A RESET on a stream is on its way; nothing else may overtake it.
-    // A read waiting for a loader blocks the connection like a blocking
-    // command: what comes after it runs after it.
-    if s.reset_at.is_some() || !s.parked.is_empty() {
+    if s.reset_at.is_some() {
         return Flow::Stall(req);
     }
     let kind = classify(&req);

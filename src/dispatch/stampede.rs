@@ -21,9 +21,10 @@
 //!   whenever the store hears it changed (a write through this instance, the
 //!   bus, tracking), when the lease runs out (a new loader is elected), and
 //!   answer each waiter with the value, or at its `wait` deadline with its
-//!   nil or an error. A parked read blocks its client's connection the way
-//!   a blocking command does: what the client sends next waits for it.
-//!   The loader's write through this instance releases the lease with a
+//!   nil or an error. What the client sends after a parked read still
+//!   runs, and is answered after it, in order; a write of the same key from
+//!   that client first answers the parked read with its nil
+//!   ([`before_write`]). The loader's own write releases the lease with a
 //!   compare-and-delete on its token.
 //! - **Refresh-ahead**. A hit late in its entry's life (a fixed fraction, or
 //!   XFetch's probabilistic rule) sends one background refresh of that
@@ -60,11 +61,8 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} e
 return {2, redis.call('PTTL', KEYS[2])}";
 
 /// Compare-and-delete: drops the lease `KEYS[1]` only if it still holds
-/// the token `ARGV[1]`, and, unless `ARGV[2]` is `1`, only if its key
-/// `KEYS[2]` exists (someone other than the loader wrote it: the value is
-/// there, no load is needed).
-const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] and \
-(ARGV[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1) then \
+/// the token `ARGV[1]`.
+const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then \
 return redis.call('DEL', KEYS[1]) end return 0";
 
 const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n";
@@ -243,16 +241,27 @@ impl Drop for FlightGuard {
     }
 }
 
-/// Registers a fill about to be sent on `route` as a read others may join.
-/// `None` when coalescing is off.
-pub(crate) fn lead(
-    s: &Session,
-    variant: &Variant,
-    mark: FillMark,
-    route: Route,
-) -> Option<FlightGuard> {
-    if !s.ctx.config.l1.coalesce {
-        return None;
+/// What a read about to be sent as a fill does about identical reads.
+pub(crate) enum Lead {
+    /// It leads: others may join it (`None`: coalescing is off).
+    Leader(Option<FlightGuard>),
+    /// An identical read it may join is in flight after all.
+    Follow(Arc<Flight>),
+}
+
+/// Registers a fill about to be sent on `route` as a read others may join,
+/// unless one it may join got there first (between [`join`] and now):
+/// looking and registering are one step, so two identical misses never
+/// both go upstream.
+pub(crate) fn lead(s: &Session, variant: &Variant, mark: FillMark, route: Route) -> Lead {
+    let Some(l1) = s.ctx.l1.as_ref().filter(|_| s.ctx.config.l1.coalesce) else {
+        return Lead::Leader(None);
+    };
+    let mut flights = s.ctx.stampede.flights.lock();
+    if let Some(flight) = flights.get(variant) {
+        if flight.fanout.is_open() && l1.store.fill_current(&flight.mark, variant.db) {
+            return Lead::Follow(flight.clone());
+        }
     }
     let flight = Arc::new(Flight {
         variant: variant.clone(),
@@ -260,15 +269,11 @@ pub(crate) fn lead(
         route,
         fanout: Arc::new(Fanout::new()),
     });
-    s.ctx
-        .stampede
-        .flights
-        .lock()
-        .insert(variant.clone(), flight.clone());
-    Some(FlightGuard {
+    flights.insert(variant.clone(), flight.clone());
+    Lead::Leader(Some(FlightGuard {
         stampede: s.ctx.stampede.clone(),
         flight,
-    })
+    }))
 }
 
 /// Joins an identical read in flight, if there is one this session may
@@ -279,12 +284,17 @@ pub(crate) fn join(s: &mut Session, variant: &Variant, rule: usize) -> Option<u6
     if !s.ctx.config.l1.coalesce {
         return None;
     }
-    let l1 = s.ctx.l1.clone()?;
     let flight = s.ctx.stampede.flights.lock().get(variant).cloned()?;
+    follow(s, &flight, rule)
+}
+
+/// Joins `flight` as a follower, if this session may share it.
+pub(crate) fn follow(s: &mut Session, flight: &Flight, rule: usize) -> Option<u64> {
+    let l1 = s.ctx.l1.clone()?;
     if s.inflight > 0 && s.inflight_route != Some(flight.route) {
         return None;
     }
-    if !flight.fanout.is_open() || !l1.store.fill_current(&flight.mark, variant.db) {
+    if !flight.fanout.is_open() || !l1.store.fill_current(&flight.mark, flight.variant.db) {
         return None;
     }
     let inbox = s.inbox.clone();
@@ -350,6 +360,19 @@ struct Waiter {
     deadline: Instant,
 }
 
+impl Herd {
+    /// Takes session `session`'s waiter for slot `seq` out of the herd, if
+    /// it is still there.
+    fn leave(&self, session: u64, seq: u64) -> Option<Waiter> {
+        let mut state = self.state.lock();
+        let i = state
+            .waiters
+            .iter()
+            .position(|w| w.session == session && w.seq == seq)?;
+        state.waiters.remove(i)
+    }
+}
+
 impl HerdState {
     fn push(&mut self, mut waiter: Waiter) {
         waiter.ticket = self.next_ticket;
@@ -380,20 +403,21 @@ impl Waiter {
 /// Returns false when it cannot wait (then the nil is its answer): no L1,
 /// or a db tierd's pooled connections are not on.
 pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
-    let Some(l1) = s.ctx.l1.clone() else {
+    if s.ctx.l1.is_none() {
         return false;
-    };
+    }
     if lease.variant.db != s.ctx.upstream.default_db() {
         return false;
     }
-    // Only a read that is the last thing the client sent may wait: what
-    // the client sent after it already ran (a pipelined `SET` of the same
-    // key would answer it). A read whose reply is discarded (`CLIENT REPLY
-    // OFF`) must not become the loader, nobody would know. A loader reading
-    // again before it wrote would wait for itself, or for a reader that
-    // waits for it.
-    let last = s.queue.next_seq() == lease.seq + 1;
-    if !last || s.writes_in_flight > 0 || s.queue.discards(lease.seq) || is_loader(&s.ctx, s.id) {
+    // A write the client sent after the read is on its way (replies come
+    // in order, so it is still in flight): the read must answer from
+    // before it. A read whose reply is discarded (`CLIENT REPLY OFF`) must
+    // not become the loader, nobody would know. The loader reading its key
+    // again before writing it would wait for itself.
+    if s.writes_in_flight > 0
+        || s.queue.discards(lease.seq)
+        || is_loader(&s.ctx, s.id, lease.variant.db, &lease.key)
+    {
         return false;
     }
     let now = Instant::now();
@@ -429,7 +453,7 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
             None => {
                 let herd = Arc::new(Herd {
                     rule,
-                    key: lease.key,
+                    key: lease.key.clone(),
                     variant: lease.variant.clone(),
                     request: lease.request,
                     config: lease.config,
@@ -439,7 +463,7 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
                         state
                     }),
                 });
-                herds.insert(lease.variant, herd.clone());
+                herds.insert(lease.variant.clone(), herd.clone());
                 Some(herd)
             }
         }
@@ -447,9 +471,66 @@ pub(crate) fn park(s: &mut Session, lease: Lease, nil: Bytes) -> bool {
     if let Some(herd) = spawn {
         tokio::spawn(run_herd(s.ctx.clone(), herd));
     }
-    s.parked.insert(seq);
-    l1.store.note(rule, Event::LeaseWait);
+    if let Some(l1) = &s.ctx.l1 {
+        l1.store.note(rule, Event::LeaseWait);
+    }
+    s.parked.insert(
+        seq,
+        Parked {
+            variant: lease.variant,
+            key: lease.key,
+        },
+    );
     true
+}
+
+/// A read of this session waiting for a loader, by queue slot
+/// ([`Session::parked`]).
+pub(crate) struct Parked {
+    variant: Variant,
+    key: Bytes,
+}
+
+/// The session is about to send a write of `keys` (`None`: of keys it
+/// cannot name, or a flush): its reads of those keys that wait for a
+/// loader are answered now with their nil, as if they had run before the
+/// write, which the client sent after them. (Its other waiting reads keep
+/// waiting: a later write of another key does not change what they read.)
+pub(crate) fn before_write(s: &mut Session, keys: Option<&[Bytes]>) {
+    if s.parked.is_empty() {
+        return;
+    }
+    let hit: Vec<u64> = s
+        .parked
+        .iter()
+        .filter(|(_, p)| match keys {
+            Some(keys) => keys.iter().any(|k| *k == p.key),
+            None => true,
+        })
+        .map(|(seq, _)| *seq)
+        .collect();
+    for seq in hit {
+        let Some(parked) = s.parked.remove(&seq) else {
+            continue;
+        };
+        let waiter = s
+            .ctx
+            .stampede
+            .herds
+            .lock()
+            .get(&parked.variant)
+            .cloned()
+            .and_then(|herd| herd.leave(s.id, seq));
+        if let Some(w) = waiter {
+            s.on_upstream(
+                Upstreamed::Reply {
+                    seq,
+                    reply: Ok(w.nil),
+                },
+                false,
+            );
+        }
+    }
 }
 
 impl Clone for Waiter {
@@ -547,7 +628,7 @@ async fn run_herd(ctx: Arc<Ctx>, herd: Arc<Herd>) {
                             l1.store.note(herd.rule, Event::LeaseGrant);
                             tracing::debug!(event = "lease_granted", key = %crate::admin::shown(&herd.key), waited_ms = loader.since.elapsed().as_millis() as u64, "a reader was made the loader");
                         }
-                        None => release(&ctx, &herd.key, token, true),
+                        None => release(&ctx, &herd.key, token),
                     }
                     // If the loader never writes, the lease runs out.
                     retry_at = Some(Instant::now() + herd.config.lease);
@@ -706,7 +787,7 @@ async fn attempt(ctx: &Ctx, herd: &Herd) -> Outcome {
     match (code.as_slice(), nil) {
         (_, false) if !inspect::is_error(&lease) => {
             if code.first() == Some(&1) {
-                release(ctx, &herd.key, token, true);
+                release(ctx, &herd.key, token);
             }
             Outcome::Value(read)
         }
@@ -726,18 +807,20 @@ fn failed(herd: &Herd, why: &str) -> Outcome {
     Outcome::Failed
 }
 
-/// Whether session `id` is a loader: it holds a lease it has not written
-/// yet. Such a session is never parked: it could be waiting for a reader
-/// that waits for it.
-fn is_loader(ctx: &Ctx, id: u64) -> bool {
+/// Whether session `id` holds the live lease of `key` in `db`: it was
+/// made its loader and has not written it yet. Reading it again, it gets
+/// nil again rather than waiting for itself.
+fn is_loader(ctx: &Ctx, id: u64, db: u32, key: &Bytes) -> bool {
     if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
         return false;
     }
-    let mut held = ctx.stampede.held.lock();
-    if held.by_session.contains_key(&id) {
-        held.prune(Instant::now());
-    }
-    held.by_session.contains_key(&id)
+    let now = Instant::now();
+    ctx.stampede
+        .held
+        .lock()
+        .by_key
+        .get(&(db, key.clone()))
+        .is_some_and(|h| h.session == id && h.until > now)
 }
 
 /// Remembers a lease granted to a loader on this instance, so that its
@@ -757,55 +840,48 @@ fn hold(ctx: &Ctx, db: u32, key: &Bytes, lease: Held) {
 }
 
 /// Session `session` wrote `keys` in `db` through this instance (and the
-/// write ran): releases the leases this instance holds on them. The
-/// loader's own write releases its lease outright; anyone else's only if
-/// the key now exists (a `DEL` of the missing key must not make a second
-/// loader while the first is still loading), and the loader stays the
-/// loader.
+/// write ran): releases the leases it holds on them as their loader.
+/// Anyone else's write leaves them alone: a neighbour's short-lived
+/// placeholder, or a `DEL` of the still-missing key, must not make a second
+/// loader while the first is loading; and a late loader's write must not
+/// release the lease of the loader elected after it.
 pub(crate) fn written(ctx: &Ctx, session: u64, db: u32, keys: &[Bytes]) {
     if ctx.stampede.held_count.load(Ordering::SeqCst) == 0 {
         return;
     }
     let now = Instant::now();
-    let releases: Vec<(Bytes, Bytes, bool)> = {
+    let tokens: Vec<(Bytes, Bytes)> = {
         let mut held = ctx.stampede.held.lock();
-        let mut releases = Vec::new();
+        if !held.by_session.contains_key(&session) {
+            return;
+        }
+        let mut tokens = Vec::new();
         for key in keys {
-            let Some(h) = held.by_key.get(&(db, key.clone())) else {
-                continue;
-            };
-            if h.until <= now {
-                held.remove(db, key);
-            } else if h.session == session {
-                if let Some(h) = held.remove(db, key) {
-                    releases.push((key.clone(), h.token, true));
+            let mine = held
+                .by_key
+                .get(&(db, key.clone()))
+                .is_some_and(|h| h.session == session);
+            if let Some(h) = mine.then(|| held.remove(db, key)).flatten() {
+                if h.until > now {
+                    tokens.push((key.clone(), h.token));
                 }
-            } else {
-                releases.push((key.clone(), h.token.clone(), false));
             }
         }
         ctx.stampede
             .held_count
             .store(held.by_key.len(), Ordering::SeqCst);
-        releases
+        tokens
     };
-    for (key, token, loader) in releases {
-        release(ctx, &key, token, loader);
+    for (key, token) in tokens {
+        release(ctx, &key, token);
     }
 }
 
 /// Deletes the lease of `key` if it still holds `token`, in the
 /// background.
-fn release(ctx: &Ctx, key: &[u8], token: Bytes, unconditional: bool) {
-    let request = reply::encode_command(&[
-        b"EVAL",
-        RELEASE_SCRIPT,
-        b"2",
-        &lease_key(ctx, key),
-        key,
-        &token,
-        if unconditional { b"1" } else { b"0" },
-    ]);
+fn release(ctx: &Ctx, key: &[u8], token: Bytes) {
+    let request =
+        reply::encode_command(&[b"EVAL", RELEASE_SCRIPT, b"1", &lease_key(ctx, key), &token]);
     let pool = ctx.upstream.default_identity();
     let pool = pool.pool(crate::protocol::Proto::Resp2);
     let conn = pool.conn(pool.pick()).clone();

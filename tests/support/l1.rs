@@ -18,7 +18,7 @@ use super::{config_for, Raw, RedisServer, Tierd};
 pub const HOUR: Duration = Duration::from_secs(3600);
 
 /// A caching rule: `cache = true`, `negative = true` (the file default), no
-/// cap of its own.
+/// cap of its own, no stampede protection and no refresh-ahead.
 pub fn rule(name: &str, pattern: &str, ttl: Duration) -> RuleConfig {
     RuleConfig {
         name: name.to_owned(),
@@ -29,6 +29,8 @@ pub fn rule(name: &str, pattern: &str, ttl: Duration) -> RuleConfig {
         negative: true,
         tags: Vec::new(),
         compress: None,
+        stampede: None,
+        refresh_ahead: None,
     }
 }
 
@@ -43,6 +45,8 @@ pub fn no_cache_rule(name: &str, pattern: &str) -> RuleConfig {
         negative: false,
         tags: Vec::new(),
         compress: None,
+        stampede: None,
+        refresh_ahead: None,
     }
 }
 
@@ -211,7 +215,7 @@ fn decode_at(buf: &[u8], at: usize) -> Option<(Resp, usize)> {
 // ---------------------------------------------------------------------------
 
 /// The field names of one rule's `CACHE.STATS` element, in order.
-pub const STATS_FIELDS: [&str; 8] = [
+pub const STATS_FIELDS: [&str; 14] = [
     "rule",
     "hits",
     "misses",
@@ -220,6 +224,12 @@ pub const STATS_FIELDS: [&str; 8] = [
     "bytes",
     "evictions",
     "invalidations",
+    "coalesced",
+    "lease_grants",
+    "lease_waits",
+    "lease_wakeups",
+    "lease_timeouts",
+    "refreshes",
 ];
 
 /// One rule's `CACHE.STATS` element.
@@ -234,6 +244,18 @@ pub struct RuleStats {
     pub bytes: u64,
     pub evictions: u64,
     pub invalidations: u64,
+    /// Reads answered by joining an identical read already in flight.
+    pub coalesced: u64,
+    /// Leases taken: reads whose client was made the loader.
+    pub lease_grants: u64,
+    /// Reads that waited for another client's load.
+    pub lease_waits: u64,
+    /// Waits that ended with the loaded value.
+    pub lease_wakeups: u64,
+    /// Waits that ended at the rule's `wait`.
+    pub lease_timeouts: u64,
+    /// Background refresh-ahead reads sent upstream.
+    pub refreshes: u64,
 }
 
 impl RuleStats {
@@ -273,6 +295,12 @@ impl RuleStats {
             bytes: int(5),
             evictions: int(6),
             invalidations: int(7),
+            coalesced: int(8),
+            lease_grants: int(9),
+            lease_waits: int(10),
+            lease_wakeups: int(11),
+            lease_timeouts: int(12),
+            refreshes: int(13),
         }
     }
 }

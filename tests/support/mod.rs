@@ -16,6 +16,8 @@ pub mod probe;
 pub mod slow_link;
 /// The monotonic-counter staleness check.
 pub mod staleness;
+/// Stampede protection: leases, herds, counters, tierd as a child process.
+pub mod stampede;
 /// A byte-level connection and request encoder independent of tierd.
 pub mod wire;
 
