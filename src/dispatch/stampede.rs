@@ -504,7 +504,7 @@ pub(crate) fn before_write(s: &mut Session, keys: Option<&[Bytes]>) {
         .parked
         .iter()
         .filter(|(_, p)| match keys {
-            Some(keys) => keys.iter().any(|k| *k == p.key),
+            Some(keys) => keys.contains(&p.key),
             None => true,
         })
         .map(|(seq, _)| *seq)
