@@ -91,6 +91,10 @@ pub struct Config {
     pub invalidation: InvalidationConfig,
     /// The `[metrics]` section.
     pub metrics: MetricsConfig,
+    /// The `[write_behind]` section.
+    pub write_behind: WriteBehindConfig,
+    /// The `[warming]` section.
+    pub warming: WarmingConfig,
     /// The `[[rules]]` entries, in file order: the first rule whose pattern
     /// matches a key decides how that key is cached. A key that matches no
     /// rule is not cached. Empty by default.
@@ -117,6 +121,34 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Default `upstream.backoff_max`.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Default `upstream.failure_threshold`: three failures in a row (timeouts,
+/// lost or refused connections) open the circuit breaker.
+pub const DEFAULT_FAILURE_THRESHOLD: usize = 3;
+/// Accepted `upstream.failure_threshold` values.
+pub const FAILURE_THRESHOLD_RANGE: RangeInclusive<usize> = 1..=1000;
+/// Default `upstream.reset`: how long an open breaker fails fast before it
+/// lets requests through again as probes.
+pub const DEFAULT_BREAKER_RESET: Duration = Duration::from_secs(30);
+/// Default `write_behind.flush`.
+pub const DEFAULT_WRITE_BEHIND_FLUSH: Duration = Duration::from_millis(5);
+/// Default `write_behind.max_queue`.
+pub const DEFAULT_WRITE_BEHIND_QUEUE: usize = 10_000;
+/// Accepted `write_behind.max_queue` values.
+pub const WRITE_BEHIND_QUEUE_RANGE: RangeInclusive<usize> = 1..=1_000_000;
+/// Default `warming.rate`, keys per second over all warming.
+pub const DEFAULT_WARMING_RATE: usize = 5_000;
+/// Accepted `warming.rate` values.
+pub const WARMING_RATE_RANGE: RangeInclusive<usize> = 1..=1_000_000;
+/// Default `warming.hot_interval`.
+pub const DEFAULT_HOT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `warming.hot_keys`.
+pub const DEFAULT_HOT_KEYS: usize = 1_000;
+/// Accepted `warming.hot_keys` values.
+pub const HOT_KEYS_RANGE: RangeInclusive<usize> = 1..=100_000;
+/// Default `rules[N].warm.limit`.
+pub const DEFAULT_WARM_LIMIT: usize = 1_000;
+/// Accepted `rules[N].warm.limit` values.
+pub const WARM_LIMIT_RANGE: RangeInclusive<usize> = 1..=1_000_000;
 
 /// The `[upstream]` section: where Redis is and how to talk to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +169,61 @@ pub struct UpstreamConfig {
     pub backoff_min: Duration,
     /// Cap of the doubling reconnect delay; at least `backoff_min`.
     pub backoff_max: Duration,
+    /// Consecutive failures (command timeouts, lost or refused connections)
+    /// that open the circuit breaker (`upstream.failure_threshold`); within
+    /// [`FAILURE_THRESHOLD_RANGE`].
+    pub failure_threshold: usize,
+    /// How long an open breaker fails fast before it lets requests through
+    /// as probes (`upstream.reset`); never zero. A successful reconnect
+    /// ends it sooner.
+    pub reset: Duration,
+}
+
+/// The `[write_behind]` section: the queue of rules with
+/// `write = "behind"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteBehindConfig {
+    /// Queued writes go to Redis within this long (`write_behind.flush`),
+    /// in pipelined batches; never zero.
+    pub flush: Duration,
+    /// Most writes queued at once (`write_behind.max_queue`); a full queue
+    /// holds further writes back until it drains. Within
+    /// [`WRITE_BEHIND_QUEUE_RANGE`]. A crash loses at most this many.
+    pub max_queue: usize,
+}
+
+impl Default for WriteBehindConfig {
+    fn default() -> WriteBehindConfig {
+        WriteBehindConfig {
+            flush: DEFAULT_WRITE_BEHIND_FLUSH,
+            max_queue: DEFAULT_WRITE_BEHIND_QUEUE,
+        }
+    }
+}
+
+/// The `[warming]` section: how fast rules with `warm` are warmed, and the
+/// hot sets instances record for each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmingConfig {
+    /// Most keys loaded per second, over all warming (`warming.rate`);
+    /// within [`WARMING_RATE_RANGE`].
+    pub rate: usize,
+    /// How often each instance records its hottest keys per warmed rule in
+    /// Redis (`warming.hot_interval`); zero records none.
+    pub hot_interval: Duration,
+    /// Most keys recorded per rule (`warming.hot_keys`); within
+    /// [`HOT_KEYS_RANGE`].
+    pub hot_keys: usize,
+}
+
+impl Default for WarmingConfig {
+    fn default() -> WarmingConfig {
+        WarmingConfig {
+            rate: DEFAULT_WARMING_RATE,
+            hot_interval: DEFAULT_HOT_INTERVAL,
+            hot_keys: DEFAULT_HOT_KEYS,
+        }
+    }
 }
 
 /// An upstream Redis address, parsed from a `redis://` URL.
@@ -490,6 +577,56 @@ pub struct RuleConfig {
     /// Background refresh of entries read late in their life
     /// (`refresh_ahead`); `None` lets them expire.
     pub refresh_ahead: Option<RefreshAhead>,
+    /// How long past its ttl an entry is kept, to be served while the
+    /// circuit breaker is open (`stale_ttl`); `None` keeps nothing past it.
+    pub stale_ttl: Option<Duration>,
+    /// What a write of a matching key through tierd does to L1 (`write`).
+    pub write: WriteStrategy,
+    /// Loading matching keys into L1 ahead of reads (`warm`); `None` warms
+    /// nothing.
+    pub warm: Option<WarmConfig>,
+}
+
+/// A rule's `write`: what a write of a matching key through tierd does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStrategy {
+    /// `"invalidate"` (the default): drops the key from L1.
+    Invalidate,
+    /// `"through"`: once Redis acknowledged it, L1 holds the written value.
+    Through,
+    /// `"behind"`: acknowledged once queued; the queue flushes to Redis
+    /// within `[write_behind] flush`. A crash loses what is queued.
+    Behind,
+}
+
+impl WriteStrategy {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteStrategy::Invalidate => "invalidate",
+            WriteStrategy::Through => "through",
+            WriteStrategy::Behind => "behind",
+        }
+    }
+}
+
+/// A rule's `warm = { on_startup = true, interval = "30m", limit = 1000 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmConfig {
+    /// Warm when tierd starts (`on_startup`, default true), while it
+    /// already serves.
+    pub on_startup: bool,
+    /// Warm again this often (`interval`); `None` never does.
+    pub interval: Option<Duration>,
+    /// Most keys one warming loads for the rule (`limit`); within
+    /// [`WARM_LIMIT_RANGE`].
+    pub limit: usize,
+    /// Load the keys instances recorded as hottest first (`hot`, default
+    /// true).
+    pub hot: bool,
+    /// Then keys matching the rule, found with `SCAN` (`scan`, default
+    /// true).
+    pub scan: bool,
 }
 
 /// A rule's `stampede = { lease = "5s", wait = "2s", on_timeout = "nil" }`:
@@ -643,6 +780,8 @@ impl Default for Config {
             l1: L1Config::default(),
             invalidation: InvalidationConfig::default(),
             metrics: MetricsConfig::default(),
+            write_behind: WriteBehindConfig::default(),
+            warming: WarmingConfig::default(),
             rules: Vec::new(),
         }
     }
@@ -657,6 +796,8 @@ impl Default for UpstreamConfig {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             backoff_min: DEFAULT_BACKOFF_MIN,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            reset: DEFAULT_BREAKER_RESET,
         }
     }
 }
@@ -820,6 +961,8 @@ impl Config {
                     ("command_timeout", duration(up.command_timeout)),
                     ("backoff_min", duration(up.backoff_min)),
                     ("backoff_max", duration(up.backoff_max)),
+                    ("failure_threshold", up.failure_threshold.to_string()),
+                    ("reset", duration(up.reset)),
                 ],
             ),
             (
@@ -855,6 +998,21 @@ impl Config {
                     ("bus", inv.bus.to_string()),
                     ("channel", toml_string(&inv.channel)),
                     ("prefix", toml_string(&inv.prefix)),
+                ],
+            ),
+            (
+                Some("[write_behind]"),
+                vec![
+                    ("flush", duration(self.write_behind.flush)),
+                    ("max_queue", self.write_behind.max_queue.to_string()),
+                ],
+            ),
+            (
+                Some("[warming]"),
+                vec![
+                    ("rate", self.warming.rate.to_string()),
+                    ("hot_interval", duration(self.warming.hot_interval)),
+                    ("hot_keys", self.warming.hot_keys.to_string()),
                 ],
             ),
             (
@@ -921,6 +1079,25 @@ impl Config {
                     ),
                 ));
             }
+            if rule.cache {
+                entries.push(("write", toml_string(rule.write.as_str())));
+            }
+            if let Some(stale) = rule.stale_ttl {
+                entries.push(("stale_ttl", duration(stale)));
+            }
+            if let Some(w) = rule.warm {
+                let interval = w
+                    .interval
+                    .map(|i| format!(", interval = {}", duration(i)))
+                    .unwrap_or_default();
+                entries.push((
+                    "warm",
+                    format!(
+                        "{{ on_startup = {}{interval}, limit = {}, hot = {}, scan = {} }}",
+                        w.on_startup, w.limit, w.hot, w.scan
+                    ),
+                ));
+            }
             match rule.refresh_ahead {
                 Some(RefreshAhead::Ratio(r)) => {
                     entries.push(("refresh_ahead", toml::Value::Float(r).to_string()));
@@ -983,7 +1160,36 @@ struct FileConfig {
     #[serde(default)]
     metrics: FileMetrics,
     #[serde(default)]
+    write_behind: FileWriteBehind,
+    #[serde(default)]
+    warming: FileWarming,
+    #[serde(default)]
     rules: Vec<FileRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWriteBehind {
+    flush: Option<Scalar>,
+    max_queue: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWarming {
+    rate: Option<i64>,
+    hot_interval: Option<Scalar>,
+    hot_keys: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWarm {
+    on_startup: Option<bool>,
+    interval: Option<Scalar>,
+    limit: Option<i64>,
+    hot: Option<bool>,
+    scan: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -995,6 +1201,8 @@ struct FileUpstream {
     command_timeout: Option<Scalar>,
     backoff_min: Option<Scalar>,
     backoff_max: Option<Scalar>,
+    failure_threshold: Option<i64>,
+    reset: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1065,6 +1273,9 @@ struct FileRule {
     compress: Option<FileCompress>,
     stampede: Option<FileStampede>,
     refresh_ahead: Option<FileRefresh>,
+    stale_ttl: Option<Scalar>,
+    write: Option<String>,
+    warm: Option<FileWarm>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1193,6 +1404,8 @@ impl FileConfig {
         let l1 = self.l1.validate()?;
         let invalidation = self.invalidation.validate()?;
         let metrics = self.metrics.validate(overrides)?;
+        let write_behind = self.write_behind.validate()?;
+        let warming = self.warming.validate()?;
         let rules = validate_rules(self.rules, &l1)?;
 
         Ok(Config {
@@ -1207,7 +1420,81 @@ impl FileConfig {
             l1,
             invalidation,
             metrics,
+            write_behind,
+            warming,
             rules,
+        })
+    }
+}
+
+impl FileWriteBehind {
+    fn validate(self) -> Result<WriteBehindConfig, ConfigError> {
+        let flush = duration("write_behind.flush", self.flush, DEFAULT_WRITE_BEHIND_FLUSH)?;
+        non_zero("write_behind.flush", flush)?;
+        let max_queue = count(
+            "write_behind.max_queue",
+            self.max_queue,
+            DEFAULT_WRITE_BEHIND_QUEUE,
+        )?;
+        in_range(
+            "write_behind.max_queue",
+            max_queue,
+            &WRITE_BEHIND_QUEUE_RANGE,
+        )?;
+        Ok(WriteBehindConfig { flush, max_queue })
+    }
+}
+
+impl FileWarming {
+    fn validate(self) -> Result<WarmingConfig, ConfigError> {
+        let rate = count("warming.rate", self.rate, DEFAULT_WARMING_RATE)?;
+        in_range("warming.rate", rate, &WARMING_RATE_RANGE)?;
+        let hot_interval = duration(
+            "warming.hot_interval",
+            self.hot_interval,
+            DEFAULT_HOT_INTERVAL,
+        )?;
+        let hot_keys = count("warming.hot_keys", self.hot_keys, DEFAULT_HOT_KEYS)?;
+        in_range("warming.hot_keys", hot_keys, &HOT_KEYS_RANGE)?;
+        Ok(WarmingConfig {
+            rate,
+            hot_interval,
+            hot_keys,
+        })
+    }
+}
+
+impl FileWarm {
+    /// The `warm` of `rules[index]`.
+    fn validate(self, index: usize) -> Result<WarmConfig, ConfigError> {
+        let field = |name: &str| format!("rules[{index}].warm.{name}");
+        let interval_field = field("interval");
+        let interval = match self.interval {
+            None => None,
+            raw => {
+                let interval = duration(&interval_field, raw, Duration::ZERO)?;
+                non_zero(&interval_field, interval)?;
+                Some(interval)
+            }
+        };
+        let limit_field = field("limit");
+        let limit = count(&limit_field, self.limit, DEFAULT_WARM_LIMIT)?;
+        in_range(&limit_field, limit, &WARM_LIMIT_RANGE)?;
+        let hot = self.hot.unwrap_or(true);
+        let scan = self.scan.unwrap_or(true);
+        if !hot && !scan {
+            return Err(invalid(
+                &field("scan"),
+                "and hot are both false, so warming would load nothing: set hot = true (the \
+                 keys instances read most), scan = true (keys matching the rule), or both",
+            ));
+        }
+        Ok(WarmConfig {
+            on_startup: self.on_startup.unwrap_or(true),
+            interval,
+            limit,
+            hot,
+            scan,
         })
     }
 }
@@ -1264,6 +1551,19 @@ impl FileUpstream {
             ));
         }
 
+        let failure_threshold = count(
+            "upstream.failure_threshold",
+            self.failure_threshold,
+            DEFAULT_FAILURE_THRESHOLD,
+        )?;
+        in_range(
+            "upstream.failure_threshold",
+            failure_threshold,
+            &FAILURE_THRESHOLD_RANGE,
+        )?;
+        let reset = duration("upstream.reset", self.reset, DEFAULT_BREAKER_RESET)?;
+        non_zero("upstream.reset", reset)?;
+
         Ok(UpstreamConfig {
             url,
             pool_size,
@@ -1271,6 +1571,8 @@ impl FileUpstream {
             command_timeout,
             backoff_min,
             backoff_max,
+            failure_threshold,
+            reset,
         })
     }
 }
@@ -1782,6 +2084,30 @@ impl FileRule {
             .refresh_ahead
             .map(|raw| raw.validate(index))
             .transpose()?;
+        let stale_field = field("stale_ttl");
+        let stale_ttl = match self.stale_ttl {
+            None => None,
+            raw => {
+                let stale = duration(&stale_field, raw, Duration::ZERO)?;
+                non_zero(&stale_field, stale)?;
+                Some(stale)
+            }
+        };
+        let write = match self.write.as_deref() {
+            None | Some("invalidate") => WriteStrategy::Invalidate,
+            Some("through") => WriteStrategy::Through,
+            Some("behind") => WriteStrategy::Behind,
+            Some(other) => {
+                return Err(invalid(
+                    &field("write"),
+                    format!(
+                        "unknown strategy {other:?}: use \"invalidate\" (the default), \"through\" \
+                         or \"behind\""
+                    ),
+                ));
+            }
+        };
+        let warm = self.warm.map(|raw| raw.validate(index)).transpose()?;
 
         if !cache {
             // These only shape what a rule caches; on a rule that caches
@@ -1792,6 +2118,9 @@ impl FileRule {
                 ("negative", self.negative.is_some()),
                 ("stampede", stampede.is_some()),
                 ("refresh_ahead", refresh_ahead.is_some()),
+                ("stale_ttl", stale_ttl.is_some()),
+                ("write", write != WriteStrategy::Invalidate),
+                ("warm", warm.is_some()),
             ];
             if let Some((key, _)) = set.into_iter().find(|(_, is_set)| *is_set) {
                 return Err(invalid(
@@ -1810,6 +2139,9 @@ impl FileRule {
                 compress,
                 stampede: None,
                 refresh_ahead: None,
+                stale_ttl: None,
+                write,
+                warm: None,
             });
         }
 
@@ -1856,6 +2188,9 @@ impl FileRule {
             compress,
             stampede,
             refresh_ahead,
+            stale_ttl,
+            write,
+            warm,
         })
     }
 }
@@ -2545,6 +2880,15 @@ mod tests {
                 on_timeout: OnTimeout::Nil,
             }),
             refresh_ahead: Some(RefreshAhead::Ratio(0.8)),
+            stale_ttl: Some(Duration::from_secs(60)),
+            write: WriteStrategy::Through,
+            warm: Some(WarmConfig {
+                on_startup: true,
+                interval: Some(Duration::from_secs(60)),
+                limit: 10,
+                hot: true,
+                scan: true,
+            }),
         });
         let example = uncommented_example();
         assert_eq!(

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use crate::cache::glob::Glob;
 use crate::cache::template::TagTemplate;
-use crate::config::{CompressConfig, RefreshAhead, RuleConfig, StampedeConfig};
+use crate::config::{
+    CompressConfig, RefreshAhead, RuleConfig, StampedeConfig, WarmConfig, WriteStrategy,
+};
 
 /// One rule, ready for matching.
 #[derive(Debug, Clone)]
@@ -34,6 +36,13 @@ pub struct Rule {
     pub stampede: Option<StampedeConfig>,
     /// Background refresh of entries read late in their life, if any.
     pub refresh_ahead: Option<RefreshAhead>,
+    /// How long past its ttl an entry may be served while the circuit
+    /// breaker is open.
+    pub stale_ttl: Option<std::time::Duration>,
+    /// What a write of a matching key through tierd does to L1.
+    pub write: WriteStrategy,
+    /// Warming, if any.
+    pub warm: Option<WarmConfig>,
 }
 
 /// The rules in match order. A rule's index here is its index in the L1
@@ -65,6 +74,9 @@ impl Rules {
                     compress: r.compress,
                     stampede: r.stampede,
                     refresh_ahead: r.refresh_ahead,
+                    stale_ttl: r.stale_ttl,
+                    write: r.write,
+                    warm: r.warm,
                 })
                 .collect(),
             any_tags: rules.iter().any(|r| !r.tags.is_empty()),
@@ -197,6 +209,9 @@ mod tests {
             compress: None,
             stampede: None,
             refresh_ahead: None,
+            stale_ttl: None,
+            write: crate::config::WriteStrategy::Invalidate,
+            warm: None,
         }
     }
 

@@ -1096,6 +1096,9 @@ mod tests {
                 compress: *compress,
                 stampede: None,
                 refresh_ahead: None,
+                stale_ttl: None,
+                write: crate::config::WriteStrategy::Invalidate,
+                warm: None,
             })
             .collect();
         Rules::from_config(&configs)

@@ -896,7 +896,7 @@ fn release(ctx: &Ctx, key: &[u8], token: Bytes) {
 // Refresh-ahead
 // ---------------------------------------------------------------------------
 
-/// A refresh to send: everything a fill of one reply needs.
+/// A refresh (or warming) to send: everything a fill of one reply needs.
 pub(crate) struct Refresh {
     pub(crate) rule: usize,
     pub(crate) ttl: Duration,
@@ -918,30 +918,44 @@ pub(crate) fn refresh(ctx: &Arc<Ctx>, job: Refresh) {
     if !ctx.stampede.refreshing.lock().insert(job.key.clone()) {
         return;
     }
+    if let Some(l1) = &ctx.l1 {
+        l1.store.note(job.rule, Event::Refresh);
+    }
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let key = job.key.clone();
-        refresh_now(&ctx, job).await;
+        if !fill(&ctx, job).await {
+            // Upstream's answer cannot be cached (the key is gone and the
+            // rule keeps no nils, an error, an invalidation came first):
+            // the entry goes, rather than being refreshed again on every
+            // hit.
+            if let Some(l1) = &ctx.l1 {
+                l1.store.invalidate(&key);
+            }
+        }
         ctx.stampede.refreshing.lock().remove(&key);
     });
 }
 
-async fn refresh_now(ctx: &Ctx, job: Refresh) {
-    let key = job.key.clone();
+/// Reads one reply from upstream and caches it in L1, as a client's fill
+/// would (tracked, with the key's `PTTL`, cancelled by an invalidation
+/// meanwhile): for refresh-ahead and warming. Returns whether it was
+/// cached.
+pub(crate) async fn fill(ctx: &Ctx, job: Refresh) -> bool {
     let Some(l1) = ctx.l1.clone() else {
-        return;
+        return false;
     };
     if job.variant.db != ctx.upstream.default_db() {
-        return;
+        return false;
     }
     let identity = ctx.upstream.default_identity();
     let pool = identity.pool(job.variant.proto);
     let conn = pool.conn(pool.pick()).clone();
     if !ctx.tracking.fill_allowed(&conn) {
-        return;
+        return false;
     }
     let Some(token) = l1.store.begin_fill(&job.key) else {
-        return;
+        return false;
     };
     let pttl = reply::encode_command(&[b"PTTL", &job.key]);
     let mut raws: Vec<&[u8]> = Vec::with_capacity(3);
@@ -949,13 +963,12 @@ async fn refresh_now(ctx: &Ctx, job: Refresh) {
         raws.push(CACHING_YES);
     }
     raws.extend([&job.request[..], &pttl[..]]);
-    l1.store.note(job.rule, Event::Refresh);
     let sent = Instant::now();
     let replies = match conn.request_all(&raws).await {
         Ok(replies) => replies,
         Err(e) => {
-            tracing::debug!(error = %e, "refresh not sent");
-            return;
+            tracing::debug!(error = %e, "fill not sent");
+            return false;
         }
     };
     let fetch = sent.elapsed();
@@ -964,7 +977,7 @@ async fn refresh_now(ctx: &Ctx, job: Refresh) {
     let caching_ok =
         !ctx.tracking.opt_in() || matches!(replies.next(), Some(Ok(ok)) if inspect::is_ok(&ok));
     let (Some(Ok(read)), Some(Ok(pttl)), true) = (read, pttl, caching_ok) else {
-        return;
+        return false;
     };
     let entry = FillEntry::new(
         token,
@@ -974,13 +987,7 @@ async fn refresh_now(ctx: &Ctx, job: Refresh) {
         job.variant,
         job.compress,
     );
-    let stored = store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)));
-    if !stored {
-        // Upstream's answer cannot be cached (the key is gone and the rule
-        // keeps no nils, an error, an invalidation came first): the entry
-        // goes, rather than being refreshed again on every hit.
-        l1.store.invalidate(&key);
-    }
+    store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)))
 }
 
 fn parse_int(frame: &[u8]) -> Option<i64> {

@@ -31,6 +31,9 @@ pub fn rule(name: &str, pattern: &str, ttl: Duration) -> RuleConfig {
         compress: None,
         stampede: None,
         refresh_ahead: None,
+        stale_ttl: None,
+        write: tierd::config::WriteStrategy::Invalidate,
+        warm: None,
     }
 }
 
@@ -47,6 +50,9 @@ pub fn no_cache_rule(name: &str, pattern: &str) -> RuleConfig {
         compress: None,
         stampede: None,
         refresh_ahead: None,
+        stale_ttl: None,
+        write: tierd::config::WriteStrategy::Invalidate,
+        warm: None,
     }
 }
 
