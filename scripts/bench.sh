@@ -41,6 +41,19 @@
 #          plus the build. STAMPEDE_KEYS, STAMPEDE_CLIENTS, STAMPEDE_LOAD_MS
 #          and the others at the top of that file pass through. With other
 #          suites, its tables follow theirs (after compression).
+#   warming
+#          Not run by default. Warming (issue 7): runs `cargo bench --bench
+#          warming` (benches/warming.rs), which starts its own redis-server
+#          with 100,000 keys and tierds in front of it, primes a hot set with
+#          one instance under a Zipf(0.99) GET workload, then restarts a
+#          fresh instance three times (hot-set warming, pattern warming, no
+#          warming) under 5,000 GET/s and prints the hit rate 1, 2, 5, 10, 30
+#          and 60 s after each start, and whether the target (>= 80% within
+#          10 s with hot-set warming) is met; about 4 minutes plus the build.
+#          WARMING_SECS (60; e.g. 10 for a quick run), WARMING_PRIME_SECS,
+#          WARMING_RPS, WARMING_LIMIT and the others at the top of that file
+#          pass through. With other suites, its tables follow theirs (after
+#          stampede).
 #
 # Targets are interleaved per case (direct, twemproxy, tierd, tierd-l1; next
 # case; ...) and all cases are repeated BENCH_ROUNDS times, so slow drift on a
@@ -54,10 +67,11 @@
 # Only the bus tables: BENCH_SUITES=bus scripts/bench.sh
 # Only the compression tables: BENCH_SUITES=compression scripts/bench.sh
 # Only the stampede tables: BENCH_SUITES=stampede scripts/bench.sh
+# Only the warming tables: BENCH_SUITES=warming scripts/bench.sh
 #
 # Environment (defaults in brackets):
 #   BENCH_SUITES          suites to run, any of: proxy l1 bus compression
-#                         stampede [proxy l1]
+#                         stampede warming [proxy l1]
 #   BENCH_TARGETS         targets to run, any of: direct twemproxy tierd tierd-l1
 #                         [all four]; the proxy suite ignores tierd-l1, the l1
 #                         suite needs it
@@ -137,8 +151,8 @@ for t in $BENCH_TARGETS; do
 done
 for s in $BENCH_SUITES; do
 	case "$s" in
-	proxy | l1 | bus | compression | stampede) ;;
-	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus compression stampede)" ;;
+	proxy | l1 | bus | compression | stampede | warming) ;;
+	*) die "unknown suite '$s' in BENCH_SUITES (use: proxy l1 bus compression stampede warming)" ;;
 	esac
 done
 want() { case " $BENCH_TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
@@ -146,8 +160,9 @@ suite() { case " $BENCH_SUITES " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
 # cargo_bench_suite BENCH TITLE: a self-contained suite's tables on stdout,
 # under a heading with the date and revision. benches/bus.rs,
-# benches/compression.rs and benches/stampede.rs each start their own
-# redis-server and tierds, so they need nothing the other suites set up.
+# benches/compression.rs, benches/stampede.rs and benches/warming.rs each
+# start their own redis-server and tierds, so they need nothing the other
+# suites set up.
 cargo_bench_suite() {
 	local bench=$1 title=$2 rev
 	rev=$(git rev-parse --short HEAD 2>/dev/null) || rev="uncommitted"
@@ -157,8 +172,9 @@ cargo_bench_suite() {
 	echo
 	cargo bench --bench "$bench"
 }
-# self_contained_suites: the bus, compression and stampede suites, in that
-# order, each after a blank line when something was printed before it.
+# self_contained_suites: the bus, compression, stampede and warming suites,
+# in that order, each after a blank line when something was printed before
+# it.
 self_contained_suites() {
 	local sep=${1:-}
 	if suite bus; then
@@ -174,11 +190,16 @@ self_contained_suites() {
 	if suite stampede; then
 		[ -z "$sep" ] || echo
 		cargo_bench_suite stampede "Stampede protection"
+		sep=1
+	fi
+	if suite warming; then
+		[ -z "$sep" ] || echo
+		cargo_bench_suite warming "Warming"
 	fi
 }
 only_self_contained=1
 for s in $BENCH_SUITES; do
-	case "$s" in bus | compression | stampede) ;; *) only_self_contained=0 ;; esac
+	case "$s" in bus | compression | stampede | warming) ;; *) only_self_contained=0 ;; esac
 done
 if [ "$only_self_contained" = 1 ]; then
 	mkdir -p "$ROOT/target/bench"

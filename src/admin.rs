@@ -38,12 +38,12 @@ pub const MAX_KEYS_COUNT: usize = 10_000;
 
 /// The commands, for the unknown-command error.
 const COMMANDS: &str = "CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, \
-CACHE.INVALIDATE, CACHE.TAG, CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.HELP";
+CACHE.INVALIDATE, CACHE.TAG, CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.WARM, CACHE.HELP";
 
 /// The `CACHE.*` subcommands that need upstream I/O. Dispatch runs them
 /// as jobs on the client's own connection (`dispatch::jobs`); they never
 /// reach [`command`].
-pub(crate) const JOBS: &[&str] = &["INVALIDATE", "TAG", "SET", "TAGS", "MEMBERS"];
+pub(crate) const JOBS: &[&str] = &["INVALIDATE", "TAG", "SET", "TAGS", "MEMBERS", "WARM"];
 
 /// `CACHE.HELP`'s lines, in the layout of Redis's own `… HELP` replies.
 const HELP: &[&str] = &[
@@ -51,7 +51,7 @@ const HELP: &[&str] = &[
     "CACHE.STATS [<rule>]",
     "    Per rule, in rule order: hits, misses, hit rate, entries, bytes, evictions,",
     "    invalidations, then coalesced reads, lease grants, waits, wake-ups and",
-    "    timeouts, and refreshes. With <rule>, that rule only.",
+    "    timeouts, refreshes, and stale serves. With <rule>, that rule only.",
     "CACHE.RULES",
     "    The caching rules in match order: name, pattern, ttl in milliseconds, memory",
     "    cap, whether matching keys (and nil replies) are cached, and the key prefix",
@@ -83,6 +83,11 @@ const HELP: &[&str] = &[
     "    The tags of <key>, sorted. Empty when the key does not exist.",
     "CACHE.MEMBERS <tag>",
     "    The existing keys tagged <tag>, sorted.",
+    "CACHE.WARM [<rule>]",
+    "    Loads keys of <rule> (of every rule with warm, without <rule>) into L1 now:",
+    "    first the keys instances recorded as hottest, then keys matching the rule",
+    "    (SCAN), up to the rule's warm limit, at [warming] rate. Returns the number of",
+    "    keys loaded.",
     "CACHE.HELP",
     "    Prints this help.",
 ];
@@ -101,7 +106,7 @@ const HELP: &[&str] = &[
 /// ```
 ///
 /// The commands that need upstream (`CACHE.INVALIDATE`, `CACHE.TAG`,
-/// `CACHE.SET`, `CACHE.TAGS`, `CACHE.MEMBERS`) are jobs that dispatch runs
+/// `CACHE.SET`, `CACHE.TAGS`, `CACHE.MEMBERS`, `CACHE.WARM`) are jobs that dispatch runs
 /// on the client's connection; see `dispatch::jobs`.
 pub(crate) fn command(s: &mut Session, req: &Request) {
     let name = req.name();
@@ -237,7 +242,7 @@ fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
         reply::array_header(&mut out, rules.len());
     }
     for r in &rules {
-        reply::map_header(&mut out, 14, proto);
+        reply::map_header(&mut out, 15, proto);
         reply::bulk(&mut out, b"rule");
         reply::bulk(&mut out, r.name.as_bytes());
         for (field, value) in [("hits", r.hits), ("misses", r.misses)] {
@@ -257,6 +262,7 @@ fn stats(ctx: &Ctx, proto: Proto, req: &Request) -> Bytes {
             ("lease_wakeups", r.lease_wakeups),
             ("lease_timeouts", r.lease_timeouts),
             ("refreshes", r.refreshes),
+            ("stale_serves", r.stale_serves),
         ] {
             reply::bulk(&mut out, field.as_bytes());
             int(&mut out, value);
@@ -643,6 +649,9 @@ fn tierd_section(ctx: &Ctx, out: &mut String) {
     };
     field(out, "tierd_upstream", format_args!("{host}:{}", url.port));
     field(out, "tierd_upstream_db", url.db);
+    let breaker = ctx.upstream.breaker();
+    field(out, "tierd_circuit_state", breaker.state().as_str());
+    field(out, "tierd_circuit_opens", breaker.opens());
     let mode = ctx.tracking.mode();
     field(out, "tierd_tracking_mode", mode.as_str());
     let live = mode != TrackingMode::Off && ctx.tracking.is_live();
@@ -664,6 +673,10 @@ fn tierd_section(ctx: &Ctx, out: &mut String) {
     field(out, "tierd_bus_sent", bus.map_or(0, |b| b.sent()));
     field(out, "tierd_bus_received", bus.map_or(0, |b| b.received()));
     field(out, "tierd_bus_rejected", bus.map_or(0, |b| b.rejected()));
+    let writes = &ctx.writes;
+    field(out, "tierd_write_behind_queue", writes.depth());
+    field(out, "tierd_write_behind_flushed", writes.flushed());
+    field(out, "tierd_write_behind_errors", writes.errors());
     let table = ctx.table.get();
     field(out, "tierd_command_table_loaded", u8::from(table.is_some()));
     field(

@@ -75,6 +75,10 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// upstream prober and metrics upkeep stop when this function returns, so
 /// `/metrics` stays up while sessions drain.
 ///
+/// Once the sessions are done, the invalidation bus publishes what they
+/// left, and warming writes its hot sets with what they read, each awaited
+/// for at most twice `upstream.command_timeout`.
+///
 /// # Errors
 ///
 /// [`ServerError::MetricsListen`] when the metrics listener cannot be
@@ -98,7 +102,13 @@ pub async fn run(
     // Dropped when this function returns, which stops the control plane.
     let (control_alive, control_stop) = tokio::sync::watch::channel(());
     let bus = start_control_plane(&ctx, &control_stop);
+    // Warming runs beside the clients; its hot-set writer makes one last
+    // write when the control plane stops.
+    let hot_sets = crate::dispatch::warm::start(&ctx, &control_stop);
     start_metrics(&ctx, metrics_listener, &control_stop);
+    // Write-behind's flusher stops with the control plane, after the
+    // queue was drained below.
+    crate::dispatch::writes::start(&ctx, &control_stop);
     let (notify_shutdown, _) = broadcast::channel::<()>(1);
     let (shutdown_complete_tx, mut shutdown_complete_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(effective_max_clients(&config)));
@@ -115,6 +125,11 @@ pub async fn run(
         _ = shutdown => Ok(()),
     };
     drop(listener);
+    // Queued write-behind writes go to Redis at once from now on, while
+    // the sessions finish, and the queue must be empty before the flusher
+    // stops: within the same shutdown timeout.
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    ctx.writes.hurry();
     // Dropping the sender tells every session to stop taking requests; the
     // completion channel closes when the last one has finished.
     drop(notify_shutdown);
@@ -123,11 +138,16 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!(timeout = ?config.shutdown_timeout, "shutdown timeout: closing remaining clients");
     }
+    ctx.writes.drain(deadline).await;
     // The bus publishes what the last sessions wrote before it stops; the
     // other tasks just end.
     drop(control_alive);
     if let Some(bus) = bus {
         let _ = tokio::time::timeout(config.upstream.command_timeout * 2, bus).await;
+    }
+    // The hot sets, with what the last sessions read, for the next start.
+    if let Some(hot_sets) = hot_sets {
+        let _ = tokio::time::timeout(config.upstream.command_timeout * 2, hot_sets).await;
     }
     tracing::info!("tierd stopped");
     result

@@ -104,6 +104,10 @@ pub struct Ctx {
     pub parse_limits: ParseLimits,
     /// Coalesced reads, leases and refreshes in flight.
     pub(crate) stampede: Arc<crate::dispatch::stampede::Stampede>,
+    /// The rules' write strategies and the write-behind queue.
+    pub(crate) writes: crate::dispatch::writes::Writes,
+    /// Warming: the hot-set samples and the shared pace.
+    pub(crate) warm: crate::dispatch::warm::Warm,
     next_client_id: AtomicU64,
     /// Live sessions by tierd client id. Sync lock, held only to look up,
     /// insert or remove.
@@ -136,9 +140,12 @@ impl Ctx {
             }
             _ => None,
         };
+        let warm = crate::dispatch::warm::Warm::new(&config, &metrics);
         Ctx {
             parse_limits: config.parse_limits(),
             stampede: Arc::default(),
+            writes: crate::dispatch::writes::Writes::new(&config, metrics.clone()),
+            warm,
             bus,
             rules: Arc::new(Rules::from_config(&config.rules)),
             // Without L1 there is nothing to track for.

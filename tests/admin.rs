@@ -245,6 +245,8 @@ async fn info_through_tierd_adds_tierd_and_cache_sections(resp3_mode: bool) {
             "tierd_threads",
             "tierd_upstream",
             "tierd_upstream_db",
+            "tierd_circuit_state",
+            "tierd_circuit_opens",
             "tierd_tracking_mode",
             "tierd_tracking_live",
             "tierd_tracking_links",
@@ -254,6 +256,9 @@ async fn info_through_tierd_adds_tierd_and_cache_sections(resp3_mode: bool) {
             "tierd_bus_sent",
             "tierd_bus_received",
             "tierd_bus_rejected",
+            "tierd_write_behind_queue",
+            "tierd_write_behind_flushed",
+            "tierd_write_behind_errors",
             "tierd_tracking_invalidations",
             "tierd_command_table_loaded",
             "tierd_command_table_commands",
@@ -789,6 +794,7 @@ async fn cache_help_lists_every_command_as_status_lines() {
             "CACHE.RULES",
             "CACHE.KEYS <pattern> [COUNT <count>]",
             "CACHE.INSPECT <key>",
+            "CACHE.WARM [<rule>]",
             "CACHE.HELP",
         ] {
             assert!(lines.iter().any(|l| l == command), "{command} in {lines:?}");
@@ -808,7 +814,7 @@ async fn unknown_cache_commands_and_cache_commands_in_multi_are_errors() {
         &t.cmd(&["CACHE.NOPE", "x"]).await,
         b"-ERR unknown command 'CACHE.NOPE', tierd's CACHE commands are: \
           CACHE.STATS, CACHE.RULES, CACHE.KEYS, CACHE.INSPECT, CACHE.INVALIDATE, CACHE.TAG, \
-          CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.HELP\r\n",
+          CACHE.SET, CACHE.TAGS, CACHE.MEMBERS, CACHE.WARM, CACHE.HELP\r\n",
     );
     assert_frame(
         &t.cmd(&["CACHE.STATS", "users", "x"]).await,

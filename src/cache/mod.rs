@@ -56,6 +56,12 @@ impl L1 {
                 })
                 .collect(),
         })?;
+        let mut store = store;
+        for (i, r) in config.rules.iter().enumerate() {
+            if let Some(stale) = r.stale_ttl.filter(|_| r.cache) {
+                store.set_stale_ttl(i, stale);
+            }
+        }
         Ok(Some(L1 { store, rules }))
     }
 }

@@ -131,9 +131,14 @@ const ENTRY_HEADER: usize = 16;
 /// Bytes before a record's request: db (u32), protocol (u8), expiry in
 /// nanoseconds since the store's base instant (u64), the reply's life in
 /// milliseconds (u32) and how long its upstream read took in microseconds
-/// (u32), both for refresh-ahead ([`Timing`]), request length (u32), reply
-/// length (u32).
-const RECORD_HEADER: usize = 29;
+/// (u32), both for refresh-ahead ([`Timing`]), how long after the expiry
+/// the key itself expires in Redis, in milliseconds ([`NO_KEY_EXPIRY`] for
+/// never: stale serving stops there), request length (u32), reply length
+/// (u32).
+const RECORD_HEADER: usize = 33;
+
+/// A record's key has no expiry in Redis.
+const NO_KEY_EXPIRY: u32 = u32::MAX;
 
 /// How a reply was filled, kept with it for refresh-ahead
 /// ([`Store::finish_fill_timed`], [`ReplySlice::refresh_due`]).
@@ -144,6 +149,10 @@ pub struct Timing {
     pub life: Duration,
     /// How long its upstream read took (XFetch's `delta`).
     pub fetch: Duration,
+    /// How long after the reply's L1 expiry its key expires in Redis;
+    /// `None` when it has no expiry (or it is not known). A reply is never
+    /// served stale past its key's own expiry.
+    pub key_expiry: Option<Duration>,
 }
 
 /// What a stampede-protection event counts, per rule ([`Store::note`]).
@@ -347,6 +356,9 @@ pub struct RuleStats {
     pub lease_timeouts: u64,
     /// Background refreshes sent.
     pub refreshes: u64,
+    /// Replies served past their ttl (or their link) while upstream was
+    /// unavailable.
+    pub stale_serves: u64,
 }
 
 /// What L1 holds for one key, as `CACHE.INSPECT` shows it
@@ -456,6 +468,11 @@ pub struct Store {
     all_floor: AtomicU64,
     /// Per-db floors (db ≥ `DB_SLOTS - 1` share the last slot).
     db_floors: [AtomicU64; DB_SLOTS],
+    /// Entries built before this epoch may not even be served stale: raised
+    /// by flushes ([`Store::flush_all`]), never by a lost link.
+    stale_floor: AtomicU64,
+    /// Whether some rule keeps stale replies.
+    any_stale: bool,
     /// Who holds the store suspended, one bit per [`Holder`]. A sync lock,
     /// held only while the floor is switched, so that one link resuming
     /// can never undo another link's suspension.
@@ -505,6 +522,9 @@ struct RuleSlot {
     name: String,
     cache: usize,
     counters: Counters,
+    /// How long past its expiry a reply is kept for stale serving, in
+    /// nanoseconds; 0 keeps nothing ([`Store::set_stale_ttl`]).
+    stale: u64,
 }
 
 /// Padded so that hit counters of different rules never share a cache line.
@@ -523,6 +543,7 @@ struct Counters {
     lease_wakeups: AtomicU64,
     lease_timeouts: AtomicU64,
     refreshes: AtomicU64,
+    stale_serves: AtomicU64,
 }
 
 /// Charges each entry its packed length plus [`ENTRY_OVERHEAD`].
@@ -680,6 +701,7 @@ struct Record<'a> {
     expires: u64,
     life_ms: u32,
     fetch_us: u32,
+    key_left_ms: u32,
     request: &'a [u8],
     /// Where the reply is in the entry.
     reply: Range<usize>,
@@ -687,7 +709,38 @@ struct Record<'a> {
     span: Range<usize>,
 }
 
+/// The entry `entry` parsed, if it is `key`'s, and the record of the first
+/// of `variants` it holds.
+fn find_variant<'e>(
+    entry: &'e [u8],
+    key: &[u8],
+    variants: &[VariantRef<'_>],
+) -> Option<(EntryView<'e>, Record<'e>)> {
+    let view = EntryView::parse(entry)?;
+    if view.key != key {
+        return None;
+    }
+    let record = variants
+        .iter()
+        .find_map(|v| view.records().find(|r| r.is(key, *v)))?;
+    Some((view, record))
+}
+
 impl Record<'_> {
+    /// What makes a [`ReplySlice`] of this record, once given the entry
+    /// it was read from (which this record borrows until then).
+    fn slice_of(&self) -> impl FnOnce(Arc<[u8]>) -> ReplySlice {
+        let (range, expires) = (self.reply.clone(), self.expires);
+        let (life_ms, fetch_us) = (self.life_ms, self.fetch_us);
+        move |entry| ReplySlice {
+            entry,
+            range,
+            expires,
+            life_ms,
+            fetch_us,
+        }
+    }
+
     /// Whether this record is `variant` of `key`.
     fn is(&self, key: &[u8], variant: VariantRef<'_>) -> bool {
         if self.db != variant.db || self.proto & !KEY_ELIDED != variant.proto.as_u8() {
@@ -788,8 +841,9 @@ impl<'a> Iterator for Records<'a> {
         let expires = read_u64(buf, at + 5)?;
         let life_ms = read_u32(buf, at + 13)?;
         let fetch_us = read_u32(buf, at + 17)?;
-        let req_len = read_u32(buf, at + 21)? as usize;
-        let reply_len = read_u32(buf, at + 25)? as usize;
+        let key_left_ms = read_u32(buf, at + 21)?;
+        let req_len = read_u32(buf, at + 25)? as usize;
+        let reply_len = read_u32(buf, at + 29)? as usize;
         let req_at = at + RECORD_HEADER;
         let reply_at = req_at + req_len;
         let end = reply_at + reply_len;
@@ -804,6 +858,7 @@ impl<'a> Iterator for Records<'a> {
             expires,
             life_ms,
             fetch_us,
+            key_left_ms,
             request,
             reply: reply_at..end,
             span: at..end,
@@ -866,6 +921,11 @@ fn encode_entry(
         out.put_u64_le(new.expires);
         out.put_u32_le(millis_u32(new.timing.life));
         out.put_u32_le(micros_u32(new.timing.fetch));
+        out.put_u32_le(
+            new.timing
+                .key_expiry
+                .map_or(NO_KEY_EXPIRY, |d| millis_u32(d).min(NO_KEY_EXPIRY - 1)),
+        );
         out.put_u32_le(u32::try_from(new.request_len()).ok()?);
         out.put_u32_le(u32::try_from(new.reply.len()).ok()?);
         out.extend_from_slice(new.request);
@@ -952,6 +1012,7 @@ impl Store {
                 name: rule.name,
                 cache,
                 counters: Counters::default(),
+                stale: 0,
             });
         }
         Ok(Store {
@@ -966,6 +1027,8 @@ impl Store {
             db_floors: std::array::from_fn(|_| AtomicU64::new(0)),
             holders: parking_lot::Mutex::new(0),
             watches: Arc::default(),
+            stale_floor: AtomicU64::new(0),
+            any_stale: false,
         })
     }
 
@@ -1019,24 +1082,11 @@ impl Store {
         let cache = self.caches.get(cache)?;
         let hash = self.hash_key(key);
         let entry = cache.cache.get(&hash)?;
-        let view = EntryView::parse(&entry)?;
-        if view.key != key {
-            return None;
-        }
-        let record = variants
-            .iter()
-            .find_map(|v| view.records().find(|r| r.is(key, *v)))?;
+        let (view, record) = find_variant(&entry, key, variants)?;
         let now = self.nanos(now);
         if view.born >= self.floor(all, record.db) && record.expires > now {
-            let (range, expires) = (record.reply, record.expires);
-            let (life_ms, fetch_us) = (record.life_ms, record.fetch_us);
-            return Some(ReplySlice {
-                entry,
-                range,
-                expires,
-                life_ms,
-                fetch_us,
-            });
+            let slice = record.slice_of();
+            return Some(slice(entry));
         }
         drop(entry);
         self.compact(cache_index, hash, Some(now), DropReason::Dead);
@@ -1216,10 +1266,62 @@ impl Store {
         !removed.is_empty()
     }
 
+    /// For a write whose value the writer caches itself (write-through,
+    /// `dispatch::writes`): drops the token's key and cancels every other
+    /// fill of it, exactly as [`Store::invalidate`] does, and in the same
+    /// step (under the key's mark lock) hands the token's claim on to
+    /// `count` tokens of a fresh fill generation. Nothing comes back when
+    /// anything invalidated the key since `token` began: an invalidation
+    /// that raced the write cancels it. The new tokens keep the original's
+    /// start, so a flush since then still cancels them. Keep the removal in
+    /// step with [`Store::invalidate`].
+    pub fn renew_fill(&self, mut token: FillToken, count: usize) -> Vec<FillToken> {
+        let hash = token.hash;
+        let mut removed = Vec::new();
+        let mut renewed = Vec::new();
+        {
+            let mut marks = self.marks.shard(hash).lock();
+            let current = Arc::ptr_eq(&token.marks, &self.marks)
+                && marks.map.get(&hash).is_some_and(|m| m.id == token.mark_id);
+            marks.map.remove(&hash);
+            // The mark is gone either way: nothing left to release.
+            token.armed = false;
+            for cache in &self.caches {
+                let key = &token.key[..];
+                let same_key = |v: &Arc<[u8]>| EntryView::parse(v).is_some_and(|e| e.key == key);
+                if let Some((_, entry)) = cache.cache.remove_if(&hash, same_key) {
+                    removed.push(entry);
+                }
+            }
+            if current && count > 0 {
+                marks.next_id += 1;
+                let id = marks.next_id;
+                let inflight = u32::try_from(count).unwrap_or(u32::MAX);
+                marks.map.insert(hash, Mark { id, inflight });
+                renewed = (0..count)
+                    .map(|_| FillToken {
+                        marks: Arc::clone(&self.marks),
+                        key: token.key.clone(),
+                        hash,
+                        mark_id: id,
+                        born: token.born,
+                        armed: true,
+                    })
+                    .collect();
+            }
+        }
+        self.watches.fire(hash);
+        for entry in &removed {
+            self.account_drop(entry, DropReason::Invalidated);
+        }
+        renewed
+    }
+
     /// Drops everything and cancels all in-flight fills (`FLUSHALL`, or a
     /// lost invalidation link).
     pub fn flush_all(&self) {
         let epoch = self.bump_epoch();
+        self.stale_floor.fetch_max(epoch, Ordering::SeqCst);
         self.all_floor.fetch_max(epoch, Ordering::SeqCst);
         self.marks.clear();
         self.watches.fire_all();
@@ -1261,7 +1363,13 @@ impl Store {
         self.marks.clear();
         drop(holders);
         self.watches.fire_all();
-        self.drop_all(DropReason::Invalidated);
+        if self.any_stale {
+            // Replies of rules with a stale_ttl stay, to be served only
+            // while the circuit breaker is open; the rest go.
+            self.sweep_with(None, DropReason::Invalidated);
+        } else {
+            self.drop_all(DropReason::Invalidated);
+        }
     }
 
     /// Ends `holder`'s suspension; call it once its link is trusted again.
@@ -1279,6 +1387,85 @@ impl Store {
         let _ =
             self.all_floor
                 .compare_exchange(SUSPENDED, epoch, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Stops serving everything cached so far, because a change to any of
+    /// it may go unreported (a connection whose reads Redis tracked was
+    /// lost), and cancels in-flight fills; unlike [`Store::flush_all`],
+    /// replies of rules with a stale_ttl stay, to be served only while the
+    /// circuit breaker is open.
+    pub fn distrust(&self) {
+        let epoch = self.bump_epoch();
+        self.all_floor.fetch_max(epoch, Ordering::SeqCst);
+        self.marks.clear();
+        self.watches.fire_all();
+        if self.any_stale {
+            self.sweep_with(None, DropReason::Invalidated);
+        } else {
+            self.drop_all(DropReason::Invalidated);
+        }
+    }
+
+    /// Keeps replies of `rule` for `stale` past their expiry, to be served
+    /// by [`Store::get_stale`] while upstream is unavailable. Set while
+    /// building the store.
+    pub fn set_stale_ttl(&mut self, rule: usize, stale: Duration) {
+        if let Some(slot) = self.rules.get_mut(rule) {
+            slot.stale = u64::try_from(stale.as_nanos()).unwrap_or(u64::MAX);
+            self.any_stale |= slot.stale > 0;
+        }
+    }
+
+    /// The stale-serving lookup, for when upstream is unavailable (the
+    /// circuit breaker is open): like [`Store::get_with`], but a reply past
+    /// its expiry, within its rule's stale_ttl, is served too, and so is
+    /// one kept through a suspension. Nothing flushed or invalidated is.
+    /// Counts a stale serve (not a hit or miss) when found.
+    pub fn get_stale<R>(
+        &self,
+        rule: usize,
+        key: &[u8],
+        variants: &[VariantRef<'_>],
+        now: Instant,
+        f: impl FnOnce(&ReplySlice) -> R,
+    ) -> Option<(ReplySlice, R)> {
+        let slot = self.rules.get(rule)?;
+        if slot.stale == 0 {
+            return None;
+        }
+        let cache = self.caches.get(slot.cache)?;
+        let entry = cache.cache.peek(&self.hash_key(key))?;
+        let (view, record) = find_variant(&entry, key, variants)?;
+        if !self.stale_kept(&view, &record, Some(self.nanos(now))) {
+            return None;
+        }
+        let slice = record.slice_of();
+        let hit = slice(entry);
+        slot.counters.stale_serves.fetch_add(1, Ordering::Relaxed);
+        let out = f(&hit);
+        Some((hit, out))
+    }
+
+    /// Whether a record may still be served stale at `now` (any time, for
+    /// `None`): its rule keeps stale replies, it is within that stale_ttl
+    /// of its expiry, and no flush (or end of a suspension) came after it.
+    fn stale_kept(&self, view: &EntryView<'_>, record: &Record<'_>, now: Option<u64>) -> bool {
+        let Some(slot) = self.rules.get(usize::from(view.rule)) else {
+            return false;
+        };
+        if slot.stale == 0 {
+            return false;
+        }
+        let floor = self.floor(self.stale_floor.load(Ordering::SeqCst), record.db);
+        // Never past the key's own expiry in Redis: the key is gone then.
+        let key_gone = match record.key_left_ms {
+            NO_KEY_EXPIRY => u64::MAX,
+            ms => record
+                .expires
+                .saturating_add(u64::from(ms).saturating_mul(1_000_000)),
+        };
+        let until = record.expires.saturating_add(slot.stale).min(key_gone);
+        view.born >= floor && now.map_or(true, |n| until > n)
     }
 
     /// Drops every key `matches` accepts (a pattern invalidation) and
@@ -1334,6 +1521,7 @@ impl Store {
                 lease_wakeups: r.counters.lease_wakeups.load(Ordering::Relaxed),
                 lease_timeouts: r.counters.lease_timeouts.load(Ordering::Relaxed),
                 refreshes: r.counters.refreshes.load(Ordering::Relaxed),
+                stale_serves: r.counters.stale_serves.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -1509,8 +1697,8 @@ impl Store {
                 let Some(view) = EntryView::parse(&entry) else {
                     continue;
                 };
-                let all_live = view.records().all(|r| self.is_live(&view, &r, all, now));
-                if !all_live {
+                let all_kept = view.records().all(|r| self.is_kept(&view, &r, all, now));
+                if !all_kept {
                     dropped += self.compact(index, hash, now, reason);
                 }
             }
@@ -1526,6 +1714,17 @@ impl Store {
         now: Option<u64>,
     ) -> bool {
         view.born >= self.floor(all, record.db) && now.map_or(true, |n| record.expires > n)
+    }
+
+    /// Whether a record stays in memory: live, or kept for stale serving.
+    fn is_kept(
+        &self,
+        view: &EntryView<'_>,
+        record: &Record<'_>,
+        all: u64,
+        now: Option<u64>,
+    ) -> bool {
+        self.is_live(view, record, all, now) || self.stale_kept(view, record, now)
     }
 
     /// Rewrites the entry at `hash` without its dead variants (removing it if
@@ -1546,7 +1745,7 @@ impl Store {
         let all = self.all_floor.load(Ordering::SeqCst);
         let kept: Vec<Range<usize>> = view
             .records()
-            .filter(|r| self.is_live(&view, r, all, now))
+            .filter(|r| self.is_kept(&view, r, all, now))
             .map(|r| r.span)
             .collect();
         let dropped = usize::from(view.count).saturating_sub(kept.len());
@@ -1815,6 +2014,7 @@ mod tests {
         let timing = Timing {
             life: Duration::from_secs(10),
             fetch: Duration::from_millis(2),
+            key_expiry: None,
         };
         let reply = Bytes::from_static(b"$1\r\nx\r\n");
         assert!(s.finish_fill_timed(token, 0, v.clone(), reply, t0 + timing.life, timing));
@@ -1851,7 +2051,18 @@ mod tests {
             let v = get_var(key);
             let token = s.begin_fill(key.as_bytes()).unwrap();
             let reply = Bytes::from_static(b"$1\r\nx\r\n");
-            assert!(s.finish_fill_timed(token, 0, v, reply, t0 + life, Timing { life, fetch }));
+            assert!(s.finish_fill_timed(
+                token,
+                0,
+                v,
+                reply,
+                t0 + life,
+                Timing {
+                    life,
+                    fetch,
+                    key_expiry: None
+                }
+            ));
         }
         let fast = hit(&s, "fast", &get_var("fast"), t0);
         let slow = hit(&s, "slow", &get_var("slow"), t0);
@@ -1866,6 +2077,73 @@ mod tests {
         // Past the expiry minus nothing, any draw refreshes.
         let late = t0 + Duration::from_millis(9_999);
         assert!(s.refresh_due(&fast, late, policy, 1.0) || s.refresh_due(&fast, late, policy, 0.1));
+    }
+
+    #[test]
+    fn stale_replies_are_kept_past_ttl_within_stale_ttl_and_the_keys_own_expiry() {
+        let mut s = store();
+        s.set_stale_ttl(0, Duration::from_secs(100));
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let reply = Bytes::from_static(b"$1\r\nx\r\n");
+        let stale = |s: &Store, key: &str, now: Instant| {
+            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
+                .is_some()
+        };
+        let timed = |key_expiry| Timing {
+            life: Duration::from_secs(10),
+            fetch: Duration::ZERO,
+            key_expiry,
+        };
+        // "a": no expiry in Redis; "b": its key expires 5 s after its ttl.
+        for (key, key_expiry) in [("a", None), ("b", Some(Duration::from_secs(5)))] {
+            let token = s.begin_fill(key.as_bytes()).unwrap();
+            let v = get_var(key);
+            assert!(s.finish_fill_timed(token, 0, v, reply.clone(), at(10), timed(key_expiry)));
+        }
+        // Past the ttl: no hit, but kept, sweeps included.
+        assert_eq!(get(&s, 0, "a", &get_var("a"), at(14)), None);
+        s.sweep(at(14));
+        assert!(stale(&s, "b", at(14)));
+        assert!(!stale(&s, "b", at(16)), "served past its key's own expiry");
+        assert!(stale(&s, "a", at(20)));
+        assert!(stale(&s, "a", at(109)));
+        assert!(!stale(&s, "a", at(111)), "served past stale_ttl");
+        s.sweep(at(111));
+        assert_eq!(s.stats()[0].entries, 0);
+        assert_eq!(s.stats()[0].stale_serves, 3);
+        // A rule without stale_ttl keeps nothing.
+        assert!(fill(&s, 1, "c", &get_var("c"), "y", at(10)));
+        assert!(s
+            .get_stale(1, b"c", &[get_var("c").as_ref()], at(11), |_| ())
+            .is_none());
+    }
+
+    #[test]
+    fn a_lost_link_keeps_stale_replies_and_invalidations_and_flushes_end_them() {
+        let mut s = store();
+        s.set_stale_ttl(0, Duration::from_secs(3600));
+        let now = Instant::now();
+        let stale = |s: &Store, key: &str| {
+            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
+                .is_some()
+        };
+        for key in ["a", "b", "c"] {
+            assert!(fill(&s, 0, key, &get_var(key), key, now + HOUR));
+        }
+        assert!(fill(&s, 1, "other", &get_var("other"), "o", now + HOUR));
+        s.suspend(Holder::Tracking);
+        assert_eq!(get(&s, 0, "a", &get_var("a"), now), None);
+        assert!(stale(&s, "a"), "a suspension keeps stale replies");
+        assert_eq!(s.stats()[1].entries, 0, "other rules' replies go");
+        s.invalidate(b"b");
+        assert!(!stale(&s, "b"), "an invalidation ends a stale reply");
+        s.resume(Holder::Tracking);
+        assert!(stale(&s, "a"), "trust coming back does not end it");
+        s.distrust();
+        assert!(stale(&s, "c"), "nor does a lost connection");
+        s.flush_all();
+        assert!(!stale(&s, "a") && !stale(&s, "c"), "a flush does");
     }
 
     #[test]

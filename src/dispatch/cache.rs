@@ -101,6 +101,11 @@ pub(crate) enum Hook {
     },
     /// `INFO`: tierd's own sections are appended to upstream's reply.
     Info(crate::admin::Sections),
+    /// A write of keys whose rule has `write = "through"`, sent inside
+    /// tierd's own `MULTI`/`EXEC` with a `PTTL` per such key
+    /// ([`super::writes`]): the client's reply is taken out of `EXEC`'s,
+    /// and L1 is filled with what was written once it ran.
+    Through(Box<super::writes::Through>),
     /// A reply that carries compressed values: `inner` runs on the reply
     /// as it came (a fill keeps it compressed), then the client's frame is
     /// decoded ([`super::compression`]).
@@ -204,7 +209,7 @@ impl FillEntry {
 
 /// Whether this session may use L1 at all: the default identity, no state
 /// that pins it, not a stream.
-fn eligible(s: &Session) -> bool {
+pub(super) fn eligible(s: &Session) -> bool {
     s.ctx.upstream.is_default(&s.identity)
         && !needs_pin(s)
         && !s.pinned.as_ref().is_some_and(|p| p.stream)
@@ -268,7 +273,7 @@ pub(crate) fn read(
         let (queue, out, mode) = (&mut s.queue, &mut s.out, &mut s.state.reply_mode);
         let compress = rule.compress.filter(|_| value_read);
         let ctx = &*s.ctx;
-        let hit = l1.store.get_with(rule_index, key, &[variant], now, |hit| {
+        let mut serve = |hit: &ReplySlice| {
             if compress.is_some() && compression::l1_compressed(hit.as_ref()) {
                 let plain = compression::l1_hit(ctx, hit.as_ref());
                 crate::session::answer(queue, out, mode, &plain, || plain.clone());
@@ -276,7 +281,24 @@ pub(crate) fn read(
                 let shared = || Bytes::from_owner(hit.clone());
                 crate::session::answer(queue, out, mode, hit.as_ref(), shared);
             }
-        });
+        };
+        let mut hit = l1
+            .store
+            .get_with(rule_index, key, &[variant], now, |h| serve(h));
+        super::warm::note_read(ctx, rule_index, key);
+        if hit.is_none() && rule.stale_ttl.is_some() && ctx.upstream.breaker().is_open() {
+            // Upstream is unavailable: a reply past its ttl (or kept
+            // through a lost link) beats an error.
+            if l1
+                .store
+                .get_stale(rule_index, key, &[variant], now, |h| serve(h))
+                .is_some()
+            {
+                crate::session::keep_scratch(&mut s.scratch, scratch);
+                return Ok(Flow::Continue);
+            }
+            hit = None;
+        }
         let due = match (&hit, rule.refresh_ahead) {
             (Some((slice, ())), Some(policy)) => {
                 l1.store
@@ -427,7 +449,7 @@ fn read_hook(hook: ReadHook, decode: Option<&Decode>) -> Hook {
 /// The pooled connection a fill goes out on, if requests in flight
 /// elsewhere do not hold it up. With `tracked`, also only if tracking will
 /// report changes to what is read on it. `None` means "not now".
-fn fill_conn(s: &mut Session, tracked: bool) -> Option<(Conn, Route)> {
+pub(super) fn fill_conn(s: &mut Session, tracked: bool) -> Option<(Conn, Route)> {
     let route = choose(s, Want::Any);
     let Route::Pool { proto, idx, .. } = route else {
         return None;
@@ -736,7 +758,11 @@ impl Hook {
     /// `Session::writes_in_flight`).
     fn is_write(&self) -> bool {
         match self {
-            Hook::Invalidate(_) | Hook::Flush(_) | Hook::Many(_) | Hook::Tagged { .. } => true,
+            Hook::Invalidate(_)
+            | Hook::Flush(_)
+            | Hook::Many(_)
+            | Hook::Tagged { .. }
+            | Hook::Through(_) => true,
             Hook::Decoded { inner, .. } => inner.as_ref().is_some_and(|h| h.is_write()),
             Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => false,
         }
@@ -848,6 +874,7 @@ fn run(s: &mut Session, hook: Hook, frame: Bytes) -> Option<Bytes> {
             compression::decode_reply(&s.ctx, frame, &decode)
         }
         Hook::Info(sections) => crate::admin::append_info(&s.ctx, sections, frame),
+        Hook::Through(through) => super::writes::through_reply(s, *through, frame),
     })
 }
 
@@ -984,6 +1011,8 @@ pub(crate) fn store_fill(
         return false;
     }
     let tracked = ctx.tracking.mode() != crate::config::TrackingMode::Off;
+    // The key's own expiry in Redis, counted from the L1 expiry below.
+    let key_ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
     let life = match pttl {
         // No TTL upstream: the rule decides.
         -1 => entry.ttl,
@@ -1004,7 +1033,11 @@ pub(crate) fn store_fill(
         entry.variant,
         reply,
         sent + life,
-        crate::cache::Timing { life, fetch },
+        crate::cache::Timing {
+            life,
+            fetch,
+            key_expiry: key_ttl.map(|k| k.saturating_sub(life)),
+        },
     )
 }
 
@@ -1115,6 +1148,7 @@ fn announce_hook(ctx: &Ctx, db: u32, hook: &Hook) {
                 announce_hook(ctx, db, hook);
             }
         }
+        Hook::Through(through) => announce_keys(ctx, db, through.keys()),
         Hook::Fill(_) | Hook::Mget { .. } | Hook::Info(_) => {}
     }
 }

@@ -1,5 +1,5 @@
 //! The `CACHE.*` commands that do upstream I/O: invalidation by tag,
-//! pattern or key, tagging, tagged writes, and tag listings.
+//! pattern or key, tagging, tagged writes, tag listings, and warming.
 //!
 //! Each is a *job*: it runs alone on the client's session, after the
 //! client's requests in flight have been answered, and the session waits
@@ -9,7 +9,10 @@
 //! it sees the client's db and Redis applies the client's ACLs. The Redis
 //! side is in [`crate::invalidation::tags`]; here the commands are parsed,
 //! L1 and the other instances are told what went away, and the outcome is
-//! logged and counted.
+//! logged and counted. `CACHE.WARM` is the exception: it fills L1, which
+//! holds the default identity's view of the default db, so it runs on
+//! tierd's own connections ([`super::warm`]), for default-identity clients
+//! only.
 
 use std::future::Future;
 use std::time::Instant;
@@ -59,6 +62,8 @@ enum Job {
     TagsOf(Bytes),
     /// `CACHE.MEMBERS tag`
     Members(Bytes),
+    /// `CACHE.WARM [rule]`
+    Warm(Option<Bytes>),
 }
 
 /// Parses a job; the error is the client's reply.
@@ -115,6 +120,11 @@ fn parse(req: &Request) -> Result<Job, Bytes> {
         match (req.arg(1), argc) {
             (Some(tag), 2) => Ok(Job::Members(tag.clone())),
             _ => Err(arity("cache.members")),
+        }
+    } else if is(b"WARM") {
+        match argc {
+            1 | 2 => Ok(Job::Warm(req.arg(1).cloned())),
+            _ => Err(arity("cache.warm")),
         }
     } else {
         Err(error(&format!(
@@ -192,6 +202,7 @@ fn parse_set(req: &Request) -> Result<Job, Bytes> {
 /// CACHE.SET key value [EX seconds|PX milliseconds] [TAGS tag [tag ...]]
 /// CACHE.TAGS key
 /// CACHE.MEMBERS tag
+/// CACHE.WARM [rule]
 /// ```
 pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
     let job = match parse(&req) {
@@ -226,6 +237,20 @@ pub(crate) async fn run(s: &mut Session, req: Request) -> Flow {
         };
         invalidated(&s.ctx, target, dropped, started);
         s.local(integer(dropped));
+        return Flow::Continue;
+    }
+    if let Job::Warm(rule) = &job {
+        // Warming fills L1, which holds the default identity's view, with
+        // that identity's reads; its count says how many keys matched.
+        if !s.ctx.upstream.is_default(&s.identity) {
+            s.local(error(
+                "NOPERM CACHE.WARM is only for clients on tierd's default identity",
+            ));
+            return Flow::Continue;
+        }
+        // tierd's own connections, not the client's: nothing to route.
+        let reply = super::warm::command(&s.ctx, rule.as_deref()).await;
+        s.local(reply);
         return Flow::Continue;
     }
     if matches!(job, Job::Set { .. }) && s.state.watching {
@@ -445,6 +470,8 @@ async fn perform(ctx: &Ctx, conn: &Conn, db: u32, job: Job) -> Bytes {
             Ok(list) => strings(&list),
             Err(e) => e.to_resp(),
         },
+        // Run in `run`, without the client's connection: never here.
+        Job::Warm(_) => error("ERR CACHE.WARM runs on tierd's own connections"),
     }
 }
 
@@ -464,13 +491,14 @@ mod tests {
     }
 
     #[test]
-    fn routes_only_the_five_jobs() {
+    fn routes_only_the_six_jobs() {
         for name in [
             "cache.invalidate",
             "CACHE.TAG",
             "Cache.Set",
             "cache.tags",
             "cache.members",
+            "Cache.Warm",
         ] {
             assert!(is_job(&Request::from_strs(&[name, "x"])), "{name}");
         }
@@ -547,12 +575,18 @@ mod tests {
             job(&["cache.members", "t"]),
             Ok(Job::Members(Bytes::from_static(b"t")))
         );
+        assert_eq!(job(&["cache.warm"]), Ok(Job::Warm(None)));
+        assert_eq!(
+            job(&["CACHE.WARM", "users"]),
+            Ok(Job::Warm(Some(Bytes::from_static(b"users"))))
+        );
         for (args, name) in [
             (&["cache.tag", "k"][..], "cache.tag"),
             (&["cache.tags"][..], "cache.tags"),
             (&["cache.tags", "a", "b"][..], "cache.tags"),
             (&["cache.members"][..], "cache.members"),
             (&["cache.set", "k"][..], "cache.set"),
+            (&["cache.warm", "a", "b"][..], "cache.warm"),
         ] {
             assert_eq!(
                 job(args).unwrap_err(),

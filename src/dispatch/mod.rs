@@ -17,7 +17,8 @@
 //!   before the next request is looked at.
 //!
 //! The L1 tier's side of this (lookups, fills, invalidation around writes)
-//! is in [`cache`].
+//! is in [`cache`]; the rules' other write strategies (write-through,
+//! write-behind) are in [`writes`].
 //!
 //! This module calls down into `cache`, `upstream` and `protocol`; it never
 //! touches sockets of its own.
@@ -28,6 +29,8 @@ pub(crate) mod emulate;
 pub(crate) mod jobs;
 pub(crate) mod stampede;
 pub(crate) mod tagging;
+pub(crate) mod warm;
+pub(crate) mod writes;
 
 use std::sync::Arc;
 
@@ -65,6 +68,11 @@ pub(crate) async fn dispatch(s: &mut Session, req: Request) -> Flow {
         return Flow::Stall(req);
     }
     let kind = classify(&req);
+    // Writes queued by write-behind: a GET of one is answered with its
+    // value, other requests that touch one wait until it reached Redis.
+    if let Some(flow) = writes::before_dispatch(s, kind, &req).await {
+        return flow;
+    }
 
     // In pub/sub or MONITOR mode the client talks to its connection as a
     // stream: everything is passed through, replies arrive as pushes. RESET
@@ -488,15 +496,23 @@ async fn forward(s: &mut Session, req: Request, want: Want, timed: bool) -> Flow
     forward_hooked(s, req, want, timed, None).await
 }
 
-/// A request that may write: sent with its tags' registration when a rule
-/// tags a key it writes ([`tagging`]), else as is.
+/// A request that may write: queued when its keys' rule writes behind,
+/// sent so that L1 holds what it writes when their rule writes through
+/// ([`writes`]), sent with its tags' registration when a rule tags a key
+/// it writes ([`tagging`]), else as is.
 async fn forward_write(
     s: &mut Session,
     req: Request,
     want: Want,
     hook: Option<cache::Hook>,
 ) -> Flow {
+    if want == Want::Any && writes::queues(s, &req) {
+        return writes::enqueue(s, req).await;
+    }
     let evals = tagging::registrations(s, &req);
+    if let Some(plan) = writes::plan_through(s, &req, want, hook.as_ref()) {
+        return writes::send_through(s, req, hook, evals, plan);
+    }
     if evals.is_empty() {
         forward_hooked(s, req, want, true, hook).await
     } else {

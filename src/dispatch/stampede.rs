@@ -942,6 +942,16 @@ pub(crate) fn refresh(ctx: &Arc<Ctx>, job: Refresh) {
 /// meanwhile): for refresh-ahead and warming. Returns whether it was
 /// cached.
 pub(crate) async fn fill(ctx: &Ctx, job: Refresh) -> bool {
+    fill_also(ctx, job, None).await
+}
+
+/// [`fill`], also caching the reply as the variant `also` when it is a
+/// bulk string that is not nil: such a reply is the same bytes in RESP2
+/// and RESP3, so warming fills a `GET`'s two variants with one read. The
+/// second entry has a fill mark of its own, taken before the read is sent,
+/// so an invalidation meanwhile cancels both. Returns whether the job's own
+/// variant was cached.
+pub(crate) async fn fill_also(ctx: &Ctx, job: Refresh, also: Option<Variant>) -> bool {
     let Some(l1) = ctx.l1.clone() else {
         return false;
     };
@@ -957,6 +967,7 @@ pub(crate) async fn fill(ctx: &Ctx, job: Refresh) -> bool {
     let Some(token) = l1.store.begin_fill(&job.key) else {
         return false;
     };
+    let also = also.and_then(|v| Some((l1.store.begin_fill(&job.key)?, v)));
     let pttl = reply::encode_command(&[b"PTTL", &job.key]);
     let mut raws: Vec<&[u8]> = Vec::with_capacity(3);
     if ctx.tracking.opt_in() {
@@ -979,6 +990,20 @@ pub(crate) async fn fill(ctx: &Ctx, job: Refresh) -> bool {
     let (Some(Ok(read)), Some(Ok(pttl)), true) = (read, pttl, caching_ok) else {
         return false;
     };
+    let pttl = parse_int(&pttl);
+    if let Some((token, variant)) = also {
+        if read.starts_with(b"$") && !super::cache::is_nil(&read) {
+            let entry = FillEntry::new(
+                token,
+                job.rule,
+                job.ttl,
+                job.negative,
+                variant,
+                job.compress,
+            );
+            store_fill(ctx, &l1, sent, fetch, entry.replied(read.clone(), pttl));
+        }
+    }
     let entry = FillEntry::new(
         token,
         job.rule,
@@ -987,7 +1012,7 @@ pub(crate) async fn fill(ctx: &Ctx, job: Refresh) -> bool {
         job.variant,
         job.compress,
     );
-    store_fill(ctx, &l1, sent, fetch, entry.replied(read, parse_int(&pttl)))
+    store_fill(ctx, &l1, sent, fetch, entry.replied(read, pttl))
 }
 
 fn parse_int(frame: &[u8]) -> Option<i64> {

@@ -184,7 +184,7 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
         let l1 = l1.clone();
         let metrics = control.metrics.clone();
         control.upstream.setup_hook().on_lost(Arc::new(move || {
-            l1.store.flush_all();
+            l1.store.distrust();
             metrics.flushed(None);
         }));
     }

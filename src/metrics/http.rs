@@ -349,6 +349,9 @@ fn respond(app: &App, request: &Request<'_>) -> Response {
                 Some(l1) => (l1.store.stats(), ctx.config.l1.max_memory),
                 None => (Vec::new(), 0),
             };
+            let breaker = ctx.upstream.breaker();
+            let open = breaker.state() != crate::upstream::BreakerState::Closed;
+            ctx.metrics.set_circuit(open, breaker.opens());
             Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",

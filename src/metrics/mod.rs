@@ -57,6 +57,13 @@ pub mod names {
     /// Counter, label `rule`: reads answered by joining an identical read
     /// already upstream.
     pub const L1_COALESCED: &str = "tierd_l1_coalesced_total";
+    /// Counter, label `rule`: replies served past their ttl while the
+    /// circuit breaker was open (`stale_ttl`).
+    pub const STALE_SERVES: &str = "tierd_stale_serves_total";
+    /// Gauge: 1 while the circuit breaker is open or half-open, else 0.
+    pub const CIRCUIT_OPEN: &str = "tierd_circuit_open";
+    /// Counter: times the circuit breaker opened.
+    pub const CIRCUIT_OPENS: &str = "tierd_circuit_opens_total";
     /// Counter, label `rule`: background refreshes sent (refresh-ahead).
     pub const L1_REFRESHES: &str = "tierd_l1_refreshes_total";
     /// Counter, label `rule`: leases taken, each making a reader the loader.
@@ -68,6 +75,11 @@ pub mod names {
     pub const LEASE_WAKEUPS: &str = "tierd_lease_wakeups_total";
     /// Counter, label `rule`: waits that ran out (`stampede.wait`).
     pub const LEASE_TIMEOUTS: &str = "tierd_lease_timeouts_total";
+    /// Counter, label `rule`: warming runs (on start, every `interval`,
+    /// `CACHE.WARM`).
+    pub const WARM_RUNS: &str = "tierd_warm_runs_total";
+    /// Counter, label `rule`: keys loaded into L1 by warming.
+    pub const WARM_KEYS: &str = "tierd_warm_keys_total";
     /// Counter, label `source` (`write`, `tracking`, `bus`, `command`):
     /// keys invalidated in L1.
     pub const INVALIDATIONS: &str = "tierd_invalidations_total";
@@ -104,6 +116,13 @@ pub mod names {
     /// compressed on their way to Redis, before and after; their ratio is
     /// what compression saves.
     pub const COMPRESSION_BYTES: &str = "tierd_compression_bytes_total";
+    /// Gauge: writes queued by write-behind and not yet answered by Redis.
+    pub const WRITE_BEHIND_QUEUE: &str = "tierd_write_behind_queue";
+    /// Counter: queued writes Redis accepted.
+    pub const WRITE_BEHIND_FLUSHED: &str = "tierd_write_behind_flushed_total";
+    /// Counter: queued writes Redis refused (their clients had been told
+    /// `+OK`).
+    pub const WRITE_BEHIND_ERRORS: &str = "tierd_write_behind_errors_total";
     /// Gauge: client connections open.
     pub const CLIENTS: &str = "tierd_client_connections";
     /// Counter: client connections accepted.
@@ -160,6 +179,9 @@ pub struct Metrics {
     flushes_write: Counter,
     flushes_tracking: Counter,
     flushes_link_lost: Counter,
+    write_behind_queue: Gauge,
+    write_behind_flushed: Counter,
+    write_behind_errors: Counter,
     clients: Gauge,
     clients_accepted: Counter,
     clients_rejected: Counter,
@@ -274,6 +296,9 @@ impl Metrics {
             flushes_write: counter(names::FLUSHES, &[("source", "write")]),
             flushes_tracking: counter(names::FLUSHES, &[("source", "tracking")]),
             flushes_link_lost: counter(names::FLUSHES, &[("source", "link_lost")]),
+            write_behind_queue: gauge(names::WRITE_BEHIND_QUEUE),
+            write_behind_flushed: counter(names::WRITE_BEHIND_FLUSHED, &[]),
+            write_behind_errors: counter(names::WRITE_BEHIND_ERRORS, &[]),
             clients: gauge(names::CLIENTS),
             clients_accepted: counter(names::CLIENTS_ACCEPTED, &[]),
             clients_rejected: counter(names::CLIENTS_REJECTED, &[]),
@@ -368,6 +393,20 @@ impl Metrics {
         self.clients_rejected.increment(1);
     }
 
+    /// The write-behind queue's depth.
+    pub fn write_behind_queue(&self, depth: usize) {
+        self.write_behind_queue.set(depth as f64);
+    }
+
+    /// Counts a queued write Redis answered: accepted (`true`) or refused.
+    pub fn write_behind_flushed(&self, ok: bool) {
+        if ok {
+            self.write_behind_flushed.increment(1);
+        } else {
+            self.write_behind_errors.increment(1);
+        }
+    }
+
     /// Whether upstream answers.
     pub fn set_upstream_up(&self, up: bool) {
         self.upstream_up.set(if up { 1.0 } else { 0.0 });
@@ -442,6 +481,7 @@ impl Metrics {
             c(names::L1_EVICTIONS).absolute(r.evictions);
             c(names::L1_COALESCED).absolute(r.coalesced);
             c(names::L1_REFRESHES).absolute(r.refreshes);
+            c(names::STALE_SERVES).absolute(r.stale_serves);
             c(names::LEASE_GRANTS).absolute(r.lease_grants);
             c(names::LEASE_WAITS).absolute(r.lease_waits);
             c(names::LEASE_WAKEUPS).absolute(r.lease_wakeups);
@@ -457,6 +497,28 @@ impl Metrics {
             .register_gauge(&key(names::L1_MAX_BYTES, &[]), &METADATA)
             .set(l1_max_bytes as f64);
         self.handle.render()
+    }
+
+    /// Copies the circuit breaker's state in, for the next render.
+    pub fn set_circuit(&self, open: bool, opens: u64) {
+        self.recorder
+            .register_gauge(&key(names::CIRCUIT_OPEN, &[]), &METADATA)
+            .set(if open { 1.0 } else { 0.0 });
+        self.recorder
+            .register_counter(&key(names::CIRCUIT_OPENS, &[]), &METADATA)
+            .absolute(opens);
+    }
+
+    /// The counters of warming runs and of the keys they loaded for
+    /// `rule`, registered now so that they show (at 0) before the first
+    /// run. Warming keeps the handles.
+    pub fn warm_counters(&self, rule: &str) -> (Counter, Counter) {
+        let rule = [("rule", rule.to_owned())];
+        let c = |name| {
+            self.recorder
+                .register_counter(&owned_key(name, &rule), &METADATA)
+        };
+        (c(names::WARM_RUNS), c(names::WARM_KEYS))
     }
 
     /// Drains histogram buffers; call it every few seconds.
@@ -495,6 +557,11 @@ fn describe(r: &PrometheusRecorder) {
             "Background refreshes of entries read late in their life, by rule.",
         ),
         (
+            STALE_SERVES,
+            "Replies served past their ttl while the circuit breaker was open, by rule.",
+        ),
+        (CIRCUIT_OPENS, "Times the upstream circuit breaker opened."),
+        (
             LEASE_GRANTS,
             "Leases taken, each making one reader the loader, by rule.",
         ),
@@ -507,6 +574,11 @@ fn describe(r: &PrometheusRecorder) {
             "Waits for a loader that ended with the value, by rule.",
         ),
         (LEASE_TIMEOUTS, "Waits for a loader that ran out, by rule."),
+        (
+            WARM_RUNS,
+            "Warming runs (on start, every interval, CACHE.WARM), by rule.",
+        ),
+        (WARM_KEYS, "Keys loaded into L1 by warming, by rule."),
         (INVALIDATIONS, "Keys invalidated in L1, by source."),
         (FLUSHES, "Times L1 was flushed, by source."),
         (
@@ -531,6 +603,14 @@ fn describe(r: &PrometheusRecorder) {
             COMPRESSION_BYTES,
             "Bytes of values compressed on their way to Redis, before (plain) and after (stored).",
         ),
+        (
+            WRITE_BEHIND_FLUSHED,
+            "Queued write-behind writes Redis accepted.",
+        ),
+        (
+            WRITE_BEHIND_ERRORS,
+            "Queued write-behind writes Redis refused (their clients had been told OK).",
+        ),
         (CLIENTS_ACCEPTED, "Client connections accepted."),
         (
             CLIENTS_REJECTED,
@@ -554,6 +634,11 @@ fn describe(r: &PrometheusRecorder) {
         ),
         (UPSTREAM_UP, None, "1 while upstream Redis answers, else 0."),
         (
+            CIRCUIT_OPEN,
+            None,
+            "1 while the upstream circuit breaker is open or half-open, else 0.",
+        ),
+        (
             TRACKING_UP,
             None,
             "1 while the tracking link is live, else 0.",
@@ -562,6 +647,11 @@ fn describe(r: &PrometheusRecorder) {
             BUS_UP,
             None,
             "1 while the invalidation bus link is live, else 0.",
+        ),
+        (
+            WRITE_BEHIND_QUEUE,
+            None,
+            "Writes queued by write-behind, not yet answered by Redis.",
         ),
         (CLIENTS, None, "Client connections open."),
     ];
@@ -598,6 +688,7 @@ mod tests {
             lease_wakeups: 10,
             lease_timeouts: 11,
             refreshes: 12,
+            stale_serves: 13,
         }
     }
 
@@ -715,10 +806,17 @@ mod tests {
         m.flushed(None);
         m.client(true);
         m.client_rejected();
+        m.write_behind_queue(3);
+        m.write_behind_flushed(true);
+        m.write_behind_flushed(false);
         m.set_upstream_up(true);
         m.set_tracking_up(true);
+        m.set_circuit(true, 2);
         m.upstream_latency
             .record(std::time::Duration::from_micros(100));
+        let (runs, keys) = m.warm_counters("users");
+        runs.increment(1);
+        keys.increment(3);
         let rules = [stats("users", 1), stats("orders", 2)];
         m.render(&rules, 1 << 20);
         let text = m.render(&rules, 1 << 20);

@@ -157,8 +157,19 @@ impl Conn {
         creds: Option<Credentials>,
         pushes: mpsc::Sender<Upstreamed>,
     ) -> Result<Conn, UpstreamError> {
+        if !settings.breaker.allows() {
+            return Err(UpstreamError::CircuitOpen);
+        }
         let (stream, handshake, _) =
-            connect_and_setup(&settings, proto, creds.as_ref(), None).await?;
+            match connect_and_setup(&settings, proto, creds.as_ref(), None).await {
+                Ok(connected) => connected,
+                Err(e) => {
+                    if matches!(e, UpstreamError::Unavailable(_)) {
+                        settings.breaker.failure("connect failed");
+                    }
+                    return Err(e);
+                }
+            };
         let (alive_tx, mut alive_rx) = watch::channel(());
         let inner = Arc::new(Inner::new(
             settings,
@@ -203,6 +214,9 @@ impl Conn {
     ///
     /// As [`Conn::send`]; then none of them was queued.
     pub fn send_all(&self, requests: &[(&[u8], ReplyTo<'_>)]) -> Result<(), UpstreamError> {
+        if !self.inner.settings.breaker.allows() {
+            return Err(UpstreamError::CircuitOpen);
+        }
         let was_empty;
         {
             let mut st = self.inner.state.lock();
@@ -553,6 +567,7 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
                     st.last_progress = Instant::now();
                 }
                 tracing::info!(event = "upstream_connected", upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
+                settings.breaker.reconnected();
                 backoff = settings.backoff_min;
                 failures = 0;
                 let err = tokio::select! {
@@ -567,6 +582,11 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
                 continue;
             }
             Err(err) => {
+                // Refused setup (a wrong password) is an answer, not an
+                // outage.
+                if matches!(err, UpstreamError::Unavailable(_)) {
+                    settings.breaker.failure("connect failed");
+                }
                 failures += 1;
                 if failures == 1 {
                     tracing::warn!(event = "upstream_unavailable", upstream = %settings.addr, error = %err, "upstream unavailable");
@@ -818,6 +838,9 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
     ) {
         latency.record(sent.elapsed());
     }
+    if waiter.is_some() {
+        inner.settings.breaker.success();
+    }
     if let Some(fanout) = waiter.as_ref().and_then(|w| w.fanout.as_ref()) {
         // Straight from the connection: the sessions that share this reply
         // must not wait on the one that sent it.
@@ -905,6 +928,8 @@ async fn watchdog(inner: &Inner) -> UpstreamError {
         let st = inner.state.lock();
         if let Some(front) = st.waiters.front() {
             if front.timed && !st.delivering && st.last_progress.elapsed() > timeout {
+                drop(st);
+                inner.settings.breaker.failure("command timeout");
                 return UpstreamError::unavailable(format!("command timed out after {timeout:?}"));
             }
         }

@@ -11,6 +11,7 @@
 //! This module knows nothing of sessions, commands or the cache: it moves
 //! frames and reports failures.
 
+mod breaker;
 mod conn;
 mod pool;
 
@@ -22,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+pub use breaker::{Breaker, BreakerState};
 pub use conn::Conn;
 pub use pool::Pool;
 
@@ -160,6 +162,9 @@ pub enum UpstreamError {
     /// with this raw error reply, e.g. `-WRONGPASS …`.
     #[error("upstream rejected the connection: {}", String::from_utf8_lossy(.0).trim_end())]
     Rejected(Bytes),
+    /// The circuit breaker is open: not sent.
+    #[error("upstream unavailable (circuit open)")]
+    CircuitOpen,
 }
 
 impl UpstreamError {
@@ -184,6 +189,7 @@ impl UpstreamError {
                     text.trim_end()
                 )
             }
+            UpstreamError::CircuitOpen => "TRYAGAIN upstream unavailable (circuit open)".into(),
         };
         let mut out = BytesMut::new();
         // Reply text must stay on one line.
@@ -357,6 +363,8 @@ pub(crate) struct Settings {
     pub max_depth: usize,
     /// Where sampled request latencies go.
     pub latency: Option<Arc<crate::metrics::Latency>>,
+    /// The node's circuit breaker, shared by all its connections.
+    pub breaker: Arc<Breaker>,
 }
 
 /// The pools and dedicated connections of one identity.
@@ -454,6 +462,10 @@ impl Upstream {
             backoff_max: config.upstream.backoff_max,
             max_depth: config.limits.max_reply_depth,
             latency,
+            breaker: Arc::new(Breaker::new(
+                config.upstream.failure_threshold,
+                config.upstream.reset,
+            )),
         });
         let creds = url.password.as_ref().map(|pass| {
             Credentials::new(
@@ -477,6 +489,11 @@ impl Upstream {
             hook,
             others: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The upstream node's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.settings.breaker
     }
 
     /// The setup hook of the default identity's pooled connections.

@@ -221,7 +221,7 @@ fn decode_at(buf: &[u8], at: usize) -> Option<(Resp, usize)> {
 // ---------------------------------------------------------------------------
 
 /// The field names of one rule's `CACHE.STATS` element, in order.
-pub const STATS_FIELDS: [&str; 14] = [
+pub const STATS_FIELDS: [&str; 15] = [
     "rule",
     "hits",
     "misses",
@@ -236,6 +236,7 @@ pub const STATS_FIELDS: [&str; 14] = [
     "lease_wakeups",
     "lease_timeouts",
     "refreshes",
+    "stale_serves",
 ];
 
 /// One rule's `CACHE.STATS` element.
@@ -262,6 +263,7 @@ pub struct RuleStats {
     pub lease_timeouts: u64,
     /// Background refresh-ahead reads sent upstream.
     pub refreshes: u64,
+    pub stale_serves: u64,
 }
 
 impl RuleStats {
@@ -307,6 +309,7 @@ impl RuleStats {
             lease_wakeups: int(11),
             lease_timeouts: int(12),
             refreshes: int(13),
+            stale_serves: int(14),
         }
     }
 }

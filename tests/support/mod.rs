@@ -12,6 +12,9 @@ pub mod exchange;
 pub mod l1;
 /// Polling and Redis-side probes for the state and fault tests.
 pub mod probe;
+/// Circuit breaker and stale serving: fast-timeout configs, the breaker's
+/// state, a logged mixed load.
+pub mod resilience;
 /// A throttled relay between tierd and Redis.
 pub mod slow_link;
 /// The monotonic-counter staleness check.
