@@ -122,7 +122,7 @@ pub const DEFAULT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Default `upstream.backoff_max`.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Default `upstream.failure_threshold`: three failures in a row (timeouts,
-/// lost or refused connections) open the circuit breaker.
+/// connects that fail or time out) open the circuit breaker.
 pub const DEFAULT_FAILURE_THRESHOLD: usize = 3;
 /// Accepted `upstream.failure_threshold` values.
 pub const FAILURE_THRESHOLD_RANGE: RangeInclusive<usize> = 1..=1000;
@@ -169,7 +169,7 @@ pub struct UpstreamConfig {
     pub backoff_min: Duration,
     /// Cap of the doubling reconnect delay; at least `backoff_min`.
     pub backoff_max: Duration,
-    /// Consecutive failures (command timeouts, lost or refused connections)
+    /// Consecutive failures (command timeouts, connects that fail or time out)
     /// that open the circuit breaker (`upstream.failure_threshold`); within
     /// [`FAILURE_THRESHOLD_RANGE`].
     pub failure_threshold: usize,

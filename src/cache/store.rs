@@ -473,6 +473,10 @@ pub struct Store {
     stale_floor: AtomicU64,
     /// Whether some rule keeps stale replies.
     any_stale: bool,
+    /// The epoch of the last lost link or connection
+    /// ([`Store::distrust`], [`Store::suspend`]): what was kept then is
+    /// retired once the link is back ([`Store::retire_stale`]).
+    last_distrust: AtomicU64,
     /// Who holds the store suspended, one bit per [`Holder`]. A sync lock,
     /// held only while the floor is switched, so that one link resuming
     /// can never undo another link's suspension.
@@ -1029,6 +1033,7 @@ impl Store {
             watches: Arc::default(),
             stale_floor: AtomicU64::new(0),
             any_stale: false,
+            last_distrust: AtomicU64::new(0),
         })
     }
 
@@ -1359,7 +1364,8 @@ impl Store {
         let mut holders = self.holders.lock();
         *holders |= holder.bit();
         self.all_floor.store(SUSPENDED, Ordering::SeqCst);
-        self.bump_epoch();
+        let epoch = self.bump_epoch();
+        self.last_distrust.fetch_max(epoch, Ordering::SeqCst);
         self.marks.clear();
         drop(holders);
         self.watches.fire_all();
@@ -1384,9 +1390,29 @@ impl Store {
         }
         let epoch = self.bump_epoch();
         // Only from suspended: otherwise this would kill every live entry.
-        let _ =
-            self.all_floor
-                .compare_exchange(SUSPENDED, epoch, Ordering::SeqCst, Ordering::SeqCst);
+        let resumed = self
+            .all_floor
+            .compare_exchange(SUSPENDED, epoch, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        drop(holders);
+        if resumed {
+            self.retire_stale();
+        }
+    }
+
+    /// The link (or connection) lost at the last [`Store::distrust`] or
+    /// [`Store::suspend`] is back: what was kept for stale serving then
+    /// goes. Redis no longer tracks those keys for tierd, so a change to
+    /// one would never be reported; they were worth keeping only through
+    /// the outage, which is over.
+    pub fn retire_stale(&self) {
+        if !self.any_stale {
+            return;
+        }
+        let distrusted = self.last_distrust.load(Ordering::SeqCst);
+        if self.stale_floor.fetch_max(distrusted, Ordering::SeqCst) < distrusted {
+            self.sweep_with(None, DropReason::Dead);
+        }
     }
 
     /// Stops serving everything cached so far, because a change to any of
@@ -1396,6 +1422,7 @@ impl Store {
     /// circuit breaker is open.
     pub fn distrust(&self) {
         let epoch = self.bump_epoch();
+        self.last_distrust.fetch_max(epoch, Ordering::SeqCst);
         self.all_floor.fetch_max(epoch, Ordering::SeqCst);
         self.marks.clear();
         self.watches.fire_all();
@@ -1471,18 +1498,24 @@ impl Store {
     /// Drops every key `matches` accepts (a pattern invalidation) and
     /// cancels all in-flight fills: one begun before a key was deleted
     /// upstream may not be in the store yet, and which key a fill is for
-    /// is not kept. Returns how many keys had a live reply dropped. Walks
+    /// is not kept. Returns how many keys had a reply dropped (replies kept
+    /// for stale serving included: none may outlive the pattern). Walks
     /// every entry like [`Store::sweep`], one shard lock at a time.
-    pub fn invalidate_matching(&self, now: Instant, mut matches: impl FnMut(&[u8]) -> bool) -> u64 {
+    pub fn invalidate_matching(&self, mut matches: impl FnMut(&[u8]) -> bool) -> u64 {
         self.marks.clear();
         self.watches.fire_all();
         let mut doomed: Vec<Box<[u8]>> = Vec::new();
-        self.for_each_key(now, |key| {
-            if matches(key) {
-                doomed.push(key.into());
+        // Every stored entry, live or not (kept for stale serving, or
+        // while suspended): none may outlive the pattern.
+        for cache in &self.caches {
+            for (_, entry) in cache.cache.iter() {
+                if let Some(view) = EntryView::parse(&entry) {
+                    if matches(view.key) {
+                        doomed.push(view.key.into());
+                    }
+                }
             }
-            true
-        });
+        }
         doomed.sort_unstable();
         doomed.dedup();
         doomed.iter().filter(|key| self.invalidate(key)).count() as u64
@@ -2138,12 +2171,43 @@ mod tests {
         assert_eq!(s.stats()[1].entries, 0, "other rules' replies go");
         s.invalidate(b"b");
         assert!(!stale(&s, "b"), "an invalidation ends a stale reply");
-        s.resume(Holder::Tracking);
-        assert!(stale(&s, "a"), "trust coming back does not end it");
         s.distrust();
         assert!(stale(&s, "c"), "nor does a lost connection");
         s.flush_all();
         assert!(!stale(&s, "a") && !stale(&s, "c"), "a flush does");
+    }
+
+    #[test]
+    fn kept_replies_retire_once_the_lost_link_is_back_and_patterns_reach_them() {
+        let mut s = store();
+        s.set_stale_ttl(0, Duration::from_secs(3600));
+        let now = Instant::now();
+        let stale = |s: &Store, key: &str| {
+            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
+                .is_some()
+        };
+        for key in ["user:1", "user:2", "post:1"] {
+            assert!(fill(&s, 0, key, &get_var(key), key, now + HOUR));
+        }
+        s.distrust();
+        assert!(stale(&s, "user:1") && stale(&s, "post:1"));
+        assert_eq!(s.invalidate_matching(|k| k.starts_with(b"user:")), 2);
+        assert!(!stale(&s, "user:1") && !stale(&s, "user:2"));
+        assert!(stale(&s, "post:1"), "what the pattern does not match stays");
+        // A reply filled after the loss is tracked again: it stays.
+        assert!(fill(&s, 0, "post:2", &get_var("post:2"), "p", now + HOUR));
+        s.retire_stale();
+        assert!(
+            !stale(&s, "post:1"),
+            "kept through the loss, retired when it is over"
+        );
+        assert!(stale(&s, "post:2"));
+        assert_eq!(s.stats()[0].entries, 1);
+        // The same for a suspension, retired by the resume.
+        s.suspend(Holder::Bus);
+        assert!(stale(&s, "post:2"));
+        s.resume(Holder::Bus);
+        assert!(!stale(&s, "post:2"));
     }
 
     #[test]
@@ -2652,7 +2716,7 @@ mod tests {
             assert!(fill(&s, 0, k, &get_var(k), "x", now + HOUR));
         }
         let in_flight = s.begin_fill(b"unrelated").unwrap();
-        let dropped = s.invalidate_matching(now, |k| k.starts_with(b"user:"));
+        let dropped = s.invalidate_matching(|k| k.starts_with(b"user:"));
         assert_eq!(dropped, 2);
         assert_eq!(get(&s, 0, "user:1", &get_var("user:1"), now), None);
         assert_eq!(get(&s, 0, "user:2", &get_var("user:2"), now), None);

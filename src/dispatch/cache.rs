@@ -1011,8 +1011,12 @@ pub(crate) fn store_fill(
         return false;
     }
     let tracked = ctx.tracking.mode() != crate::config::TrackingMode::Off;
-    // The key's own expiry in Redis, counted from the L1 expiry below.
-    let key_ttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+    // The key's own expiry in Redis, counted from the L1 expiry below
+    // (gone already for -2: never served stale past the L1 expiry).
+    let key_ttl = match pttl {
+        -2 => Some(Duration::ZERO),
+        ms => u64::try_from(ms).ok().map(Duration::from_millis),
+    };
     let life = match pttl {
         // No TTL upstream: the rule decides.
         -1 => entry.ttl,

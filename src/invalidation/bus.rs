@@ -798,7 +798,7 @@ pub(crate) async fn drop_matching(l1: Arc<L1>, globs: Vec<Vec<u8>>) -> u64 {
     let walk = tokio::task::spawn_blocking(move || {
         let patterns: Vec<KeyPattern> = globs.iter().map(|g| KeyPattern::new(g)).collect();
         l1.store
-            .invalidate_matching(Instant::now(), |k| patterns.iter().any(|p| p.matches(k)))
+            .invalidate_matching(|k| patterns.iter().any(|p| p.matches(k)))
     });
     // The walk cannot panic short of a bug; a lost count is then all that
     // is lost, since the fills were cancelled first.

@@ -183,10 +183,15 @@ pub async fn run(control: Control, mut stop: watch::Receiver<()>) {
         // reported. Which entries those are is not known, so all go.
         let l1 = l1.clone();
         let metrics = control.metrics.clone();
+        let restored = l1.clone();
         control.upstream.setup_hook().on_lost(Arc::new(move || {
             l1.store.distrust();
             metrics.flushed(None);
         }));
+        control
+            .upstream
+            .setup_hook()
+            .on_restored(Arc::new(move || restored.store.retire_stale()));
     }
     let mut reconnect = Reconnect::new(timeouts);
     loop {

@@ -1,15 +1,19 @@
 //! The circuit breaker of one upstream node.
 //!
 //! Every connection to the node reports to it: a reply is a success; a
-//! command timeout, a lost connection or a failed connect is a failure.
+//! command timeout or a failed connect is a failure.
 //! After `failure_threshold` failures in a row the breaker *opens*: new
 //! requests fail at once ([`Conn::send_all`](super::Conn::send_all) refuses
 //! them with [`UpstreamError::CircuitOpen`](super::UpstreamError)), so that
 //! nothing waits on a Redis that is down or frozen, and dispatch may answer
-//! cacheable reads from L1, stale entries included. A connection to the
-//! node completing its handshake again closes it: Redis answered. Failing
-//! that, it turns *half-open* `reset` after it opened: requests go through
-//! as probes, the first success closes it and a failure opens it again.
+//! cacheable reads from L1, stale entries included. While it is open a
+//! probe (a fresh connection and a `PING`, every reconnect delay) checks
+//! whether Redis answers again, and closes it when it does. Failing that,
+//! it turns *half-open* `reset` after it opened: requests go through as
+//! probes, the first success closes it and a failure opens it again.
+//! A connection that is lost and reconnects at once is not a failure;
+//! neither is a reply, even an error, unless it says Redis cannot serve
+//! yet (`-LOADING`).
 //!
 //! The state is one atomic for the hot path (`allows` on every request,
 //! `success` on every reply); transitions take a small lock.
@@ -135,33 +139,31 @@ impl Breaker {
         }
     }
 
-    /// A command timed out, a connection was lost, or a connect failed.
-    pub fn failure(&self, why: &str) {
+    /// A command timed out or a connect failed. Returns whether this
+    /// opened the breaker (then the caller starts probing).
+    pub fn failure(&self, why: &str) -> bool {
         match self.state.load(Ordering::Acquire) {
             CLOSED => {
                 let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= self.threshold {
-                    self.open(why);
-                }
+                n >= self.threshold && self.open(why)
             }
             HALF_OPEN => self.open(why),
             // Already open: the reset counts from when it opened.
-            _ => {}
+            _ => false,
         }
     }
 
-    /// A connection to the node completed its handshake again: Redis
-    /// answers, the breaker closes.
+    /// Redis answered a probe again: the breaker closes.
     pub fn reconnected(&self) {
         if self.state.load(Ordering::Acquire) != CLOSED {
             self.success();
         }
     }
 
-    fn open(&self, why: &str) {
+    fn open(&self, why: &str) -> bool {
         let mut opened = self.opened.lock();
         if self.state.load(Ordering::Acquire) == OPEN {
-            return;
+            return false;
         }
         self.state.store(OPEN, Ordering::Release);
         *opened = Some(Instant::now());
@@ -174,6 +176,7 @@ impl Breaker {
             reset_ms = self.reset.as_millis() as u64,
             "upstream failing: circuit breaker open, requests fail fast"
         );
+        true
     }
 
     fn half_open(&self, why: &str) {

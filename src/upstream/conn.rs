@@ -164,8 +164,10 @@ impl Conn {
             match connect_and_setup(&settings, proto, creds.as_ref(), None).await {
                 Ok(connected) => connected,
                 Err(e) => {
-                    if matches!(e, UpstreamError::Unavailable(_)) {
-                        settings.breaker.failure("connect failed");
+                    if matches!(e, UpstreamError::Unavailable(_))
+                        && settings.breaker.failure("connect failed")
+                    {
+                        spawn_probe(settings.clone());
                     }
                     return Err(e);
                 }
@@ -214,7 +216,11 @@ impl Conn {
     ///
     /// As [`Conn::send`]; then none of them was queued.
     pub fn send_all(&self, requests: &[(&[u8], ReplyTo<'_>)]) -> Result<(), UpstreamError> {
-        if !self.inner.settings.breaker.allows() {
+        // Pooled connections only: a client's dedicated connection that is
+        // up carries state (MULTI, WATCH, subscriptions) that a refused
+        // request would put out of step with Redis, and its own watchdog
+        // already bounds every wait. New ones are refused in `dedicated`.
+        if self.inner.pushes.is_none() && !self.inner.settings.breaker.allows() {
             return Err(UpstreamError::CircuitOpen);
         }
         let was_empty;
@@ -567,7 +573,11 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
                     st.last_progress = Instant::now();
                 }
                 tracing::info!(event = "upstream_connected", upstream = %settings.addr, proto = inner.proto.as_u8(), "upstream connected");
-                settings.breaker.reconnected();
+                if setup_gen != 0 {
+                    if let Some(hook) = &inner.hook {
+                        hook.restored();
+                    }
+                }
                 backoff = settings.backoff_min;
                 failures = 0;
                 let err = tokio::select! {
@@ -584,8 +594,10 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
             Err(err) => {
                 // Refused setup (a wrong password) is an answer, not an
                 // outage.
-                if matches!(err, UpstreamError::Unavailable(_)) {
-                    settings.breaker.failure("connect failed");
+                if matches!(err, UpstreamError::Unavailable(_))
+                    && settings.breaker.failure("connect failed")
+                {
+                    spawn_probe(settings.clone());
                 }
                 failures += 1;
                 if failures == 1 {
@@ -603,6 +615,50 @@ async fn supervise(inner: Arc<Inner>, mut alive: watch::Receiver<()>) {
         }
         backoff = (backoff * 2).min(settings.backoff_max);
     }
+}
+
+/// Whether a reply says Redis cannot serve yet (`-LOADING` while it loads
+/// its dataset, `-MASTERDOWN`, `-BUSY` running a script): an answer, but
+/// no sign the breaker may close.
+fn not_ready(frame: &[u8]) -> bool {
+    [&b"-LOADING"[..], b"-MASTERDOWN", b"-BUSY "]
+        .iter()
+        .any(|p| frame.starts_with(p))
+}
+
+/// While the breaker is open, checks every reconnect delay whether Redis
+/// answers again (a fresh connection, an inline `PING`, any reply that is
+/// not [`not_ready`]; `-NOAUTH` counts, the handshake is not the point),
+/// and closes it when it does. The breaker's only way back when nothing
+/// else reconnects (the failures were dedicated connections', or pooled
+/// connections that stayed up).
+fn spawn_probe(settings: Arc<Settings>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut delay = settings.backoff_min;
+        while settings.breaker.state() != super::BreakerState::Closed {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(settings.backoff_max);
+            let probe = async {
+                let mut stream = TcpStream::connect(settings.addr.as_str()).await.ok()?;
+                stream.write_all(b"PING\r\n").await.ok()?;
+                let mut buf = BytesMut::with_capacity(256);
+                read_frame(&mut stream, &mut buf, settings.max_depth)
+                    .await
+                    .ok()
+            };
+            let answered = tokio::time::timeout(settings.connect_timeout, probe)
+                .await
+                .ok()
+                .flatten();
+            if answered.is_some_and(|frame| !not_ready(&frame)) {
+                settings.breaker.reconnected();
+                return;
+            }
+        }
+    });
 }
 
 /// A control-plane connection: the handshake, then the bare socket.
@@ -838,7 +894,8 @@ async fn deliver(inner: &Inner, frame: Bytes) -> Result<(), UpstreamError> {
     ) {
         latency.record(sent.elapsed());
     }
-    if waiter.is_some() {
+    // A reply is a success, except Redis saying it cannot serve yet.
+    if waiter.is_some() && !not_ready(&frame) {
         inner.settings.breaker.success();
     }
     if let Some(fanout) = waiter.as_ref().and_then(|w| w.fanout.as_ref()) {
@@ -929,7 +986,9 @@ async fn watchdog(inner: &Inner) -> UpstreamError {
         if let Some(front) = st.waiters.front() {
             if front.timed && !st.delivering && st.last_progress.elapsed() > timeout {
                 drop(st);
-                inner.settings.breaker.failure("command timeout");
+                if inner.settings.breaker.failure("command timeout") {
+                    spawn_probe(inner.settings.clone());
+                }
                 return UpstreamError::unavailable(format!("command timed out after {timeout:?}"));
             }
         }

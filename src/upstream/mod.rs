@@ -299,6 +299,8 @@ pub struct SetupHook {
     /// the command made Redis keep for that connection is gone with it.
     /// Sync lock, held only to clone the callback.
     on_lost: Mutex<Option<LostCallback>>,
+    /// Called when a connection has run the command again after a loss.
+    on_restored: Mutex<Option<LostCallback>>,
 }
 
 /// What [`SetupHook::on_lost`] runs.
@@ -344,6 +346,19 @@ impl SetupHook {
 
     fn lost(&self) {
         let callback = self.on_lost.lock().clone();
+        if let Some(callback) = callback {
+            callback();
+        }
+    }
+
+    /// Sets what runs when a pooled connection is set up again after it
+    /// was lost (on its task, synchronously).
+    pub fn on_restored(&self, callback: LostCallback) {
+        *self.on_restored.lock() = Some(callback);
+    }
+
+    fn restored(&self) {
+        let callback = self.on_restored.lock().clone();
         if let Some(callback) = callback {
             callback();
         }
