@@ -42,7 +42,9 @@ use tierd::protocol::reply::encode_command;
 #[path = "support/servers.rs"]
 mod servers;
 
-use servers::{benching, env_usize, load_average, read_all, rule_stats, Client, Fleet, Redis};
+use servers::{
+    benching, env_usize, load_average, read_all, rule_stats, Client, Fleet, Redis, Summary,
+};
 
 /// Keys the propagation rounds cycle through.
 const PROPAGATION_KEYS: usize = 100;
@@ -598,37 +600,6 @@ ttl = "1h"
 // ---------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------
-
-struct Summary {
-    n: usize,
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-impl Summary {
-    fn of(samples: &[Duration]) -> Summary {
-        let mut sorted = samples.to_vec();
-        sorted.sort_unstable();
-        // Nearest rank: the smallest sample with at least q of them at or
-        // below it.
-        let at = |q: f64| {
-            let rank = (q * sorted.len() as f64).ceil() as usize;
-            sorted
-                .get(rank.saturating_sub(1))
-                .copied()
-                .unwrap_or_default()
-        };
-        Summary {
-            n: sorted.len(),
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            max: sorted.last().copied().unwrap_or_default(),
-        }
-    }
-}
 
 fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)

@@ -63,7 +63,7 @@ use tokio::task::JoinSet;
 #[path = "support/servers.rs"]
 mod servers;
 
-use servers::{benching, env_usize, load_average, rule_counters, Client, Fleet, Redis};
+use servers::{benching, env_usize, load_average, rule_counters, Client, Fleet, Redis, Summary};
 
 /// The leased rule's `stampede` setting.
 const LEASE: &str = "5s";
@@ -612,35 +612,6 @@ fn print_redis(results: &[ModeResult]) {
 // ---------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------
-
-struct Summary {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-impl Summary {
-    fn of(samples: &[Duration]) -> Summary {
-        let mut sorted = samples.to_vec();
-        sorted.sort_unstable();
-        // Nearest rank: the smallest sample with at least q of them at or
-        // below it.
-        let at = |q: f64| {
-            let rank = (q * sorted.len() as f64).ceil() as usize;
-            sorted
-                .get(rank.saturating_sub(1))
-                .copied()
-                .unwrap_or_default()
-        };
-        Summary {
-            n: sorted.len(),
-            p50: at(0.50),
-            p99: at(0.99),
-            max: sorted.last().copied().unwrap_or_default(),
-        }
-    }
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)

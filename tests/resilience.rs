@@ -19,6 +19,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -106,6 +107,69 @@ fn seeded(key: &str) -> String {
     format!("{key}=v1")
 }
 
+/// A tierd on `redis` with `tracking`, `t` and one rule `stale` (`s:*`,
+/// `ttl`, then served stale for an hour); its metrics address, and a
+/// connection for `INFO` and `CACHE.STATS`.
+async fn stale_tierd(
+    redis: &RedisServer,
+    tracking: TrackingMode,
+    ttl: Duration,
+    t: Timings,
+) -> (Tierd, SocketAddr, Raw) {
+    let (config, metrics) = fast_config(
+        &redis.url(),
+        tracking,
+        vec![stale_rule("stale", "s:*", ttl, HOUR)],
+        t,
+    );
+    let tierd = Tierd::start_with(config).await;
+    let admin = tierd.raw().await;
+    (tierd, metrics, admin)
+}
+
+/// A tierd under a mixed load's keys: see [`mixed`].
+struct Mixed {
+    tierd: Tierd,
+    metrics: SocketAddr,
+    /// A connection for `INFO` and `CACHE.STATS`.
+    admin: Raw,
+    stale_keys: Vec<String>,
+    fresh_keys: Vec<String>,
+}
+
+/// A tierd on `redis` with `t`, a rule `stale` (`s:*`, `ttl`, then served
+/// stale for an hour) and a rule `fresh` (`f:*`, `ttl`); `keys` keys of
+/// each seeded in Redis, and both rules caching.
+async fn mixed(redis: &RedisServer, keys: usize, ttl: Duration, t: Timings) -> Mixed {
+    let (config, metrics) = fast_config(
+        &redis.url(),
+        TrackingMode::Default,
+        vec![
+            stale_rule("stale", "s:*", ttl, HOUR),
+            rule("fresh", "f:*", ttl),
+        ],
+        t,
+    );
+    let tierd = Tierd::start_with(config).await;
+    let admin = tierd.raw().await;
+    let stale_keys: Vec<String> = (0..keys).map(|i| format!("s:{i}")).collect();
+    let fresh_keys: Vec<String> = (0..keys).map(|i| format!("f:{i}")).collect();
+    let mut d = direct(redis).await;
+    for k in stale_keys.iter().chain(&fresh_keys) {
+        must(&mut d, &["SET", k, &seeded(k)]).await;
+    }
+    drop(d);
+    wait_caching(&tierd, "stale", "s:0").await;
+    wait_caching(&tierd, "fresh", "f:0").await;
+    Mixed {
+        tierd,
+        metrics,
+        admin,
+        stale_keys,
+        fresh_keys,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 1. Kill and restart under a mixed load
 // ---------------------------------------------------------------------------
@@ -126,27 +190,13 @@ async fn upstream_killed_and_restarted_under_mixed_load() {
     // AOF with fsync on every write: what Redis acknowledged survives the
     // SIGKILL, so the ack log can be checked against the restarted server.
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let (config, metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![
-            stale_rule("stale", "s:*", ttl, HOUR),
-            rule("fresh", "f:*", ttl),
-        ],
-        t,
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
-
-    let stale_keys: Vec<String> = (0..KEYS).map(|i| format!("s:{i}")).collect();
-    let fresh_keys: Vec<String> = (0..KEYS).map(|i| format!("f:{i}")).collect();
-    let mut d = direct(&redis).await;
-    for k in stale_keys.iter().chain(&fresh_keys) {
-        must(&mut d, &["SET", k, &seeded(k)]).await;
-    }
-    drop(d);
-    wait_caching(&tierd, "stale", "s:0").await;
-    wait_caching(&tierd, "fresh", "f:0").await;
+    let Mixed {
+        tierd,
+        metrics,
+        mut admin,
+        stale_keys,
+        fresh_keys,
+    } = mixed(&redis, KEYS, ttl, t).await;
 
     let mut reversed = stale_keys.clone();
     reversed.reverse();
@@ -441,25 +491,13 @@ async fn frozen_upstream_opens_the_breaker_and_nothing_hangs() {
         reset: 30 * SECOND,
     };
     let redis = RedisServer::start();
-    let (config, metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![
-            stale_rule("stale", "s:*", ttl, HOUR),
-            rule("fresh", "f:*", ttl),
-        ],
-        t,
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
-    let stale_keys: Vec<String> = (0..KEYS).map(|i| format!("s:{i}")).collect();
-    let fresh_keys: Vec<String> = (0..KEYS).map(|i| format!("f:{i}")).collect();
-    let mut d = direct(&redis).await;
-    for k in stale_keys.iter().chain(&fresh_keys) {
-        must(&mut d, &["SET", k, &seeded(k)]).await;
-    }
-    wait_caching(&tierd, "stale", "s:0").await;
-    wait_caching(&tierd, "fresh", "f:0").await;
+    let Mixed {
+        tierd,
+        metrics,
+        mut admin,
+        stale_keys,
+        fresh_keys,
+    } = mixed(&redis, KEYS, ttl, t).await;
 
     let load = Load::start(
         tierd.addr,
@@ -747,14 +785,8 @@ async fn an_entry_past_its_ttl_goes_upstream_while_the_breaker_is_closed() {
     let redis = RedisServer::start();
     // No tracking: nothing tells tierd about the direct write, so only the
     // ttl separates the old value from the new one.
-    let (config, metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Off,
-        vec![stale_rule("stale", "s:*", ttl, HOUR)],
-        Timings::default(),
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
+    let (tierd, metrics, mut admin) =
+        stale_tierd(&redis, TrackingMode::Off, ttl, Timings::default()).await;
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", "s:k", "v1"]).await;
     wait_caching(&tierd, "stale", "s:k").await;
@@ -804,14 +836,8 @@ async fn an_entry_past_its_ttl_goes_upstream_while_the_breaker_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_kept_after_a_lost_tracking_link_are_not_served_while_closed() {
     let redis = RedisServer::start();
-    let (config, _metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![stale_rule("stale", "s:*", HOUR, HOUR)],
-        Timings::default(),
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
+    let (tierd, _, mut admin) =
+        stale_tierd(&redis, TrackingMode::Default, HOUR, Timings::default()).await;
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", "s:k", "v1"]).await;
     must(&mut d, &["SET", "s:other", "o1"]).await;
@@ -860,14 +886,7 @@ async fn invalidated_entries_are_not_served_during_a_later_outage() {
         ..Timings::default()
     };
     let mut redis = RedisServer::start();
-    let (config, metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![stale_rule("stale", "s:*", ttl, HOUR)],
-        t,
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
+    let (tierd, metrics, mut admin) = stale_tierd(&redis, TrackingMode::Default, ttl, t).await;
     let mut d = direct(&redis).await;
     for (k, v) in [("s:kept", "k1"), ("s:written", "w1"), ("s:bypassed", "b1")] {
         must(&mut d, &["SET", k, v]).await;
@@ -1045,14 +1064,7 @@ async fn a_key_past_its_own_redis_expiry_is_not_served_stale() {
         ..Timings::default()
     };
     let mut redis = RedisServer::start();
-    let (config, _metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![stale_rule("stale", "s:*", ttl, HOUR)],
-        t,
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
+    let (tierd, _, mut admin) = stale_tierd(&redis, TrackingMode::Default, ttl, t).await;
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", "s:plain", "p"]).await;
     wait_caching(&tierd, "stale", "s:plain").await;
@@ -1082,14 +1094,7 @@ async fn entries_kept_through_an_outage_are_dropped_when_redis_is_back() {
         ..Timings::default()
     };
     let mut redis = RedisServer::start();
-    let (config, _metrics) = fast_config(
-        &redis.url(),
-        TrackingMode::Default,
-        vec![stale_rule("stale", "s:*", HOUR, HOUR)],
-        t,
-    );
-    let tierd = Tierd::start_with(config).await;
-    let mut admin = tierd.raw().await;
+    let (tierd, _, mut admin) = stale_tierd(&redis, TrackingMode::Default, HOUR, t).await;
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", "s:k", "v1"]).await;
     wait_caching(&tierd, "stale", "s:k").await;

@@ -45,9 +45,10 @@ use support::l1::{
 };
 use support::probe::{bulk, Deadline};
 use support::stampede::{
-    counters, direct_get, ensure_nofile, is_nil, lease_key, lease_token, redis_info, refresh_rule,
-    stampede_rule, sum_counters, upstream_total, wait_caching_at, wait_counters, wait_lease_gone,
-    ChildTierd, Counters, Herd, Member, Verdict,
+    counters, direct_get, ensure_nofile, is_nil, lease_key, lease_rule, lease_token,
+    long_lease_rule, redis_info, refresh_rule, stampede_rule, sum_counters, upstream_total,
+    wait_caching_at, wait_counters, wait_lease_gone, wait_parked, ChildTierd, Counters, Herd,
+    Member, Verdict,
 };
 use support::{free_port, Raw, RedisServer, Tierd};
 use tierd::config::{Config, OnTimeout, RefreshAhead, RuleConfig, TrackingMode};
@@ -88,6 +89,22 @@ fn single(redis: &RedisServer, tracking: TrackingMode, rules: Vec<RuleConfig>) -
     config
 }
 
+/// [`start`] of [`single`].
+async fn start_single(
+    redis: &RedisServer,
+    tracking: TrackingMode,
+    rules: Vec<RuleConfig>,
+) -> Tierd {
+    start(single(redis, tracking, rules)).await
+}
+
+/// A client of `tierd` that reads `key` and is made its loader (nil).
+async fn take_lease(tierd: &Tierd, key: &str) -> Raw {
+    let mut loader = tierd.raw().await;
+    get_nil(&mut loader, key).await;
+    loader
+}
+
 /// One `CACHE.STATS` connection per address.
 async fn stats_conns(addrs: &[SocketAddr]) -> Vec<Raw> {
     let mut out = Vec::new();
@@ -95,6 +112,28 @@ async fn stats_conns(addrs: &[SocketAddr]) -> Vec<Raw> {
         out.push(Raw::connect(*a).await);
     }
     out
+}
+
+/// [`instances`], their addresses, a `CACHE.STATS` connection to each, and
+/// a connection straight to Redis.
+struct Fleet {
+    all: Vec<Instance>,
+    addrs: Vec<SocketAddr>,
+    stats: Vec<Raw>,
+    d: Raw,
+}
+
+async fn fleet(redis: &RedisServer, n: usize, rules: &[RuleConfig]) -> Fleet {
+    let all = instances(redis, n, rules).await;
+    let addrs: Vec<SocketAddr> = all.iter().map(|i| i.tierd.addr).collect();
+    let stats = stats_conns(&addrs).await;
+    let d = direct(redis).await;
+    Fleet {
+        all,
+        addrs,
+        stats,
+        d,
+    }
 }
 
 /// Sends `GET key` on `raw` and returns its reply (within `limit`) and how
@@ -169,26 +208,15 @@ async fn a_herd_of_600_on_three_instances_makes_exactly_one_loader() {
     // Each client's socket and the one tierd accepted for it.
     ensure_nofile(2 * HERD as u64 + 256);
     let redis = RedisServer::start();
-    let rules = [stampede_rule(
-        "herd",
-        "herd:*",
-        HOUR,
-        10 * SECOND,
-        5 * SECOND,
-        OnTimeout::Nil,
-    )];
-    let all = instances(&redis, 3, &rules).await;
-    let addrs: Vec<SocketAddr> = all.iter().map(|i| i.tierd.addr).collect();
-    let mut stats = stats_conns(&addrs).await;
-    let mut d = direct(&redis).await;
+    let rules = [lease_rule("herd", 10 * SECOND, 5 * SECOND, OnTimeout::Nil)];
+    let Fleet {
+        all: _all,
+        addrs,
+        mut stats,
+        mut d,
+    } = fleet(&redis, 3, &rules).await;
     let before = sum_counters(&mut stats, "herd").await;
-
-    let members: Vec<Member> = (0..HERD)
-        .map(|i| Member {
-            instance: i % 3,
-            resp3: false,
-        })
-        .collect();
+    let members = Member::round_robin(HERD, 3);
     let mut herd = Herd::connect(&addrs, &members, HERD_KEY, 15 * SECOND).await;
     let upstream_before = commandstats(&mut d).await;
     herd.release().await;
@@ -320,26 +348,15 @@ async fn a_loader_that_never_writes_loses_its_lease_and_exactly_one_new_loader_i
     let key = "slow:report";
     ensure_nofile(2 * CLIENTS as u64 + 256);
     let redis = RedisServer::start();
-    let rules = [stampede_rule(
-        "slow",
-        "slow:*",
-        HOUR,
-        LEASE,
-        5 * SECOND,
-        OnTimeout::Nil,
-    )];
-    let all = instances(&redis, 3, &rules).await;
-    let addrs: Vec<SocketAddr> = all.iter().map(|i| i.tierd.addr).collect();
-    let mut stats = stats_conns(&addrs).await;
-    let mut d = direct(&redis).await;
+    let rules = [lease_rule("slow", LEASE, 5 * SECOND, OnTimeout::Nil)];
+    let Fleet {
+        all: _all,
+        addrs,
+        mut stats,
+        mut d,
+    } = fleet(&redis, 3, &rules).await;
     let before = sum_counters(&mut stats, "slow").await;
-
-    let members: Vec<Member> = (0..CLIENTS)
-        .map(|i| Member {
-            instance: i % 3,
-            resp3: false,
-        })
-        .collect();
+    let members = Member::round_robin(CLIENTS, 3);
     let mut herd = Herd::connect(&addrs, &members, key, 15 * SECOND).await;
     herd.release().await;
 
@@ -425,23 +442,15 @@ async fn wait_in_vain(
     key: &str,
 ) -> (Vec<(Option<Bytes>, Duration)>, Counters, u64) {
     let redis = RedisServer::start();
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "vain",
-            "vain:*",
-            HOUR,
-            30 * SECOND,
-            WAIT,
-            on_timeout,
-        )],
-    ))
+        vec![lease_rule("vain", 30 * SECOND, WAIT, on_timeout)],
+    )
     .await;
     let mut d = direct(&redis).await;
     let mut stats = tierd.raw().await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let loader = take_lease(&tierd, key).await;
     let before = counters(&mut stats, "vain").await;
     assert_eq!(before.lease_grants, 1, "{before:?}");
 
@@ -454,12 +463,12 @@ async fn wait_in_vain(
     // hear next to nothing: waiting is tierd's business, not a poll of
     // Redis per waiter.
     let mut stats = [stats];
-    wait_counters(
+    wait_parked(
         &mut stats,
         "vain",
-        5 * SECOND,
+        &before,
+        WAITERS as u64,
         "every waiter to be parked",
-        |c| c.lease_waits - before.lease_waits >= WAITERS as u64,
     )
     .await;
     let upstream_before = upstream_total(&mut d).await;
@@ -659,11 +668,11 @@ async fn hot_key_run(refresh: Option<RefreshAhead>) -> HotRun {
     let key = "hot:home";
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", key, "v0"]).await;
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
         vec![refresh_rule("hot", "hot:*", TTL, refresh)],
-    ))
+    )
     .await;
     let mut reader = tierd.raw().await;
     let mut stats = tierd.raw().await;
@@ -883,22 +892,14 @@ async fn the_loaders_write_deletes_its_lease() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "rel:1";
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "rel",
-            "rel:*",
-            HOUR,
-            30 * SECOND,
-            5 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
+        vec![lease_rule("rel", 30 * SECOND, 5 * SECOND, OnTimeout::Nil)],
+    )
     .await;
     let mut d = direct(&redis).await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let mut loader = take_lease(&tierd, key).await;
     // SET tierd:lease:{key} <token> NX PX <lease>
     let token = lease_token(&mut d, key).await.expect("a lease in Redis");
     assert!(!token.is_empty());
@@ -957,19 +958,11 @@ async fn lease_stays(d: &mut Raw, key: &str, token: &[u8], window: Duration) {
 /// wait for the loader rather than be made a second loader.
 async fn someone_else_writes(writer_on: usize, write: &[&str]) {
     let redis = RedisServer::start();
-    let rules = [stampede_rule(
-        "cas",
-        "cas:*",
-        HOUR,
-        30 * SECOND,
-        10 * SECOND,
-        OnTimeout::Nil,
-    )];
+    let rules = [long_lease_rule("cas")];
     let all = instances(&redis, 2, &rules).await;
     let mut d = direct(&redis).await;
     let key = write[1];
-    let mut loader = all[0].tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let mut loader = take_lease(&all[0].tierd, key).await;
     let token = lease_token(&mut d, key).await.expect("a lease");
 
     let mut other = all[writer_on].tierd.raw().await;
@@ -1059,24 +1052,15 @@ async fn late_loader(c_on: usize, key: &str) {
     let redis = RedisServer::start();
     // Long enough that C's lease outlives the window checked below.
     let lease = 2 * SECOND;
-    let rules = [stampede_rule(
-        "late",
-        "late:*",
-        HOUR,
-        lease,
-        5 * SECOND,
-        OnTimeout::Nil,
-    )];
+    let rules = [lease_rule("late", lease, 5 * SECOND, OnTimeout::Nil)];
     let all = instances(&redis, 2, &rules).await;
     let mut d = direct(&redis).await;
 
-    let mut a = all[0].tierd.raw().await;
-    get_nil(&mut a, key).await;
+    let mut a = take_lease(&all[0].tierd, key).await;
     let token_a = lease_token(&mut d, key).await.expect("A's lease");
     wait_lease_gone(&mut d, key, 5 * SECOND).await;
 
-    let mut c = all[c_on].tierd.raw().await;
-    get_nil(&mut c, key).await;
+    let mut c = take_lease(&all[c_on].tierd, key).await;
     let token_c = lease_token(&mut d, key).await.expect("C's lease");
     assert_ne!(token_a, token_c);
 
@@ -1108,14 +1092,7 @@ async fn resp3_loader_gets_null_and_waiters_of_both_protocols_get_the_value() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "r3:1";
-    let rules = [stampede_rule(
-        "r3",
-        "r3:*",
-        HOUR,
-        30 * SECOND,
-        10 * SECOND,
-        OnTimeout::Nil,
-    )];
+    let rules = [long_lease_rule("r3")];
     let all = instances(&redis, 2, &rules).await;
     let mut loader = all[0].tierd.raw().await;
     let hello = loader.cmd(&["HELLO", "3"]).await;
@@ -1129,14 +1106,7 @@ async fn resp3_loader_gets_null_and_waiters_of_both_protocols_get_the_value() {
     let mut stats = stats_conns(&[all[0].tierd.addr, all[1].tierd.addr]).await;
     let before = sum_counters(&mut stats, "r3").await;
     let tasks = spawn_reads(vec![w2, w3], key, 10 * SECOND);
-    wait_counters(
-        &mut stats,
-        "r3",
-        5 * SECOND,
-        "both waiters to be parked",
-        |c| c.lease_waits - before.lease_waits >= 2,
-    )
-    .await;
+    wait_parked(&mut stats, "r3", &before, 2, "both waiters to be parked").await;
     assert_frame(&loader.cmd(&["SET", key, "three"]).await, b"+OK\r\n");
     for t in tasks {
         let (_raw, reply, _) = t.await.unwrap();
@@ -1153,22 +1123,14 @@ async fn a_loader_that_disconnects_is_replaced_after_the_lease() {
     let redis = RedisServer::start();
     let key = "dead:1";
     let lease = Duration::from_millis(800);
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "dead",
-            "dead:*",
-            HOUR,
-            lease,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
+        vec![lease_rule("dead", lease, 10 * SECOND, OnTimeout::Nil)],
+    )
     .await;
     let mut d = direct(&redis).await;
-    let mut a = tierd.raw().await;
-    get_nil(&mut a, key).await;
+    let a = take_lease(&tierd, key).await;
     let died = Instant::now();
     drop(a);
 
@@ -1210,21 +1172,8 @@ async fn commands_pipelined_behind_a_waiting_read_wait_too() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "pipe:1";
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "pipe",
-            "pipe:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![long_lease_rule("pipe")]).await;
+    let mut loader = take_lease(&tierd, key).await;
     let mut w = tierd.raw().await;
     // A client that pipelines (GET, then PING) is a reader like any other:
     // its GET waits for the loader, and the PING's reply queues behind it.
@@ -1248,34 +1197,14 @@ async fn a_write_straight_to_redis_wakes_the_waiters_through_tracking() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "trk:1";
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Default,
-        vec![stampede_rule(
-            "trk",
-            "trk:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
+    let tierd = start_single(&redis, TrackingMode::Default, vec![long_lease_rule("trk")]).await;
     let mut d = direct(&redis).await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let _loader = take_lease(&tierd, key).await;
     let mut stats = [tierd.raw().await];
     let before = counters(&mut stats[0], "trk").await;
     let waiters = vec![tierd.raw().await, tierd.raw().await, tierd.raw().await];
     let tasks = spawn_reads(waiters, key, 10 * SECOND);
-    wait_counters(
-        &mut stats,
-        "trk",
-        5 * SECOND,
-        "the waiters to be parked",
-        |c| c.lease_waits - before.lease_waits >= 3,
-    )
-    .await;
+    wait_parked(&mut stats, "trk", &before, 3, "the waiters to be parked").await;
     // The loader writes to Redis directly, not through tierd.
     must(&mut d, &["SET", key, "bypass"]).await;
     for t in tasks {
@@ -1291,22 +1220,15 @@ async fn without_stampede_every_reader_gets_nil_and_no_lease_is_taken() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "plain:1";
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
         vec![
             // A stampede rule on other keys: leases stay on their keys.
-            stampede_rule(
-                "other",
-                "other:*",
-                HOUR,
-                30 * SECOND,
-                10 * SECOND,
-                OnTimeout::Nil,
-            ),
+            long_lease_rule("other"),
             rule("plain", "plain:*", HOUR),
         ],
-    ))
+    )
     .await;
     let mut d = direct(&redis).await;
     let mut readers = Vec::new();
@@ -1328,23 +1250,11 @@ async fn without_stampede_every_reader_gets_nil_and_no_lease_is_taken() {
 async fn the_lease_key_lives_under_the_configured_prefix() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
-    let mut config = single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "pfx",
-            "pfx:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    );
+    let mut config = single(&redis, TrackingMode::Off, vec![long_lease_rule("pfx")]);
     config.invalidation.prefix = "myapp:".into();
     let tierd = start(config).await;
     let mut d = direct(&redis).await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, "pfx:1").await;
+    let mut loader = take_lease(&tierd, "pfx:1").await;
     assert_frame(&d.cmd(&["EXISTS", "myapp:lease:pfx:1"]).await, b":1\r\n");
     assert_frame(&d.cmd(&["EXISTS", "tierd:lease:pfx:1"]).await, b":0\r\n");
     assert_frame(&loader.cmd(&["SET", "pfx:1", "x"]).await, b"+OK\r\n");
@@ -1361,19 +1271,16 @@ async fn a_nil_is_never_cached_for_a_stampede_rule() {
     let key = "neg:1";
     // Negative caching on (the rule() default), tracking and the bus off:
     // if the loader's nil were cached, nothing would ever drop it.
-    let r = stampede_rule(
+    let r = lease_rule(
         "neg",
-        "neg:*",
-        HOUR,
         Duration::from_millis(300),
         10 * SECOND,
         OnTimeout::Nil,
     );
     assert!(r.negative);
-    let tierd = start(single(&redis, TrackingMode::Off, vec![r])).await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![r]).await;
     let mut d = direct(&redis).await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let _loader = take_lease(&tierd, key).await;
     wait_lease_gone(&mut d, key, 5 * SECOND).await;
     // The value arrives behind tierd's back.
     must(&mut d, &["SET", key, "arrived"]).await;
@@ -1402,8 +1309,7 @@ async fn cache_stats_and_metrics_show_the_new_counters() {
     config.metrics.listen = Some(metrics);
     let tierd = start(config).await;
     let scrape_before = scrape(metrics).await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let mut loader = take_lease(&tierd, key).await;
     // One waiter that times out, one that is woken.
     let mut w = tierd.raw().await;
     let (reply, _) = timed_get(&mut w, key, 5 * SECOND).await;
@@ -1411,14 +1317,7 @@ async fn cache_stats_and_metrics_show_the_new_counters() {
     let mut stats = [tierd.raw().await];
     let parked = counters(&mut stats[0], "metered").await;
     let tasks = spawn_reads(vec![tierd.raw().await], key, 5 * SECOND);
-    wait_counters(
-        &mut stats,
-        "metered",
-        5 * SECOND,
-        "the second waiter",
-        |c| c.lease_waits > parked.lease_waits,
-    )
-    .await;
+    wait_parked(&mut stats, "metered", &parked, 1, "the second waiter").await;
     assert_frame(&loader.cmd(&["SET", key, "m"]).await, b"+OK\r\n");
     for t in tasks {
         assert_eq!(show(&t.await.unwrap().1), text(&bulk("m")));
@@ -1575,21 +1474,13 @@ async fn a_resp3_waiter_that_times_out_gets_resp3_null() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "t3:1";
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "t3",
-            "t3:*",
-            HOUR,
-            30 * SECOND,
-            300 * MS,
-            OnTimeout::Nil,
-        )],
-    ))
+        vec![lease_rule("t3", 30 * SECOND, 300 * MS, OnTimeout::Nil)],
+    )
     .await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let _loader = take_lease(&tierd, key).await;
     let mut w = tierd.raw().await;
     assert_eq!(w.cmd(&["HELLO", "3"]).await[0], b'%');
     let (reply, took) = timed_get(&mut w, key, 5 * SECOND).await;
@@ -1602,21 +1493,8 @@ async fn the_loaders_own_second_read_does_not_wait_for_itself() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "self:1";
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "self",
-            "self:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![long_lease_rule("self")]).await;
+    let mut loader = take_lease(&tierd, key).await;
     // A loader checking again before it loads (read-through code often
     // does) must not be parked behind its own lease for `wait`.
     let (reply, took) = timed_get(&mut loader, key, 5 * SECOND).await;
@@ -1625,14 +1503,7 @@ async fn the_loaders_own_second_read_does_not_wait_for_itself() {
     let mut stats = [tierd.raw().await];
     let before = counters(&mut stats[0], "self").await;
     let tasks = spawn_reads(vec![tierd.raw().await], key, 10 * SECOND);
-    wait_counters(
-        &mut stats,
-        "self",
-        5 * SECOND,
-        "another reader to wait",
-        |c| c.lease_waits > before.lease_waits,
-    )
-    .await;
+    wait_parked(&mut stats, "self", &before, 1, "another reader to wait").await;
     assert_frame(&loader.cmd(&["SET", key, "mine"]).await, b"+OK\r\n");
     for t in tasks {
         assert_eq!(show(&t.await.unwrap().1), text(&bulk("mine")));
@@ -1645,30 +1516,19 @@ async fn a_waiter_that_disconnects_is_never_made_the_loader() {
     let redis = RedisServer::start();
     let key = "gone:1";
     let lease = Duration::from_millis(800);
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "gone",
-            "gone:*",
-            HOUR,
-            lease,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
+        vec![lease_rule("gone", lease, 10 * SECOND, OnTimeout::Nil)],
+    )
     .await;
     let mut stats = [tierd.raw().await];
     // A loads and stalls; B waits, then leaves; C waits.
-    let mut a = tierd.raw().await;
-    get_nil(&mut a, key).await;
+    let a = take_lease(&tierd, key).await;
     let before = counters(&mut stats[0], "gone").await;
     let mut b = tierd.raw().await;
     b.send(&encode(&["GET", key])).await;
-    wait_counters(&mut stats, "gone", 5 * SECOND, "B to wait", |c| {
-        c.lease_waits > before.lease_waits
-    })
-    .await;
+    wait_parked(&mut stats, "gone", &before, 1, "B to wait").await;
     drop(b);
     let tasks = spawn_reads(vec![tierd.raw().await], key, 10 * SECOND);
     // When A's lease runs out, C (the only client still waiting) is the
@@ -1691,34 +1551,21 @@ async fn a_loader_writing_in_a_transaction_wakes_every_instance_and_releases_its
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "tx:1";
-    let rules = [stampede_rule(
-        "tx",
-        "tx:*",
-        HOUR,
-        30 * SECOND,
-        10 * SECOND,
-        OnTimeout::Nil,
-    )];
-    let all = instances(&redis, 2, &rules).await;
-    let addrs: Vec<SocketAddr> = all.iter().map(|i| i.tierd.addr).collect();
-    let mut stats = stats_conns(&addrs).await;
-    let mut d = direct(&redis).await;
-    let mut loader = all[0].tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let rules = [long_lease_rule("tx")];
+    let Fleet {
+        all,
+        mut stats,
+        mut d,
+        ..
+    } = fleet(&redis, 2, &rules).await;
+    let mut loader = take_lease(&all[0].tierd, key).await;
     let before = sum_counters(&mut stats, "tx").await;
     let tasks = spawn_reads(
         vec![all[0].tierd.raw().await, all[1].tierd.raw().await],
         key,
         10 * SECOND,
     );
-    wait_counters(
-        &mut stats,
-        "tx",
-        5 * SECOND,
-        "both waiters to be parked",
-        |c| c.lease_waits - before.lease_waits >= 2,
-    )
-    .await;
+    wait_parked(&mut stats, "tx", &before, 2, "both waiters to be parked").await;
     // SET and EXPIRE together, as applications that load with a TTL do.
     assert_frame(&loader.cmd(&["MULTI"]).await, b"+OK\r\n");
     assert_frame(&loader.cmd(&["SET", key, "tx-value"]).await, b"+QUEUED\r\n");
@@ -1738,19 +1585,7 @@ async fn a_missing_hash_is_loaded_once_too() {
     // HGET of a hash that does not exist yet.
     let redis = RedisServer::start();
     let key = "h:user:9";
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "h",
-            "h:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![long_lease_rule("h")]).await;
     let mut d = direct(&redis).await;
     let mut loader = tierd.raw().await;
     assert_frame(&loader.cmd(&["HGET", key, "name"]).await, b"$-1\r\n");
@@ -1766,10 +1601,7 @@ async fn a_missing_hash_is_loaded_once_too() {
         w.send(&encode(&["HGET", key, "name"])).await;
         waiters.push(w);
     }
-    wait_counters(&mut stats, "h", 5 * SECOND, "the HGETs to wait", |c| {
-        c.lease_waits - before.lease_waits >= 3
-    })
-    .await;
+    wait_parked(&mut stats, "h", &before, 3, "the HGETs to wait").await;
     assert_frame(
         &loader
             .cmd(&["HSET", key, "name", "Ada", "lang", "en"])
@@ -1795,12 +1627,7 @@ async fn join_after_write(write: bool) -> (u64, Vec<Bytes>) {
     let key = "ryw:1";
     let mut d = direct(&redis).await;
     must(&mut d, &["SET", key, "old"]).await;
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![rule("ryw", "ryw:*", HOUR)],
-    ))
-    .await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![rule("ryw", "ryw:*", HOUR)]).await;
     let mut stats = [tierd.raw().await];
     // An L1 entry of the key (STRLEN's), whose invalidation shows in
     // CACHE.STATS when W's write reaches tierd.
@@ -1891,11 +1718,11 @@ async fn coalescing_never_shares_a_reply_across_protocols() {
     assert_eq!(d3.cmd(&["HELLO", "3"]).await[0], b'%');
     let want3 = d3.cmd(&["HGETALL", key]).await;
     assert_ne!(want2, want3);
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
         vec![rule("proto", "proto:*", HOUR)],
-    ))
+    )
     .await;
     let mut stats = [tierd.raw().await];
     let mut r2a = tierd.raw().await;
@@ -1930,21 +1757,13 @@ async fn a_tryagain_error_for_a_key_with_line_breaks_is_one_frame() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let key = "brk:a\r\nb";
-    let tierd = start(single(
+    let tierd = start_single(
         &redis,
         TrackingMode::Off,
-        vec![stampede_rule(
-            "brk",
-            "brk:*",
-            HOUR,
-            30 * SECOND,
-            200 * MS,
-            OnTimeout::Error,
-        )],
-    ))
+        vec![lease_rule("brk", 30 * SECOND, 200 * MS, OnTimeout::Error)],
+    )
     .await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let _loader = take_lease(&tierd, key).await;
     let mut w = tierd.raw().await;
     let err = text(&w.cmd(&["GET", key]).await);
     assert!(
@@ -1967,21 +1786,8 @@ async fn concurrent_reads_on_one_multiplexed_connection_all_wait_for_the_loader(
     const TASKS: usize = 20;
     let redis = RedisServer::start();
     let key = "mux:1";
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "mux",
-            "mux:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
-    let mut loader = tierd.raw().await;
-    get_nil(&mut loader, key).await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![long_lease_rule("mux")]).await;
+    let mut loader = take_lease(&tierd, key).await;
     let mut stats = [tierd.raw().await];
     let before = counters(&mut stats[0], "mux").await;
     let conn = tierd.client().await;
@@ -2046,23 +1852,9 @@ async fn a_loader_reading_a_key_another_client_is_loading_waits_for_it() {
     // Loading one object often reads others through the same cache: the
     // loader of dep:a reads dep:b, which another client is loading.
     let redis = RedisServer::start();
-    let tierd = start(single(
-        &redis,
-        TrackingMode::Off,
-        vec![stampede_rule(
-            "dep",
-            "dep:*",
-            HOUR,
-            30 * SECOND,
-            10 * SECOND,
-            OnTimeout::Nil,
-        )],
-    ))
-    .await;
-    let mut loader_b = tierd.raw().await;
-    get_nil(&mut loader_b, "dep:b").await;
-    let mut loader_a = tierd.raw().await;
-    get_nil(&mut loader_a, "dep:a").await;
+    let tierd = start_single(&redis, TrackingMode::Off, vec![long_lease_rule("dep")]).await;
+    let mut loader_b = take_lease(&tierd, "dep:b").await;
+    let mut loader_a = take_lease(&tierd, "dep:a").await;
     loader_a.send(&encode(&["GET", "dep:b"])).await;
     if let Some(early) = loader_a.try_frame(SECOND).await {
         panic!(

@@ -408,3 +408,41 @@ pub fn rule_counters<const N: usize>(
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+// ---------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------
+
+/// Latency percentiles of a set of samples.
+#[allow(dead_code)]
+pub struct Summary {
+    pub n: usize,
+    pub p50: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+#[allow(dead_code)]
+impl Summary {
+    pub fn of(samples: &[Duration]) -> Summary {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        // Nearest rank: the smallest sample with at least q of them at or
+        // below it.
+        let at = |q: f64| {
+            let rank = (q * sorted.len() as f64).ceil() as usize;
+            sorted
+                .get(rank.saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        Summary {
+            n: sorted.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: sorted.last().copied().unwrap_or_default(),
+        }
+    }
+}

@@ -2031,6 +2031,23 @@ mod tests {
         send_sync::<FillToken>();
     }
 
+    /// Whether rule 0 serves `key`'s `GET` stale at `now`.
+    fn stale_at(s: &Store, key: &str, now: Instant) -> bool {
+        s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
+            .is_some()
+    }
+
+    /// A store whose rule 0 keeps stale replies for an hour, with `GET
+    /// key` of each of `keys` cached for rule 0.
+    fn stale_store(keys: &[&str], now: Instant) -> Store {
+        let mut s = store();
+        s.set_stale_ttl(0, Duration::from_secs(3600));
+        for key in keys {
+            assert!(fill(&s, 0, key, &get_var(key), key, now + HOUR));
+        }
+        s
+    }
+
     /// A hit's slice, for `refresh_due`.
     fn hit(s: &Store, key: &str, variant: &Variant, now: Instant) -> ReplySlice {
         s.get_with(0, key.as_bytes(), &[variant.as_ref()], now, |_| ())
@@ -2119,10 +2136,7 @@ mod tests {
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         let reply = Bytes::from_static(b"$1\r\nx\r\n");
-        let stale = |s: &Store, key: &str, now: Instant| {
-            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
-                .is_some()
-        };
+        let stale = stale_at;
         let timed = |key_expiry| Timing {
             life: Duration::from_secs(10),
             fetch: Duration::ZERO,
@@ -2154,16 +2168,9 @@ mod tests {
 
     #[test]
     fn a_lost_link_keeps_stale_replies_and_invalidations_and_flushes_end_them() {
-        let mut s = store();
-        s.set_stale_ttl(0, Duration::from_secs(3600));
         let now = Instant::now();
-        let stale = |s: &Store, key: &str| {
-            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
-                .is_some()
-        };
-        for key in ["a", "b", "c"] {
-            assert!(fill(&s, 0, key, &get_var(key), key, now + HOUR));
-        }
+        let s = stale_store(&["a", "b", "c"], now);
+        let stale = |s: &Store, key: &str| stale_at(s, key, now);
         assert!(fill(&s, 1, "other", &get_var("other"), "o", now + HOUR));
         s.suspend(Holder::Tracking);
         assert_eq!(get(&s, 0, "a", &get_var("a"), now), None);
@@ -2179,16 +2186,9 @@ mod tests {
 
     #[test]
     fn kept_replies_retire_once_the_lost_link_is_back_and_patterns_reach_them() {
-        let mut s = store();
-        s.set_stale_ttl(0, Duration::from_secs(3600));
         let now = Instant::now();
-        let stale = |s: &Store, key: &str| {
-            s.get_stale(0, key.as_bytes(), &[get_var(key).as_ref()], now, |_| ())
-                .is_some()
-        };
-        for key in ["user:1", "user:2", "post:1"] {
-            assert!(fill(&s, 0, key, &get_var(key), key, now + HOUR));
-        }
+        let s = stale_store(&["user:1", "user:2", "post:1"], now);
+        let stale = |s: &Store, key: &str| stale_at(s, key, now);
         s.distrust();
         assert!(stale(&s, "user:1") && stale(&s, "post:1"));
         assert_eq!(s.invalidate_matching(|k| k.starts_with(b"user:")), 2);

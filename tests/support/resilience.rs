@@ -422,23 +422,33 @@ impl Load {
     /// Waits until every client has `n` more non-error replies than in
     /// `since` (a [`Load::snapshot`]).
     pub async fn wait_ok(&self, since: &[(u64, u64)], n: u64, limit: Duration, what: &str) {
-        let deadline = Deadline::new(limit, what.to_owned());
-        loop {
-            let now = self.snapshot();
-            if now.iter().zip(since).all(|(a, b)| a.0 >= b.0 + n) {
-                return;
-            }
-            self.assert_running();
-            deadline.tick().await;
-        }
+        self.wait_each(since, n, limit, what, |(ok, _)| ok).await;
     }
 
     /// Waits until every client has `n` more error replies than in `since`.
     pub async fn wait_errors(&self, since: &[(u64, u64)], n: u64, limit: Duration, what: &str) {
+        self.wait_each(since, n, limit, what, |(_, errors)| errors)
+            .await;
+    }
+
+    /// Waits until every client's `count` of its snapshot is `n` past
+    /// `since`'s; fails after `limit`, or at once if a client stopped.
+    async fn wait_each(
+        &self,
+        since: &[(u64, u64)],
+        n: u64,
+        limit: Duration,
+        what: &str,
+        count: fn((u64, u64)) -> u64,
+    ) {
         let deadline = Deadline::new(limit, what.to_owned());
         loop {
             let now = self.snapshot();
-            if now.iter().zip(since).all(|(a, b)| a.1 >= b.1 + n) {
+            if now
+                .iter()
+                .zip(since)
+                .all(|(a, b)| count(*a) >= count(*b) + n)
+            {
                 return;
             }
             self.assert_running();

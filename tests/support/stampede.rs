@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Barrier};
 use tokio::task::JoinHandle;
 
 use super::exchange::{encode, text};
-use super::l1::{commandstats, rule, rule_stats, RuleStats};
+use super::l1::{commandstats, rule, rule_stats, RuleStats, HOUR};
 use super::probe::Deadline;
 use super::{free_port, Raw};
 
@@ -41,6 +41,27 @@ pub fn stampede_rule(
         on_timeout,
     });
     r
+}
+
+/// [`stampede_rule`] named `name` on `name:*` keys, cached for an hour.
+pub fn lease_rule(
+    name: &str,
+    lease: Duration,
+    wait: Duration,
+    on_timeout: OnTimeout,
+) -> RuleConfig {
+    stampede_rule(name, &format!("{name}:*"), HOUR, lease, wait, on_timeout)
+}
+
+/// [`lease_rule`] with the lease most tests use: 30 s, so that it never
+/// runs out under a test, and waits of 10 s ending in nil.
+pub fn long_lease_rule(name: &str) -> RuleConfig {
+    lease_rule(
+        name,
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+        OnTimeout::Nil,
+    )
 }
 
 /// A caching rule with `refresh_ahead` (or none, for controls).
@@ -192,6 +213,21 @@ pub async fn sum_counters(stats: &mut [Raw], rule: &str) -> Counters {
     total
 }
 
+/// Waits (up to 5 s) until the summed `lease_waits` are `n` past
+/// `before`'s: that many reads are parked behind a lease.
+pub async fn wait_parked(
+    stats: &mut [Raw],
+    rule: &str,
+    before: &Counters,
+    n: u64,
+    what: &str,
+) -> Counters {
+    wait_counters(stats, rule, Duration::from_secs(5), what, |c| {
+        c.lease_waits - before.lease_waits >= n
+    })
+    .await
+}
+
 /// Polls the summed counters until `ok` holds; fails after `limit` with
 /// the last counters seen.
 pub async fn wait_counters(
@@ -226,6 +262,18 @@ pub struct Member {
     pub instance: usize,
     /// Whether it switches to RESP3 (`HELLO 3`) first.
     pub resp3: bool,
+}
+
+impl Member {
+    /// `n` RESP2 clients spread over `instances` tierds in turn.
+    pub fn round_robin(n: usize, instances: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| Member {
+                instance: i % instances,
+                resp3: false,
+            })
+            .collect()
+    }
 }
 
 /// What a client that got nil (a loader) is told to do.
