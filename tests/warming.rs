@@ -16,7 +16,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::l1::{decode, direct, l1_config, no_cache_rule, rule, rule_stats, Resp, HOUR};
+use support::l1::{
+    decode, direct, l1_config, no_cache_rule, rule, rule_stats, upstream_calls, Resp, HOUR,
+};
 use support::l1::{L1Probe, Outcome};
 use support::probe::Deadline;
 use support::{free_port, RedisServer, Tierd};
@@ -410,6 +412,44 @@ async fn limit_scan_hot_and_on_startup_are_respected() {
     assert_eq!(int(&d.cmd(&["DEL", "b:3"]).await), 1);
     assert_eq!(int(&t.cmd(&["CACHE.WARM", "b"]).await), 2);
     assert_eq!(int(&t.cmd(&["CACHE.WARM", "c"]).await), 5);
+}
+
+/// `SCAN` pages are paced too, each as 100 keys (a tenth of its `COUNT`):
+/// a rule whose keys are few in a large keyspace walks it at
+/// `[warming] rate`, not as fast as Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_pages_of_a_sparse_keyspace_are_paced() {
+    const RATE: usize = 1_000;
+    // What one page costs at RATE: 100 keys' worth.
+    const PAGE_COST: Duration = Duration::from_millis(100);
+    let redis = RedisServer::start();
+    fill_redis(&redis, "other:", 0..10_000).await;
+    fill_redis(&redis, "sparse:", 0..3).await;
+    let mut cfg = config(
+        &redis,
+        vec![
+            warm_rule("sparse", "sparse:*", warm(false, 1000, false, true)),
+            rule("plain", "plain:*", HOUR),
+        ],
+    );
+    cfg.warming.rate = RATE;
+    let tierd = Tierd::start_with(cfg).await;
+    until_caching(&redis, &tierd, "plain", "plain:0").await;
+    let mut d = direct(&redis).await;
+    let mut t = tierd.raw().await;
+    let scans = upstream_calls(&mut d, "scan").await;
+    let started = Instant::now();
+    assert_eq!(int(&t.cmd(&["CACHE.WARM", "sparse"]).await), 3);
+    let took = started.elapsed();
+    let pages = upstream_calls(&mut d, "scan").await - scans;
+    assert!(pages >= 8, "only {pages} SCAN pages over 10,000 keys");
+    // The first page goes at once, each later one a page's cost after the
+    // one before it.
+    let floor = PAGE_COST * u32::try_from(pages - 1).unwrap();
+    assert!(
+        took >= floor * 9 / 10,
+        "{pages} SCAN pages in {took:?}: faster than [warming] rate allows ({floor:?})"
+    );
 }
 
 // ---------------------------------------------------------------------------

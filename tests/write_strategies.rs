@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::compression::{compress_rule, MAGIC};
+use support::compression::{compress_rule, frame_of, MAGIC};
 use support::exchange::text;
 use support::l1::{
     decode, direct, l1_config, rule, wait_until_caching, L1Probe, Outcome, Resp, HOUR,
 };
 use support::probe::Deadline;
+use support::resilience::{circuit_state, CIRCUIT_OPEN, UNAVAILABLE};
 use support::{free_port, Raw, RedisServer, Tierd};
 use tierd::cache::template::TagTemplate;
 use tierd::config::{Config, RuleConfig, TrackingMode, WriteBehindConfig, WriteStrategy};
@@ -902,6 +903,321 @@ async fn refused_flushed_writes_are_counted() {
     assert_eq!(&t.cmd(&["GET", "wb:oom"]).await[..], b"$-1\r\n");
     assert_eq!(&t.cmd(&["SET", "wb:oom", "w"]).await[..], b"+OK\r\n");
     wait_redis(&mut d, "wb:oom", b"w").await;
+}
+
+// ---------------------------------------------------------------------------
+// write = "behind" while Redis fails: nothing overtakes a queued write
+// ---------------------------------------------------------------------------
+
+/// [`behind_config`] with a circuit breaker that opens on the first
+/// failure.
+fn behind_breaker_config(
+    redis: &RedisServer,
+    flush: Duration,
+    max_queue: usize,
+    command_timeout: Duration,
+    reset: Duration,
+) -> Config {
+    let mut config = behind_config(redis, flush, max_queue);
+    config.upstream.command_timeout = command_timeout;
+    config.upstream.failure_threshold = 1;
+    config.upstream.reset = reset;
+    config
+}
+
+/// One write through the queue, so that the flusher's connection is up
+/// before a test freezes Redis. A request waiting for a queued write has
+/// it sent at once, whatever the `flush`.
+async fn flusher_up(redis: &RedisServer, tierd: &Tierd) {
+    let mut t = tierd.raw().await;
+    assert_eq!(&t.cmd(&["SET", "wb:warmup", "1"]).await[..], b"+OK\r\n");
+    assert_eq!(&t.cmd(&["STRLEN", "wb:warmup"]).await[..], b":1\r\n");
+    assert_eq!(
+        direct(redis).await.cmd(&["GET", "wb:warmup"]).await,
+        bulk(b"1")
+    );
+}
+
+/// Freezes Redis and opens the circuit breaker: a read nothing queued is
+/// for times out (the breakers of these tests open on one failure).
+async fn freeze_and_open_the_breaker(redis: &RedisServer, tierd: &Tierd) {
+    redis.pause();
+    let mut t = tierd.raw().await;
+    let got = t.cmd(&["GET", "p:trip"]).await;
+    assert!(got.starts_with(UNAVAILABLE), "{}", text(&got));
+    let mut admin = tierd.raw().await;
+    let deadline = Deadline::new(10 * SECOND, "the circuit breaker to open");
+    while circuit_state(&mut admin).await == "closed" {
+        deadline.tick().await;
+    }
+}
+
+/// While the breaker is open, and then half-open, a request for a key
+/// with a queued write is refused (`-TRYAGAIN`) and never sent: sent as
+/// the half-open probe, a `DEL` would reach Redis before the `SET` it was
+/// acknowledged after, and the key would end up holding the value the
+/// client deleted. Once the queued write is in Redis, the `DEL` goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_key_is_refused_while_the_breaker_is_not_closed() {
+    const RESET: Duration = Duration::from_millis(500);
+    let redis = RedisServer::start();
+    // A long flush: nothing sends the SET before Redis is frozen, and it
+    // stays queued throughout the outage.
+    let config = behind_breaker_config(&redis, 5 * SECOND, 100, 2 * SECOND, RESET);
+    let tierd = Tierd::start_with(config).await;
+    wait_until_caching(&tierd, "wb", "wb:warmup").await;
+    let mut d = direct(&redis).await;
+    let mut t = tierd.raw().await;
+
+    assert_eq!(&t.cmd(&["SET", "wb:2", "v1"]).await[..], b"+OK\r\n");
+    freeze_and_open_the_breaker(&redis, &tierd).await;
+    // Through the open breaker and past its reset, when any request the
+    // breaker lets through is a half-open probe.
+    let until = tokio::time::Instant::now() + 3 * RESET;
+    let mut resumed = false;
+    let mut refused = 0;
+    while tokio::time::Instant::now() < until {
+        t.send_cmd(&[b"DEL", b"wb:2"]).await;
+        let reply = match t.try_frame(Duration::from_millis(500)).await {
+            Some(reply) => reply,
+            None => {
+                // It was sent to the frozen Redis: let Redis answer it, to
+                // show what it did.
+                redis.resume();
+                resumed = true;
+                t.frame().await
+            }
+        };
+        assert_eq!(
+            text(&reply),
+            text(CIRCUIT_OPEN),
+            "a DEL of a key with a queued SET, after {refused} refusals, while the breaker was not closed"
+        );
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!resumed);
+    redis.resume();
+    wait_redis(&mut d, "wb:2", b"v1").await;
+    // Once the SET is in Redis (and the breaker closed) the DEL goes, after it.
+    let deadline = Deadline::new(10 * SECOND, "DEL wb:2 to run");
+    loop {
+        let got = t.cmd(&["DEL", "wb:2"]).await;
+        if &got[..] == b":1\r\n" {
+            break;
+        }
+        assert!(
+            got.starts_with(b"-TRYAGAIN") || got.starts_with(UNAVAILABLE),
+            "{}",
+            text(&got)
+        );
+        deadline.tick().await;
+    }
+    assert_eq!(&d.cmd(&["EXISTS", "wb:2"]).await[..], b":0\r\n");
+    assert_eq!(&t.cmd(&["GET", "wb:2"]).await[..], b"$-1\r\n");
+}
+
+/// A transaction queued a `DEL` of a key before another client's `SET` of
+/// it was queued by write-behind; `EXEC` comes after that `SET` was
+/// acknowledged, so it runs after it: the key is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_after_the_writes_queued_before_it() {
+    // Long enough that an EXEC that did not wait would run first.
+    let (redis, tierd) = behind_fixture(2 * SECOND, 100).await;
+    let mut d = direct(&redis).await;
+    let mut a = tierd.raw().await;
+    let mut b = tierd.raw().await;
+    assert_eq!(&a.cmd(&["MULTI"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.cmd(&["DEL", "wb:1"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&b.cmd(&["SET", "wb:1", "v1"]).await[..], b"+OK\r\n");
+    assert_eq!(&d.cmd(&["EXISTS", "wb:1"]).await[..], b":0\r\n", "queued");
+    // Inside MULTI a request of the queued key is only queued in Redis:
+    // it does not wait (EXEC does).
+    assert_eq!(&a.cmd(&["GET", "wb:1"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&d.cmd(&["EXISTS", "wb:1"]).await[..], b":0\r\n", "queued");
+    assert_eq!(
+        text(&a.cmd(&["EXEC"]).await),
+        "*2\r\n:1\r\n$-1\r\n",
+        "the transaction ran after the SET acknowledged before EXEC"
+    );
+    let mut admin = tierd.raw().await;
+    wait_info(
+        &mut admin,
+        "tierd_write_behind_queue",
+        |v| v == 0,
+        "an empty queue",
+    )
+    .await;
+    assert_eq!(&d.cmd(&["EXISTS", "wb:1"]).await[..], b":0\r\n");
+    assert_eq!(&a.cmd(&["GET", "wb:1"]).await[..], b"$-1\r\n");
+}
+
+/// When the writes queued before `EXEC` cannot reach Redis (the breaker is
+/// open), `EXEC` is refused at once and its transaction discarded, never
+/// run; the client is out of `MULTI` and its next transaction runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_is_refused_and_discarded_while_queued_writes_cannot_reach_redis() {
+    let redis = RedisServer::start();
+    let config = behind_breaker_config(&redis, 60 * SECOND, 100, SECOND, 60 * SECOND);
+    let tierd = Tierd::start_with(config).await;
+    wait_until_caching(&tierd, "wb", "wb:warmup").await;
+    flusher_up(&redis, &tierd).await;
+    let mut d = direct(&redis).await;
+    let mut a = tierd.raw().await;
+    let mut b = tierd.raw().await;
+    assert_eq!(&a.cmd(&["MULTI"]).await[..], b"+OK\r\n");
+    assert_eq!(&a.cmd(&["SET", "p:tx", "ran"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(&b.cmd(&["SET", "wb:tx", "v"]).await[..], b"+OK\r\n");
+    freeze_and_open_the_breaker(&redis, &tierd).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(text(&a.cmd(&["EXEC"]).await), text(CIRCUIT_OPEN));
+    assert!(started.elapsed() < SECOND, "EXEC failed fast");
+    redis.resume();
+    wait_redis(&mut d, "wb:tx", b"v").await;
+    // Discarded: it never runs, and the client is out of the transaction.
+    assert_eq!(&d.cmd(&["EXISTS", "p:tx"]).await[..], b":0\r\n");
+    let deadline = Deadline::new(10 * SECOND, "the breaker to let MULTI through");
+    loop {
+        let got = a.cmd(&["MULTI"]).await;
+        if &got[..] == b"+OK\r\n" {
+            break;
+        }
+        assert!(got.starts_with(b"-TRYAGAIN"), "{}", text(&got));
+        deadline.tick().await;
+    }
+    assert_eq!(&a.cmd(&["SET", "p:tx2", "ran"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(text(&a.cmd(&["EXEC"]).await), "*1\r\n+OK\r\n");
+    assert_eq!(d.cmd(&["GET", "p:tx2"]).await, bulk(b"ran"));
+    assert_eq!(&d.cmd(&["EXISTS", "p:tx"]).await[..], b":0\r\n");
+}
+
+/// A writer that finds the queue full while Redis does not take the
+/// queued writes is not held forever: it gets tierd's upstream-unavailable
+/// error after the command timeout, and `-TRYAGAIN` at once while the
+/// breaker is open. Its write was not acknowledged and never reaches
+/// Redis; the acknowledged ones all do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waits_for_room_no_longer_than_redis_could_answer() {
+    const MAX_QUEUE: usize = 4;
+    let redis = RedisServer::start();
+    let config = behind_breaker_config(
+        &redis,
+        Duration::from_millis(5),
+        MAX_QUEUE,
+        SECOND,
+        60 * SECOND,
+    );
+    let tierd = Tierd::start_with(config).await;
+    wait_until_caching(&tierd, "wb", "wb:warmup").await;
+    flusher_up(&redis, &tierd).await;
+    let mut d = direct(&redis).await;
+    let mut writer = tierd.raw().await;
+    let mut admin = tierd.raw().await;
+
+    redis.pause();
+    for i in 0..MAX_QUEUE {
+        let (key, value) = (format!("wb:q:{i}"), format!("v{i}"));
+        assert_eq!(&writer.cmd(&["SET", &key, &value]).await[..], b"+OK\r\n");
+    }
+    wait_info(
+        &mut admin,
+        "tierd_write_behind_queue",
+        |v| v == MAX_QUEUE as u64,
+        "a full queue",
+    )
+    .await;
+    // The breaker is closed: the writer waits for room, as long as the
+    // command timeout (1 s).
+    writer.send_cmd(&[b"SET", b"wb:q:late", b"x"]).await;
+    let got = writer
+        .try_frame(5 * SECOND)
+        .await
+        .expect("a writer waiting for room in a full queue got no reply within 5 s");
+    assert!(
+        got.starts_with(UNAVAILABLE) || &got[..] == CIRCUIT_OPEN,
+        "{}",
+        text(&got)
+    );
+    // The breaker is open: refused at once.
+    freeze_and_open_the_breaker(&redis, &tierd).await;
+    writer.send_cmd(&[b"SET", b"wb:q:open", b"x"]).await;
+    let got = writer.try_frame(Duration::from_millis(500)).await.expect(
+        "a writer finding the queue full while the breaker is open was not refused at once",
+    );
+    assert_eq!(text(&got), text(CIRCUIT_OPEN));
+
+    redis.resume();
+    for i in 0..MAX_QUEUE {
+        wait_redis(&mut d, &format!("wb:q:{i}"), format!("v{i}").as_bytes()).await;
+    }
+    wait_info(
+        &mut admin,
+        "tierd_write_behind_queue",
+        |v| v == 0,
+        "an empty queue",
+    )
+    .await;
+    for key in ["wb:q:late", "wb:q:open"] {
+        assert_eq!(&d.cmd(&["EXISTS", key]).await[..], b":0\r\n", "{key}");
+    }
+}
+
+/// A `GET` answered from the queue gives back the value exactly as it was
+/// written, even one that happens to be a valid tierd compression frame,
+/// unless the key's own rule compresses values in Redis (then the queued
+/// value is the compressed one, and is decoded). Another rule compressing
+/// changes nothing for the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_value_is_read_back_byte_exact() {
+    let redis = RedisServer::start();
+    let mut config = l1_config(
+        &redis.url(),
+        TrackingMode::Default,
+        vec![
+            with_write(rule("wb", "wb:*", HOUR), WriteStrategy::Behind),
+            with_write(compress_rule("zb", "zb:*", true), WriteStrategy::Behind),
+            with_write(compress_rule("zl", "zl:*", false), WriteStrategy::Behind),
+            compress_rule("zup", "zup:*", true),
+        ],
+    );
+    // Queued for the whole test.
+    config.write_behind = WriteBehindConfig {
+        flush: 60 * SECOND,
+        max_queue: 100,
+    };
+    let tierd = Tierd::start_with(config).await;
+    wait_until_caching(&tierd, "wb", "wb:warmup").await;
+    let mut t = tierd.raw().await;
+    let mut t3 = tierd.raw().await;
+    assert_eq!(t3.cmd(&["HELLO", "3"]).await[0], b'%');
+
+    let plain: Vec<u8> = b"a value that compresses well, ".repeat(20);
+    let frame = frame_of(&plain);
+    assert!(frame.starts_with(&MAGIC));
+    for (key, value, read_back) in [
+        // Rules that keep values plain in Redis: exactly as written.
+        ("wb:frame", &frame, &frame),
+        ("zl:frame", &frame, &frame),
+        ("zl:plain", &plain, &plain),
+        // A rule compressing in Redis: queued compressed, read back plain.
+        ("zb:plain", &plain, &plain),
+        ("zb:frame", &frame, &frame),
+    ] {
+        t.send_cmd(&[b"SET", key.as_bytes(), value]).await;
+        assert_eq!(&t.frame().await[..], b"+OK\r\n", "{key}");
+        for client in [&mut t, &mut t3] {
+            client.send_cmd(&[b"GET", key.as_bytes()]).await;
+            let got = client.frame().await;
+            assert!(
+                got == bulk(read_back),
+                "{key}: GET answered from the queue gave {} bytes, not the {} written",
+                got.len(),
+                bulk(read_back).len()
+            );
+        }
+    }
+    let mut admin = tierd.raw().await;
+    assert_eq!(tierd_info(&mut admin, "tierd_write_behind_queue").await, 5);
 }
 
 // ---------------------------------------------------------------------------

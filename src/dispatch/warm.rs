@@ -10,11 +10,13 @@
 //!   other ([`super::stampede::fill_also`]: tracked, with its `PTTL`,
 //!   cancelled by an invalidation meanwhile), which fills the RESP2 and the
 //!   RESP3 variant at once. All runs together load at most `[warming] rate`
-//!   keys a second ([`Pace`]).
+//!   keys a second ([`Pace`]), a `SCAN` page counting as
+//!   [`SCAN_PAGE_KEYS`] keys.
 //! - **Hot sets.** Every instance counts, per rule with `warm` and `hot`, a
 //!   sample of its L1 lookups ([`note_read`], one in [`SAMPLE`], on the hit
 //!   path: no lock is waited for and nothing is allocated unless the key is
-//!   new to the sample). Every `[warming] hot_interval`, and once more when
+//!   new to the sample; keys above [`MAX_HOT_KEY_LEN`] bytes are not
+//!   counted). Every `[warming] hot_interval`, and once more when
 //!   it stops, it adds its hottest `hot_keys` keys since the last time to
 //!   the sorted set `{prefix}hot:{rule}` in Redis, with scores that decay
 //!   over time ([`HOT_SCRIPT`]), trims it to `hot_keys` members and renews
@@ -60,6 +62,21 @@ const PAGE: usize = 1000;
 
 /// Most keys loaded at once by one run.
 const MAX_BATCH: usize = 64;
+
+/// What one `SCAN` page (`COUNT` [`PAGE`]) costs against `[warming] rate`,
+/// in keys: a tenth of its `COUNT`. Redis walks `COUNT` slots of its table
+/// for it (matching each key against the glob and checking its type)
+/// whatever it returns, roughly a hundred `GET`s' worth of work; charged
+/// like that, a run over a sparse keyspace (many pages, few keys of the
+/// rule) is held to the rate as one that loads keys is, instead of walking
+/// the whole keyspace as fast as Redis answers.
+const SCAN_PAGE_KEYS: usize = PAGE / 10;
+
+/// Keys longer than this are not counted for the hot sets: sampling copies
+/// each new key, and the counts hold up to `2 × hot_keys` of them. Hot
+/// keys are short in practice; a client reading huge key names must not
+/// make the sample hold megabytes.
+const MAX_HOT_KEY_LEN: usize = 1024;
 
 /// How often a waiting run checks whether L1 caches again.
 const READY_POLL: Duration = Duration::from_millis(10);
@@ -162,9 +179,13 @@ impl HotCounts {
     }
 
     /// Counts one sampled lookup of `key`. Allocates only for a key the
-    /// sample has not seen since the last write.
+    /// sample has not seen since the last write. Keys longer than
+    /// [`MAX_HOT_KEY_LEN`] are not counted.
     #[cold]
     fn note(&self, key: &[u8]) {
+        if key.len() > MAX_HOT_KEY_LEN {
+            return;
+        }
         let Some(mut counts) = self.counts.try_lock() else {
             return;
         };
@@ -427,11 +448,13 @@ impl Run<'_> {
     }
 
     /// Loads string keys matching the rule, walking the keyspace with
-    /// `SCAN`, until the rule's `limit` is reached or the walk ends.
+    /// `SCAN`, until the rule's `limit` is reached or the walk ends. Each
+    /// page is paced too, as [`SCAN_PAGE_KEYS`] keys.
     async fn scan(&mut self) -> Result<(), WarmError> {
         let count = PAGE.to_string();
         let mut cursor = Bytes::from_static(b"0");
         while self.room() > 0 {
+            self.ctx.warm.pace.wait(SCAN_PAGE_KEYS).await;
             let request = reply::encode_command(&[
                 b"SCAN",
                 &cursor,
@@ -857,6 +880,22 @@ mod tests {
         assert!(counts.take_top(3).is_empty());
         // The floor for tiny hot_keys.
         assert_eq!(HotCounts::new(1).cap, 256);
+    }
+
+    #[test]
+    fn long_keys_are_not_counted() {
+        let counts = HotCounts::new(10);
+        let long = vec![b'k'; MAX_HOT_KEY_LEN + 1];
+        let longest = vec![b'k'; MAX_HOT_KEY_LEN];
+        for _ in 0..3 {
+            counts.note(&long);
+            counts.note(&longest);
+        }
+        assert_eq!(
+            counts.take_top(10),
+            [(Bytes::from(longest), 3)],
+            "a key up to the limit is counted, a longer one never is"
+        );
     }
 
     #[test]

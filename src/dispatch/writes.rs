@@ -50,13 +50,27 @@
 //!   reach Redis, and so do requests whose keys tierd cannot know (scripts,
 //!   unknown commands) or that read or write the whole keyspace (`SCAN`,
 //!   `DBSIZE`, `FLUSHALL` …), which wait for the whole queue;
+//! - `EXEC` waits for the whole queue: the transaction's commands were
+//!   queued in Redis unseen, and must not run before a write acknowledged
+//!   earlier;
 //! - at most `max_queue` writes are queued; a writer past that waits for
-//!   room (backpressure; nothing is dropped and nothing fails).
+//!   room (backpressure; nothing is dropped).
 //!
-//! A waiting request gives up after the command timeout (it gets tierd's
-//! "upstream unavailable" error and is not sent, as it could overtake the
-//! queued write once a frozen Redis thaws), and stops waiting when the
-//! circuit breaker opens (then it fails fast like any other).
+//! A request is let through only once the queued writes it waits for have
+//! been answered by Redis ([`Writes::wait_for`]). While the circuit
+//! breaker is not closed (open, or half-open and probing) it is answered
+//! `-TRYAGAIN` at once, as any request the breaker refuses, and never
+//! sent: sent as a half-open probe it would reach Redis ahead of the queued
+//! write once Redis answers again. Otherwise it gives up after the command
+//! timeout (tierd's "upstream unavailable" error, not sent either, as it
+//! could overtake the queued write once a frozen Redis thaws). An `EXEC`
+//! that gives up discards its transaction. A writer waiting for room in a
+//! full queue is bounded the same way: nothing was acknowledged, so it
+//! fails rather than waits. A request that waits for queued writes makes
+//! them due at once, so that it does not also wait out `flush`; a refused
+//! one does too, so that the flusher keeps sending them (retrying at its
+//! backoff) and they reach Redis as soon as it answers again: the keys'
+//! requests are served again once they have.
 //!
 //! Writes of one key reach Redis in the order they were acknowledged. A
 //! reply Redis gives to a flushed write can no longer reach the client,
@@ -84,7 +98,7 @@ use crate::metrics::Metrics;
 use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply, Proto, Request};
 use crate::session::{Ctx, Route, Session};
-use crate::upstream::{Conn, ReplyTo, UpstreamError, Upstreamed};
+use crate::upstream::{BreakerState, Conn, ReplyTo, UpstreamError, Upstreamed};
 
 /// Most keys one write fills L1 with through; further keys of an `MSET`
 /// are only invalidated. Each costs a `PTTL` inside the transaction.
@@ -98,9 +112,10 @@ const BATCH: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// While a request waits for queued writes to reach Redis, how often it
-/// looks at the circuit breaker: once the breaker is open the request
-/// fails fast like any other, so it stops waiting.
+/// While a request waits for queued writes to reach Redis (or a writer
+/// for room in the queue), how often it looks at the circuit breaker: once
+/// the breaker is not closed it fails fast like any other, so it stops
+/// waiting.
 const BREAKER_POLL: Duration = Duration::from_millis(100);
 
 /// The flusher connection's name upstream (`CLIENT LIST`).
@@ -722,6 +737,10 @@ pub(crate) struct Writes {
     done: watch::Sender<u64>,
     /// Shutdown: flush without waiting for `flush` to pass.
     hurry: AtomicBool,
+    /// Entries with a lower sequence number are wanted in Redis by a
+    /// request that waits for them (or was refused for them): they are
+    /// sent without waiting for `flush` to pass.
+    wanted: AtomicU64,
     /// Queued writes Redis accepted, and refused, since start (`INFO`).
     flushed: AtomicU64,
     errors: AtomicU64,
@@ -786,6 +805,7 @@ impl Writes {
             wake: Notify::new(),
             done: watch::Sender::new(0),
             hurry: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             metrics,
@@ -852,8 +872,9 @@ impl Writes {
     }
 
     /// When the next batch is due: `None` with nothing to send; at once
-    /// when a batch is full (or the queue is, or shutdown hurries);
-    /// otherwise `flush` after the oldest unsent write was queued.
+    /// when a batch is full (or the queue is, or shutdown hurries, or a
+    /// request wants the oldest unsent write in Redis); otherwise `flush`
+    /// after the oldest unsent write was queued.
     fn due(&self) -> Option<Instant> {
         let q = self.state.lock();
         let first = q.entries.get(q.in_flight)?;
@@ -861,6 +882,7 @@ impl Writes {
         if self.hurry.load(Ordering::Acquire)
             || unsent >= BATCH
             || q.entries.len() >= self.max_queue
+            || first.seq < self.wanted.load(Ordering::Acquire)
         {
             return Some(Instant::now());
         }
@@ -937,22 +959,41 @@ impl Writes {
     }
 
     /// Waits until Redis has answered the queued write `seq` (and so every
-    /// one before it), or until the circuit breaker is open: then the
-    /// request fails fast like any other, and cannot reach Redis before
-    /// the write. `false` when neither happened within the command timeout
-    /// (Redis is frozen): the request must not go, as it could overtake
-    /// the write once Redis thaws.
-    async fn wait_for(&self, ctx: &Ctx, seq: u64) -> bool {
+    /// one before it): [`Waited::Done`], and only then may the request that
+    /// waits go. While the circuit breaker is not closed,
+    /// [`Waited::FailFast`] at once: the request fails fast like any other
+    /// the breaker refuses, and is not sent (as a half-open probe it would
+    /// reach Redis before the write). [`Waited::TimedOut`] when Redis has not
+    /// answered within the command timeout (it is frozen): not sent either,
+    /// as it could overtake the write once Redis thaws.
+    ///
+    /// Either way the write is wanted now: the flusher sends it without
+    /// waiting for `flush` to pass (and keeps retrying at its backoff while
+    /// Redis cannot be reached), so that it reaches Redis as soon as Redis
+    /// answers again, and the requests refused meanwhile go once it has.
+    async fn wait_for(&self, ctx: &Ctx, seq: u64) -> Waited {
         let mut done = self.done.subscribe();
+        if *done.borrow_and_update() > seq {
+            return Waited::Done;
+        }
+        if self.wanted.fetch_max(seq + 1, Ordering::AcqRel) <= seq {
+            self.wake.notify_one();
+        }
+        let breaker = ctx.upstream.breaker();
         let wait = async {
             loop {
-                if *done.borrow_and_update() > seq || ctx.upstream.breaker().is_open() {
-                    return;
+                if *done.borrow_and_update() > seq {
+                    return Waited::Done;
+                }
+                if breaker.state() != BreakerState::Closed {
+                    return Waited::FailFast;
                 }
                 tokio::select! {
                     changed = done.changed() => {
                         if changed.is_err() {
-                            return;
+                            // The queue is gone (shutdown): its writes
+                            // can no longer be known to be in Redis.
+                            return Waited::TimedOut;
                         }
                     }
                     _ = tokio::time::sleep(BREAKER_POLL) => {}
@@ -961,7 +1002,44 @@ impl Writes {
         };
         tokio::time::timeout(ctx.config.upstream.command_timeout, wait)
             .await
-            .is_ok()
+            .unwrap_or(Waited::TimedOut)
+    }
+
+    /// Takes a place in the queue for one write, waiting for room while it
+    /// is full, FIFO. Bounded like [`Writes::wait_for`]: [`Waited::FailFast`]
+    /// while the breaker is not closed, [`Waited::TimedOut`] after the
+    /// command timeout. The write was not acknowledged, so failing it is
+    /// safe; waiting on a Redis that does not answer is not.
+    async fn room(&self, ctx: &Ctx) -> Waited {
+        let breaker = ctx.upstream.breaker();
+        let wait = async {
+            // Created once, so that the writer keeps its place in line
+            // while it looks at the breaker.
+            let acquire = self.room.acquire();
+            tokio::pin!(acquire);
+            loop {
+                if breaker.state() != BreakerState::Closed {
+                    return Waited::FailFast;
+                }
+                tokio::select! {
+                    biased;
+                    permit = &mut acquire => {
+                        return match permit {
+                            Ok(permit) => {
+                                permit.forget();
+                                Waited::Done
+                            }
+                            // The semaphore is never closed.
+                            Err(_) => Waited::TimedOut,
+                        };
+                    }
+                    _ = tokio::time::sleep(BREAKER_POLL) => {}
+                }
+            }
+        };
+        tokio::time::timeout(ctx.config.upstream.command_timeout, wait)
+            .await
+            .unwrap_or(Waited::TimedOut)
     }
 
     /// Shutdown has begun: flush what is queued without waiting.
@@ -1037,9 +1115,36 @@ fn queued_form<'r>(s: &Session, req: &'r Request) -> Option<SetWrite<'r>> {
     write.pairs.iter().all(|(k, _)| behind(k)).then_some(write)
 }
 
+/// How a wait for the write-behind queue ended ([`Writes::wait_for`],
+/// [`Writes::room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// What was waited for happened: the request may go.
+    Done,
+    /// The circuit breaker is not closed: the request fails fast, as any
+    /// the breaker refuses, without being sent.
+    FailFast,
+    /// Nothing happened within the command timeout.
+    TimedOut,
+}
+
+/// The error a request gets when its wait did not end in
+/// [`Waited::Done`]: the breaker's own `-TRYAGAIN`, or tierd's
+/// "upstream unavailable" error for `timed_out`. Counted as an upstream
+/// error, like any request the breaker or a timeout refuses.
+fn refusal(ctx: &Ctx, waited: Waited, timed_out: &str) -> Bytes {
+    ctx.metrics.upstream_error();
+    match waited {
+        Waited::FailFast => UpstreamError::CircuitOpen.to_resp(),
+        _ => UpstreamError::unavailable(timed_out).to_resp(),
+    }
+}
+
 /// Queues a write [`queues`] accepted and answers `+OK`, once there is
-/// room: a full queue makes the writer wait. A write sent while this
-/// session still has requests in flight waits for them first
+/// room. A full queue makes the writer wait, within the command timeout
+/// and only while the circuit breaker is closed ([`Writes::room`]); past
+/// that the write fails, unacknowledged and not sent. A write sent while
+/// this session still has requests in flight waits for them first
 /// ([`Flow::Stall`]): it must not reach Redis before them.
 pub(super) async fn enqueue(s: &mut Session, req: Request) -> Flow {
     if s.inflight > 0 {
@@ -1053,11 +1158,17 @@ pub(super) async fn enqueue(s: &mut Session, req: Request) -> Flow {
         // request; with nothing in flight it retries at once), then this
         // session waits for room.
         Err(_) if s.queue.len() + s.out.len() > 0 => return Flow::Stall(req),
-        Err(_) => match ctx.writes.room.acquire().await {
-            Ok(permit) => permit.forget(),
-            // The semaphore is never closed.
-            Err(_) => return Flow::Stall(req),
-        },
+        Err(_) => {
+            let waited = ctx.writes.room(&ctx).await;
+            if waited != Waited::Done {
+                s.local(refusal(
+                    &ctx,
+                    waited,
+                    "the write-behind queue stayed full for the command timeout; the write was not queued",
+                ));
+                return Flow::Continue;
+            }
+        }
     }
     let pairs: Vec<(Bytes, Bytes)> = match SetWrite::parse(&req) {
         Some(write) => write
@@ -1074,13 +1185,23 @@ pub(super) async fn enqueue(s: &mut Session, req: Request) -> Flow {
 
 /// Before any request is dispatched while writes are queued: a `GET` of a
 /// key with a queued write is answered with its value (`Some`); a request
-/// that touches such a key, or keys tierd cannot know, waits here until
-/// those writes reached Redis. Writes that are queued themselves go on at
-/// once: the queue keeps them in order.
+/// that touches such a key, or keys tierd cannot know, and `EXEC`, wait
+/// here until those writes reached Redis ([`Writes::wait_for`]), and are
+/// answered with an error, unsent, when they cannot. Writes that are
+/// queued themselves go on at once: the queue keeps them in order; so do
+/// requests inside MULTI, which Redis only queues until `EXEC`.
 pub(super) async fn before_dispatch(s: &mut Session, kind: Kind, req: &Request) -> Option<Flow> {
     // The common case, on every request: nothing queued.
     if !s.ctx.writes.any_behind || s.ctx.writes.depth() == 0 {
         return None;
+    }
+    if s.state.multi {
+        // Inside MULTI, Redis queues requests rather than runs them; what
+        // runs them is EXEC, which waits for every write queued before it.
+        return match kind {
+            Kind::Exec if !s.state.multi_aborted => before_exec(s, req).await,
+            _ => None,
+        };
     }
     let ctx = s.ctx.clone();
     let writes = &ctx.writes;
@@ -1094,9 +1215,15 @@ pub(super) async fn before_dispatch(s: &mut Session, kind: Kind, req: &Request) 
                 && req.name().eq_ignore_ascii_case(b"GET")
                 && cache::eligible(s)
             {
-                if let Some(value) = writes.queued_value(&req.args[1]) {
+                let key = &req.args[1];
+                if let Some(value) = writes.queued_value(key) {
                     let mut frame = bulk(&value);
-                    if ctx.rules.any_compress() {
+                    // The queued value is as Redis will store it: compressed
+                    // only when the key's own rule compresses in Redis (as
+                    // `compression::plan` decides for a GET sent there). Any
+                    // other value is returned as written, byte for byte,
+                    // even one that looks like tierd's compression frame.
+                    if ctx.rules.compress_for(key).is_some_and(|c| c.upstream) {
                         frame = compression::decode_reply(&ctx, frame, &Decode::Bulk);
                     }
                     s.local(frame);
@@ -1109,16 +1236,57 @@ pub(super) async fn before_dispatch(s: &mut Session, kind: Kind, req: &Request) 
         _ => None,
     };
     if let Some(seq) = wait {
-        if !writes.wait_for(&ctx, seq).await {
-            ctx.metrics.upstream_error();
-            let e = UpstreamError::unavailable(
+        let waited = writes.wait_for(&ctx, seq).await;
+        if waited != Waited::Done {
+            s.local(refusal(
+                &ctx,
+                waited,
                 "queued writes of its keys did not reach Redis within the command timeout",
-            );
-            s.local(e.to_resp());
+            ));
             return Some(Flow::Continue);
         }
     }
     None
+}
+
+/// `EXEC` of a transaction while writes are queued. The commands queued in
+/// the transaction were not looked at for the queue's keys when they were
+/// queued (a write queued by another client may have come after them), so
+/// `EXEC` waits for every write queued before it. When that fails
+/// ([`Writes::wait_for`]), the transaction is discarded instead of run and
+/// `EXEC` gets the error: the dedicated connection that holds it in Redis
+/// is dropped (which discards it whatever state Redis is in, without
+/// sending anything to a Redis the breaker refuses or that is frozen). A
+/// session with state that only lived on that connection (`CLIENT
+/// TRACKING`, `NO-EVICT`, `NO-TOUCH`) is closed after the reply, as when
+/// its dedicated connection is lost.
+async fn before_exec(s: &mut Session, req: &Request) -> Option<Flow> {
+    let ctx = s.ctx.clone();
+    let seq = ctx.writes.newest()?;
+    // Whatever it queued must be answered before its connection may be
+    // dropped.
+    if super::must_wait(s, None) {
+        return Some(Flow::Stall(req.clone()));
+    }
+    let waited = ctx.writes.wait_for(&ctx, seq).await;
+    if waited == Waited::Done {
+        return None;
+    }
+    if s.pinned.take().is_some() {
+        s.note_pinned();
+    }
+    let lost_state = s.state.tracking || s.state.no_evict || s.state.no_touch;
+    super::end_multi(s);
+    s.local(refusal(
+        &ctx,
+        waited,
+        "writes queued before EXEC did not reach Redis within the command timeout; the transaction was discarded",
+    ));
+    if lost_state {
+        Some(Flow::Close)
+    } else {
+        Some(Flow::Continue)
+    }
 }
 
 /// The newest queued write `req` must wait for: of the keys it names, or
@@ -1489,6 +1657,22 @@ mod tests {
         assert_eq!(w.due(), None);
         w.unsend();
         assert_eq!(w.take_batch().len(), 3);
+    }
+
+    #[test]
+    fn a_write_a_request_waits_for_is_due_at_once() {
+        let w = writes(Duration::from_secs(60), 10);
+        w.push(1, 0, b("SET a 1"), vec![(b("a"), b("1"))]);
+        w.push(1, 0, b("SET b 1"), vec![(b("b"), b("1"))]);
+        assert!(w.due().unwrap() > Instant::now());
+        // A request waits for `a` (seq 0), as `wait_for` records it.
+        w.wanted.fetch_max(1, Ordering::AcqRel);
+        assert!(w.due().unwrap() <= Instant::now());
+        // Once the batch with it is in flight, later writes wait for
+        // `flush` again.
+        assert_eq!(w.take_batch().len(), 2);
+        w.push(1, 0, b("SET c 1"), vec![(b("c"), b("1"))]);
+        assert!(w.due().unwrap() > Instant::now());
     }
 
     #[test]
