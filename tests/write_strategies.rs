@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1264,16 +1264,7 @@ write = "behind"
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("tierd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tierd"))
-            .arg("--config")
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = support::spawn_tierd_binary(&path, dir.path());
         let mut proxy = Proxy {
             child,
             addr,

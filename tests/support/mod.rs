@@ -386,3 +386,18 @@ pub fn show(frames: &[Bytes]) -> Vec<String> {
         .map(|f| String::from_utf8_lossy(f).into_owned())
         .collect()
 }
+
+/// Starts the built tierd binary with `--config path`, its output going to
+/// `dir/tierd.log` (`RUST_LOG` unset, so the file's log level applies).
+pub fn spawn_tierd_binary(path: &std::path::Path, dir: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("tierd.log")).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_tierd"))
+        .arg("--config")
+        .arg(path)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -496,16 +496,7 @@ impl ChildTierd {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("tierd.toml");
         std::fs::write(&path, format!("listen = \"{addr}\"\n{toml}")).unwrap();
-        let log = std::fs::File::create(dir.path().join("tierd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tierd"))
-            .arg("--config")
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = super::spawn_tierd_binary(&path, dir.path());
         let mut me = ChildTierd { child, addr, dir };
         let deadline = Deadline::new(Duration::from_secs(10), "the tierd child to answer PING");
         loop {
