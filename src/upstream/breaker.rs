@@ -61,6 +61,8 @@ pub struct Breaker {
     opened: Mutex<Option<Instant>>,
     /// Times it opened.
     opens: AtomicU64,
+    /// Whether a probe task is running ([`Breaker::start_probe`]).
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl Breaker {
@@ -74,7 +76,19 @@ impl Breaker {
             failures: AtomicU32::new(0),
             opened: Mutex::new(None),
             opens: AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Claims the right to run the one probe task; false if one runs
+    /// already. The task calls [`Breaker::probe_ended`] when it stops.
+    pub fn start_probe(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
+    /// The probe task stopped.
+    pub fn probe_ended(&self) {
+        self.probing.store(false, Ordering::Release);
     }
 
     /// The current state.

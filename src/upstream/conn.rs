@@ -636,29 +636,45 @@ fn spawn_probe(settings: Arc<Settings>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    if !settings.breaker.start_probe() {
+        return;
+    }
     runtime.spawn(async move {
         let mut delay = settings.backoff_min;
-        while settings.breaker.state() != super::BreakerState::Closed {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(settings.backoff_max);
-            let probe = async {
-                let mut stream = TcpStream::connect(settings.addr.as_str()).await.ok()?;
-                stream.write_all(b"PING\r\n").await.ok()?;
-                let mut buf = BytesMut::with_capacity(256);
-                read_frame(&mut stream, &mut buf, settings.max_depth)
-                    .await
-                    .ok()
-            };
-            let answered = tokio::time::timeout(settings.connect_timeout, probe)
-                .await
-                .ok()
-                .flatten();
-            if answered.is_some_and(|frame| !not_ready(&frame)) {
-                settings.breaker.reconnected();
+        loop {
+            probe_until_closed(&settings, &mut delay).await;
+            settings.breaker.probe_ended();
+            // Opened again just as this probe stopped: go on probing.
+            let closed = settings.breaker.state() == super::BreakerState::Closed;
+            if closed || !settings.breaker.start_probe() {
                 return;
             }
         }
     });
+}
+
+/// Probes until the breaker is closed (by this probe or anything else).
+async fn probe_until_closed(settings: &Settings, delay: &mut Duration) {
+    while settings.breaker.state() != super::BreakerState::Closed {
+        tokio::time::sleep(*delay).await;
+        *delay = (*delay * 2).min(settings.backoff_max);
+        let probe = async {
+            let mut stream = TcpStream::connect(settings.addr.as_str()).await.ok()?;
+            stream.write_all(b"PING\r\n").await.ok()?;
+            let mut buf = BytesMut::with_capacity(256);
+            read_frame(&mut stream, &mut buf, settings.max_depth)
+                .await
+                .ok()
+        };
+        let answered = tokio::time::timeout(settings.connect_timeout, probe)
+            .await
+            .ok()
+            .flatten();
+        if answered.is_some_and(|frame| !not_ready(&frame)) {
+            settings.breaker.reconnected();
+            return;
+        }
+    }
 }
 
 /// A control-plane connection: the handshake, then the bare socket.
