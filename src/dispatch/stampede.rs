@@ -346,6 +346,7 @@ struct HerdState {
     closed: bool,
 }
 
+#[derive(Clone)]
 struct Waiter {
     /// Its place in the herd, in arrival order.
     ticket: u64,
@@ -529,20 +530,6 @@ pub(crate) fn before_write(s: &mut Session, keys: Option<&[Bytes]>) {
                 },
                 false,
             );
-        }
-    }
-}
-
-impl Clone for Waiter {
-    fn clone(&self) -> Waiter {
-        Waiter {
-            ticket: self.ticket,
-            inbox: self.inbox.clone(),
-            session: self.session,
-            seq: self.seq,
-            nil: self.nil.clone(),
-            since: self.since,
-            deadline: self.deadline,
         }
     }
 }
