@@ -53,6 +53,10 @@ pub(crate) const SIDE_INDEX_BITS: u32 = 16;
 /// bound. Below [`CACHING_INDEX`], which no key index may reach.
 const MAX_FILL_KEYS: usize = 1024;
 
+/// `CLIENT CACHING YES`: in `default` tracking mode, the read that follows
+/// it is tracked for tierd.
+pub(crate) const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n";
+
 /// The side index of a fill's `CLIENT CACHING YES`, whose `+OK` is dropped.
 const CACHING_INDEX: u64 = (1 << SIDE_INDEX_BITS) - 1;
 
@@ -501,10 +505,7 @@ fn send_fill(
     };
     let mut requests: Vec<(&[u8], ReplyTo<'_>)> = Vec::with_capacity(keys.len() + 2);
     if fill.is_some() && s.ctx.tracking.opt_in() {
-        requests.push((
-            b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n",
-            side(CACHING_INDEX),
-        ));
+        requests.push((CACHING_YES, side(CACHING_INDEX)));
     }
     let to = match fanout {
         Some(fanout) => ReplyTo::Shared {
@@ -961,11 +962,7 @@ pub(crate) fn side_reply(s: &mut Session, seq: u64, reply: Result<Bytes, Upstrea
     let Some(pending) = s.fills.get_mut(&id) else {
         return;
     };
-    let pttl = reply.ok().and_then(|r| {
-        r.strip_prefix(b":")
-            .and_then(|r| r.strip_suffix(b"\r\n"))
-            .and_then(string2ll)
-    });
+    let pttl = reply.ok().and_then(|r| inspect::integer(&r));
     if let Some(entry) = usize::try_from(index)
         .ok()
         .and_then(|i| pending.entries.get_mut(i))

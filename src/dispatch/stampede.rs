@@ -43,11 +43,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::cache::{store_fill, FillEntry};
+use super::cache::{store_fill, FillEntry, CACHING_YES};
 use super::compression::Decode;
 use crate::cache::{Event, FillMark, Variant};
 use crate::config::{CompressConfig, OnTimeout, StampedeConfig};
-use crate::protocol::parse::string2ll;
 use crate::protocol::{inspect, reply};
 use crate::session::{Ctx, Route, Session};
 use crate::upstream::{Fanout, Inbox, Upstreamed};
@@ -65,7 +64,6 @@ return {2, redis.call('PTTL', KEYS[2])}";
 const RELEASE_SCRIPT: &[u8] = b"if redis.call('GET', KEYS[1]) == ARGV[1] then \
 return redis.call('DEL', KEYS[1]) end return 0";
 
-const CACHING_YES: &[u8] = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n";
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
 
@@ -714,11 +712,7 @@ fn timeout_reply(herd: &Herd, w: &Waiter) -> Bytes {
 /// The lease key of `key`.
 fn lease_key(ctx: &Ctx, key: &[u8]) -> Bytes {
     let prefix = ctx.config.invalidation.prefix.as_bytes();
-    let mut k = Vec::with_capacity(prefix.len() + 6 + key.len());
-    k.extend_from_slice(prefix);
-    k.extend_from_slice(b"lease:");
-    k.extend_from_slice(key);
-    Bytes::from(k)
+    Bytes::from([prefix, b"lease:", key].concat())
 }
 
 /// Reads the key again and asks for its lease, in one transaction. With
@@ -764,11 +758,7 @@ async fn attempt(ctx: &Ctx, herd: &Herd) -> Outcome {
     let code: Vec<i64> = inspect::elements(&lease, depth)
         .unwrap_or_default()
         .iter()
-        .filter_map(|e| {
-            e.strip_prefix(b":")
-                .and_then(|n| n.strip_suffix(b"\r\n"))
-                .and_then(string2ll)
-        })
+        .filter_map(|e| inspect::integer(e))
         .collect();
     let nil = super::cache::is_nil(&read);
     match (code.as_slice(), nil) {
@@ -977,7 +967,7 @@ pub(crate) async fn fill_also(ctx: &Ctx, job: Refresh, also: Option<Variant>) ->
     let (Some(Ok(read)), Some(Ok(pttl)), true) = (read, pttl, caching_ok) else {
         return false;
     };
-    let pttl = parse_int(&pttl);
+    let pttl = inspect::integer(&pttl);
     if let Some((token, variant)) = also {
         if read.starts_with(b"$") && !super::cache::is_nil(&read) {
             let entry = FillEntry::new(
@@ -1000,13 +990,6 @@ pub(crate) async fn fill_also(ctx: &Ctx, job: Refresh, also: Option<Variant>) ->
         job.compress,
     );
     store_fill(ctx, &l1, sent, fetch, entry.replied(read, pttl))
-}
-
-fn parse_int(frame: &[u8]) -> Option<i64> {
-    frame
-        .strip_prefix(b":")
-        .and_then(|r| r.strip_suffix(b"\r\n"))
-        .and_then(string2ll)
 }
 
 impl std::fmt::Debug for Stampede {

@@ -495,10 +495,7 @@ pub(super) fn send_through(
     if let Some(caching) = caching {
         // Its error, if any, is kept (TAG_QUEUED_INDEX): then nothing the
         // transaction reads is tracked, and nothing is filled.
-        requests.push((
-            b"*3\r\n$6\r\nCLIENT\r\n$7\r\nCACHING\r\n$3\r\nYES\r\n",
-            side(caching, TAG_QUEUED_INDEX),
-        ));
+        requests.push((super::cache::CACHING_YES, side(caching, TAG_QUEUED_INDEX)));
     }
     requests.push((b"*1\r\n$5\r\nMULTI\r\n", side(id, TAG_DROP_INDEX)));
     requests.push((&req.raw, side(id, TAG_QUEUED_INDEX)));
@@ -567,10 +564,7 @@ fn through_life(ttl: Duration, pttl: Option<&Bytes>) -> Option<Duration> {
 
 /// A `PTTL` reply's milliseconds.
 fn pttl_ms(pttl: Option<&Bytes>) -> Option<i64> {
-    pttl?
-        .strip_prefix(b":")
-        .and_then(|r| r.strip_suffix(b"\r\n"))
-        .and_then(string2ll)
+    inspect::integer(pttl?)
 }
 
 /// `EXEC`'s reply to a write-through: the client's frame, once L1 holds

@@ -55,6 +55,11 @@ pub fn is_error(frame: &[u8]) -> bool {
     matches!(frame.first(), Some(b'-') | Some(b'!'))
 }
 
+/// The value of an integer reply, `:n\r\n`.
+pub fn integer(frame: &[u8]) -> Option<i64> {
+    super::parse::string2ll(frame.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
+}
+
 /// Whether a frame is exactly `+OK\r\n`.
 pub fn is_ok(frame: &[u8]) -> bool {
     frame == b"+OK\r\n"

@@ -258,8 +258,7 @@ impl HelloInfo {
             .pairs
             .iter()
             .find(|(k, _)| inspect::string_payload(k) == Some(b"id"))?;
-        let digits = v.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
-        std::str::from_utf8(digits).ok()?.parse().ok()
+        u64::try_from(inspect::integer(v)?).ok()
     }
 
     /// Encodes the `HELLO` reply a client with this protocol and id gets.
