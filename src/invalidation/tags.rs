@@ -31,8 +31,8 @@ use std::collections::HashSet;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-use crate::protocol::parse::string2ll;
-use crate::protocol::{inspect, reply};
+use crate::protocol::inspect::{self, integer};
+use crate::protocol::reply;
 use crate::upstream::{Conn, ReplyTo, UpstreamError, Upstreamed};
 
 /// Most keys one round trip touches (`SPOP`, `SCAN`/`SSCAN` `COUNT`,
@@ -99,6 +99,14 @@ end
 const REGISTER: &str = r"
 local key, rev, prefix = KEYS[1], KEYS[2], ARGV[1]
 local pttl = redis.call('PTTL', key)
+-- The key's absolute expiry (Redis 7+), so that what follows it expires
+-- at exactly the same millisecond; PTTL and PEXPIRE may read the clock a
+-- millisecond apart. Older Redis: relative, as close as it gets.
+local at = redis.pcall('PEXPIRETIME', key)
+if type(at) ~= 'number' then at = nil end
+local function expire_with_key(k)
+  if at then redis.call('PEXPIREAT', k, at) else redis.call('PEXPIRE', k, pttl) end
+end
 if pttl == -2 then
   for i = 3, #KEYS do redis.call('SREM', KEYS[i], key) end
   if redis.call('TYPE', rev).ok == 'set' then
@@ -117,7 +125,7 @@ for i = 3, #KEYS do
   if pttl == -1 then
     redis.call('PERSIST', side)
   elseif sttl == -2 or (sttl >= 0 and sttl < pttl) then
-    redis.call('PEXPIRE', side, pttl)
+    expire_with_key(side)
   end
   redis.call('SADD', rev, tag)
   local sample = redis.call('SRANDMEMBER', side, 2)
@@ -136,7 +144,7 @@ if redis.call('TYPE', rev).ok == 'set' then
       if pttl == -1 then
         redis.call('PERSIST', side)
       elseif sttl >= 0 and sttl < pttl then
-        redis.call('PEXPIRE', side, pttl)
+        expire_with_key(side)
       end
     end
   end
@@ -144,7 +152,7 @@ end
 if pttl == -1 then
   redis.call('PERSIST', rev)
 else
-  redis.call('PEXPIRE', rev, pttl)
+  expire_with_key(rev)
 end
 return added
 ";
@@ -363,11 +371,6 @@ fn refused(frame: Bytes) -> Result<Bytes, TagError> {
         return Err(TagError::Refused(frame));
     }
     Ok(frame)
-}
-
-/// An integer reply, `:n\r\n`.
-fn integer(frame: &[u8]) -> Option<i64> {
-    string2ll(frame.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
 }
 
 /// A non-negative integer reply.
