@@ -10,14 +10,14 @@
 //! a table, next to the end-to-end measurements.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tierd::cache::compress::{self, Decoded};
-use tierd::cache::store::{RuleCap, Store, StoreConfig, Variant};
+use tierd::cache::store::Variant;
+use tierd::protocol::inspect;
 use tierd::protocol::reply;
-use tierd::protocol::{inspect, Proto};
 
 #[path = "support/docs.rs"]
 mod docs;
@@ -71,35 +71,11 @@ fn bench_l1_hit(c: &mut Criterion) {
     for size in SIZES {
         let plain = docs::of_size(DOCS, size);
         let framed = framed(&plain);
-        let store = Store::new(StoreConfig {
-            max_memory: 1 << 30,
-            max_value_size: MAX_VALUE as u64,
-            rules: ["plain", "doc"]
-                .into_iter()
-                .map(|name| RuleCap {
-                    name: name.into(),
-                    max_memory: None,
-                })
-                .collect(),
-        })
-        .expect("store");
         let now = Instant::now();
-        let expires = now + Duration::from_secs(3600);
+        let (store, docs) = docs::doc_store(&plain, &framed, MAX_VALUE as u64, now);
         let mut keys: [Vec<(Vec<u8>, Variant)>; 2] = [Vec::new(), Vec::new()];
-        for (i, (p, f)) in plain.iter().zip(&framed).enumerate() {
-            for (rule, value) in [(0usize, p), (1, f)] {
-                let key = format!("{}:{i}", ["plain", "doc"][rule]).into_bytes();
-                let variant = Variant::from_args(
-                    0,
-                    Proto::Resp2,
-                    &[Bytes::from_static(b"GET"), Bytes::copy_from_slice(&key)],
-                );
-                let mut bulk = BytesMut::new();
-                reply::bulk(&mut bulk, value);
-                let token = store.begin_fill(&key).expect("fill token");
-                assert!(store.finish_fill(token, rule, variant.clone(), bulk.freeze(), expires));
-                keys[rule].push((key, variant));
-            }
+        for (rule, key, variant) in docs {
+            keys[rule].push((key, variant));
         }
         group.throughput(Throughput::Bytes(mean_len(&plain)));
         let mut output = BytesMut::with_capacity(128 * 1024);

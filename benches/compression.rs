@@ -49,10 +49,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tierd::cache::compress::{self, Decoded};
-use tierd::cache::store::{RuleCap, Store, StoreConfig, Variant};
 use tierd::config::Config;
+use tierd::protocol::inspect;
 use tierd::protocol::reply::{self, encode_command};
-use tierd::protocol::{inspect, Proto};
 
 #[path = "support/docs.rs"]
 mod docs;
@@ -272,36 +271,8 @@ fn measure_micro(corpus: &[Vec<u8>]) -> Vec<Micro> {
 
         // An L1 store with the documents as GET replies, plain under rule
         // 0 and compressed under rule 1, as tierd keeps them.
-        let store = Store::new(StoreConfig {
-            max_memory: 1 << 30,
-            max_value_size: MAX_VALUE as u64,
-            rules: ["plain", "doc"]
-                .into_iter()
-                .map(|name| RuleCap {
-                    name: name.into(),
-                    max_memory: None,
-                })
-                .collect(),
-        })
-        .expect("store");
         let now = Instant::now();
-        let expires = now + Duration::from_secs(3600);
-        let mut keys = Vec::new();
-        for (i, (p, f)) in plain.iter().zip(&framed).enumerate() {
-            for (rule, value) in [(0usize, p), (1, f)] {
-                let key = format!("{}:{i}", ["plain", "doc"][rule]).into_bytes();
-                let variant = Variant::from_args(
-                    0,
-                    Proto::Resp2,
-                    &[Bytes::from_static(b"GET"), Bytes::copy_from_slice(&key)],
-                );
-                let mut bulk = BytesMut::new();
-                reply::bulk(&mut bulk, value);
-                let token = store.begin_fill(&key).expect("fill token");
-                assert!(store.finish_fill(token, rule, variant.clone(), bulk.freeze(), expires));
-                keys.push((rule, key, variant));
-            }
-        }
+        let (store, keys) = docs::doc_store(plain, &framed, MAX_VALUE as u64, now);
         let (plain_keys, lz4_keys): (Vec<_>, Vec<_>) = keys.iter().partition(|k| k.0 == 0);
         // The session's output buffer, reused as tierd reuses it.
         let mut output = BytesMut::with_capacity(128 * 1024);

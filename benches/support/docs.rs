@@ -570,3 +570,51 @@ pub fn of_size(n: usize, target: usize) -> Vec<Vec<u8>> {
     let mut gen = Gen::new(SEED ^ target as u64, Profile::Typical);
     (0..n).map(|i| gen.document(i, target)).collect()
 }
+
+/// A cached document: its store rule (0 plain, 1 compressed), key and
+/// `GET` variant.
+pub type CachedDoc = (usize, Vec<u8>, tierd::cache::store::Variant);
+
+/// An L1 store holding each document as the reply to `GET`, plain under
+/// rule 0 ("plain", keys `plain:{i}`) and in its compressed frame under
+/// rule 1 ("doc", keys `doc:{i}`), as tierd keeps them, for an hour from
+/// `now`; and each document's rule, key and variant, in fill order.
+pub fn doc_store(
+    plain: &[Vec<u8>],
+    framed: &[Vec<u8>],
+    max_value: u64,
+    now: std::time::Instant,
+) -> (tierd::cache::store::Store, Vec<CachedDoc>) {
+    use bytes::{Bytes, BytesMut};
+    use tierd::cache::store::{RuleCap, Store, StoreConfig, Variant};
+    let store = Store::new(StoreConfig {
+        max_memory: 1 << 30,
+        max_value_size: max_value,
+        rules: ["plain", "doc"]
+            .into_iter()
+            .map(|name| RuleCap {
+                name: name.into(),
+                max_memory: None,
+            })
+            .collect(),
+    })
+    .expect("store");
+    let expires = now + std::time::Duration::from_secs(3600);
+    let mut keys = Vec::new();
+    for (i, (p, f)) in plain.iter().zip(framed).enumerate() {
+        for (rule, value) in [(0usize, p), (1, f)] {
+            let key = format!("{}:{i}", ["plain", "doc"][rule]).into_bytes();
+            let variant = Variant::from_args(
+                0,
+                tierd::protocol::Proto::Resp2,
+                &[Bytes::from_static(b"GET"), Bytes::copy_from_slice(&key)],
+            );
+            let mut bulk = BytesMut::new();
+            tierd::protocol::reply::bulk(&mut bulk, value);
+            let token = store.begin_fill(&key).expect("fill token");
+            assert!(store.finish_fill(token, rule, variant.clone(), bulk.freeze(), expires));
+            keys.push((rule, key, variant));
+        }
+    }
+    (store, keys)
+}
