@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::bus::{bus_config, cache, publish, start_instance, Message, CHANNEL};
+use support::bus::{bus_config, cache, publish, start_instance, Instance, Message, CHANNEL};
 use support::exchange::{assert_frame, text};
 use support::l1::{
     decode, direct, l1_config, must, poll_until, rule, rule_stats, wait_until_caching, L1Probe,
@@ -51,6 +51,20 @@ fn integer_text(frame: &[u8]) -> String {
         .unwrap_or_else(|| panic!("an integer reply: {t:?}"))
 }
 
+/// Two instances on the bus, A and B, with `s:1` and `s:2` set to `old`
+/// and cached on B (read through `probe`); and a direct connection.
+async fn two_instances_caching_s(redis: &RedisServer) -> (Raw, Instance, Instance, L1Probe) {
+    let mut d = direct(redis).await;
+    must(&mut d, &["SET", "s:1", "old"]).await;
+    must(&mut d, &["SET", "s:2", "old"]).await;
+    let a = start_instance(redis, bus_config(&redis.url(), vec![s_rule()])).await;
+    let b = start_instance(redis, bus_config(&redis.url(), vec![s_rule()])).await;
+    let mut probe = L1Probe::new(redis, &b.tierd, "s").await;
+    cache(&mut probe, "s:1").await;
+    cache(&mut probe, "s:2").await;
+    (d, a, b, probe)
+}
+
 /// Writes `SET key value` through `via` (another instance than the
 /// reader's) and waits until `probe` (on the reader) returns it: from then
 /// on the reader has applied every message the writer published before.
@@ -72,14 +86,7 @@ async fn barrier(via: &mut Raw, probe: &mut L1Probe, key: &str, value: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_client_is_killed_before_its_reply_still_reaches_the_other_instances() {
     let redis = RedisServer::start();
-    let mut d = direct(&redis).await;
-    must(&mut d, &["SET", "s:1", "old"]).await;
-    must(&mut d, &["SET", "s:2", "old"]).await;
-    let a = start_instance(&redis, bus_config(&redis.url(), vec![s_rule()])).await;
-    let b = start_instance(&redis, bus_config(&redis.url(), vec![s_rule()])).await;
-    let mut probe = L1Probe::new(&redis, &b.tierd, "s").await;
-    cache(&mut probe, "s:1").await;
-    cache(&mut probe, "s:2").await;
+    let (mut d, a, _b, mut probe) = two_instances_caching_s(&redis).await;
 
     let mut victim = a.tierd.raw().await;
     let victim_id = integer_text(&victim.cmd(&["CLIENT", "ID"]).await);
@@ -128,14 +135,7 @@ async fn a_write_whose_client_is_killed_before_its_reply_still_reaches_the_other
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resp3_subscriber_write_behind_1024_requests_still_reaches_the_other_instances() {
     let redis = RedisServer::start();
-    let mut d = direct(&redis).await;
-    must(&mut d, &["SET", "s:1", "old"]).await;
-    must(&mut d, &["SET", "s:2", "old"]).await;
-    let a = start_instance(&redis, bus_config(&redis.url(), vec![s_rule()])).await;
-    let b = start_instance(&redis, bus_config(&redis.url(), vec![s_rule()])).await;
-    let mut probe = L1Probe::new(&redis, &b.tierd, "s").await;
-    cache(&mut probe, "s:1").await;
-    cache(&mut probe, "s:2").await;
+    let (mut d, a, _b, mut probe) = two_instances_caching_s(&redis).await;
 
     let mut sub = a.tierd.raw().await;
     let hello = sub.cmd(&["HELLO", "3"]).await;
